@@ -1,0 +1,570 @@
+"""Channel selection using Gumbel Softmax (Herrmann, Bowen and Zabih, ECCV 2020).
+
+One module, read bottom-up beside the paper (section numbers refer to it):
+
+    estimator     straight_through_gumbel                          (1.1, 3.2)
+    gates         StaticGate (pruning), DynamicGate (conditional)  (3.2)
+    blocks        BasicBlock, Bottleneck; channel or layer gates   (3.4, 4.4)
+    networks      resnet_cifar / resnet20..resnet110, gate_resnet  (4)
+    FLOPs         MACs of conv and linear layers, per sample       (3.4)
+    losses        Eq. (1), L_FLOPs, AIG per-gate loss, Property 1  (1.2, 2.1, 3.1, 3.4)
+    inference     set_inference, ensemble_predict, recalibrate_bn  (3.3, 4.1)
+
+CIFAR ResNets (He et al. 2016, option-A shortcut), MACs at 32x32 counted as in the paper
+(conv + linear multiply-accumulates):
+
+    name        depth  blocks/stage  params   MACs
+    resnet20      20        3        0.27 M    40.55 M
+    resnet32      32        5        0.46 M    68.86 M
+    resnet44      44        7        0.66 M    97.17 M
+    resnet56      56        9        0.85 M   125.49 M
+    resnet110    110       18        1.73 M   252.89 M
+
+A gated network returns (logits, GateInfo); a dense one (gating=None) returns logits.
+Gate decisions Z multiply activations after BN and ReLU, so an off channel contributes
+exactly zero downstream: the masked network computes what a physically pruned one would.
+"""
+import copy
+import itertools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'straight_through_gumbel', 'StaticGate', 'DynamicGate', 'BasicBlock', 'Bottleneck',
+    'ResNet', 'GateInfo', 'resnet_cifar', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
+    'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
+    'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
+    'ensemble_predict', 'recalibrate_bn',
+]
+
+INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
+GATINGS = (None, 'static', 'dynamic')
+GRANULARITIES = ('channel', 'layer')
+STRATEGIES = ('threshold', 'sample', 'all_on')
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f'{name} must be one of {allowed}, got {value!r}')
+
+
+def _check_t(t):
+    if not 0 < t <= 1:
+        raise ValueError(f't (target rate) must be in (0, 1], got {t!r}')
+
+
+# ----------------------------------------------------------------------------- estimator
+
+def _at_least_float(x):
+    """Gate math in float32 at least (bf16 logits under autocast), float64 kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def straight_through_gumbel(logits, tau=1.0, generator=None):
+    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2).
+
+    logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0).
+    Returns Z in {0., 1.} of shape (...), at least float32. Forward: the hard sample
+    Z = [w1 + g1 > w0 + g0]; backward: the gradient of the soft sample
+    softmax((w + g) / tau)[..., 1] = sigmoid((w1 - w0 + g1 - g0) / tau).
+
+    g1 - g0 of two independent Gumbel(0, 1) variables is Logistic(0, 1), drawn here as
+    log(U) - log(1 - U) from one U = torch.rand(logits.shape[:-1], generator=generator):
+    the same distribution as F.gumbel_softmax(hard=True)[..., 1] with half the noise.
+    Unlike F.gumbel_softmax, the forward value is exactly 0 or 1 (hard + (soft - soft), not
+    hard - soft + soft, which rounds).
+    """
+    if logits.shape[-1] != 2:
+        raise ValueError(f'logits must have last dimension 2 (off, on), got shape {tuple(logits.shape)}')
+    if not tau > 0:
+        raise ValueError(f'tau (temperature) must be > 0, got {tau!r}')
+    logits = _at_least_float(logits)
+    u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device, generator=generator)
+    u = u.clamp(min=torch.finfo(u.dtype).tiny)                  # U = 0 would give -inf noise
+    y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)   # logistic noise: NOTES.md 1
+    soft = torch.sigmoid(y / tau)
+    hard = (y > 0).to(y.dtype)
+    return hard + (soft - soft.detach())                                   # exactly 0/1: NOTES.md 2
+
+
+# ----------------------------------------------------------------------------- gates
+
+def _init_logits(channels, init_p):
+    """(C, 2) logits (-l/2, l/2) with l = logit(init_p): the minimum-norm pair for p (3.2;
+    the official code uses (0.1, 4), the same p = 0.98: NOTES.md 3)."""
+    if not 0 < init_p < 1:
+        raise ValueError(f'init_p must be in (0, 1), got {init_p!r}')
+    half = math.log(init_p / (1 - init_p)) / 2
+    return torch.tensor([-half, half]).repeat(channels, 1)
+
+
+def _decide(gate, logits):
+    """Gate decisions from logits (B, C, 2): training samples, evaluation follows the strategy (3.3)."""
+    logits = _at_least_float(logits)
+    p = torch.sigmoid(logits[..., 1] - logits[..., 0])                      # (B, C)
+    if gate.training or gate.strategy == 'sample':
+        z = straight_through_gumbel(logits)
+    elif gate.strategy == 'threshold':
+        z = (p > gate.tau).to(p.dtype)                                      # strict: NOTES.md 11
+    else:                                                                   # 'all_on'
+        z = torch.ones_like(p)
+    return z, p
+
+
+class StaticGate(nn.Module):
+    """Data-independent gates (pruning, 3.2): two free logits per channel.
+
+    forward(x) -> (z, p), each (B, C): decisions (sampled per sample in training) and
+    on-probabilities. x is only read for its batch size.
+    """
+
+    def __init__(self, channels, init_p=INIT_P):
+        super().__init__()
+        self.channels, self.macs = channels, 0
+        self.strategy, self.tau = 'threshold', 0.5
+        self.logits = nn.Parameter(_init_logits(channels, init_p))          # (C, 2)
+
+    def forward(self, x):
+        return _decide(self, self.logits.expand(x.shape[0], -1, -1))
+
+
+class DynamicGate(nn.Module):
+    """Data-dependent gates (conditional computation, 3.2):
+    global average pool -> 1-d conv -> BN -> ReLU -> 1-d conv -> two logits per channel.
+
+    forward(x: (B, C_in, H, W)) -> (z, p), each (B, channels).
+    """
+
+    def __init__(self, in_channels, channels, hidden=16, init_p=INIT_P):
+        super().__init__()
+        self.channels = channels
+        self.macs = in_channels * hidden + hidden * 2 * channels            # per sample
+        self.strategy, self.tau = 'threshold', 0.5
+        self.fc1 = nn.Conv1d(in_channels, hidden, 1, bias=False)            # BN follows: NOTES.md 5
+        self.bn = nn.BatchNorm1d(hidden)
+        self.fc2 = nn.Conv1d(hidden, 2 * channels, 1)
+        with torch.no_grad():
+            self.fc2.bias.copy_(_init_logits(channels, init_p).flatten())   # (off, on) per channel
+
+    def forward(self, x):
+        s = x.mean((2, 3)).unsqueeze(-1)                                    # (B, C_in, 1)
+        logits = self.fc2(F.relu(self.bn(self.fc1(s))))                     # (B, 2C, 1)
+        return _decide(self, logits.view(x.shape[0], self.channels, 2))
+
+
+def _make_gate(gating, in_channels, channels, init_p):
+    _check_choice('gating', gating, GATINGS)
+    if gating is None:
+        return None
+    if gating == 'static':
+        return StaticGate(channels, init_p)
+    return DynamicGate(in_channels, channels, init_p=init_p)
+
+
+def _gates(model):
+    return [m for m in model.modules() if isinstance(m, (StaticGate, DynamicGate))]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def _conv_macs(conv, y, n_in=None, n_out=None):
+    """MACs per sample of `conv` producing y (B, C, H, W) with n_in input and n_out output
+    channels active (ints or (B,) tensors; default all)."""
+    kh, kw = conv.kernel_size
+    n_in = conv.in_channels // conv.groups if n_in is None else n_in
+    n_out = conv.out_channels if n_out is None else n_out
+    return y.shape[-2] * y.shape[-1] * kh * kw * n_in * n_out
+
+
+def _mask(x, z):
+    """x (B, C, H, W) times decisions z (B, C); z None means all on."""
+    return x if z is None else x * z[:, :, None, None].to(x.dtype)
+
+
+def _active(z):
+    """Active channels per sample (B,), float64 so MAC counts stay exact (NOTES.md 7); None if ungated."""
+    return None if z is None else z.sum(1, dtype=torch.float64)
+
+
+class ShortcutA(nn.Module):
+    """He et al.'s option A: subsample by `stride`, zero-pad channels up to `planes` (no parameters)."""
+
+    def __init__(self, planes, stride=2):
+        super().__init__()
+        self.planes, self.stride = planes, stride
+
+    def forward(self, x):
+        x = x[:, :, ::self.stride, ::self.stride]
+        pad = self.planes - x.shape[1]
+        return F.pad(x, (0, 0, 0, 0, pad // 2, pad - pad // 2))
+
+
+def _run_gates(block, x, names):
+    """Run the block's gates among `names` -> ({name: z (B, C)}, [(z, p), ...])."""
+    out = [(n, g(x)) for n in names if (g := getattr(block, n, None)) is not None]
+    return {n: zp[0] for n, zp in out}, [zp for _, zp in out]
+
+
+def _residual(block, x, branch, z_layer, macs, dense_macs, gates):
+    """out = ReLU(shortcut(x) + Z * branch), Z (B, 1) the layer gate (None: no layer gate;
+    AIG's placement, NOTES.md 6).
+
+    Returns (out, [(z, p), ...], MACs per sample given Z, MACs without gates).
+    """
+    if z_layer is not None:
+        branch = _mask(branch, z_layer)
+        macs = macs * z_layer[:, 0].double()
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(branch + identity)
+    ds = 0 if block.downsample is None else sum(
+        _conv_macs(m, out) for m in block.downsample.modules() if isinstance(m, nn.Conv2d))
+    return out, gates, macs + ds + block.gate_macs, dense_macs + ds
+
+
+def _conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, plus shortcut, ReLU.
+
+    granularity 'channel': gate1 on conv1's output channels; 'layer': one gate that keeps
+    or drops the whole residual branch (then the block is its shortcut, ReLU applied).
+    """
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
+                 granularity='channel', init_p=INIT_P):
+        super().__init__()
+        _check_choice('granularity', granularity, GRANULARITIES)
+        self.conv1, self.bn1 = _conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = _conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        if granularity == 'channel':
+            self.gate1 = _make_gate(gating, inplanes, planes, init_p)
+        else:
+            self.gate = _make_gate(gating, inplanes, 1, init_p)
+        self.gate_macs = sum(g.macs for g in _gates(self))
+
+    def forward(self, x):
+        zs, gates = _run_gates(self, x, ('gate1', 'gate'))
+        z1 = zs.get('gate1')
+        a = _mask(self.relu(self.bn1(self.conv1(x))), z1)                   # (B, P, H, W)
+        b = self.bn2(self.conv2(a))
+        n1 = _active(z1)
+        macs = _conv_macs(self.conv1, a, n_out=n1) + _conv_macs(self.conv2, b, n_in=n1)
+        dense = _conv_macs(self.conv1, a) + _conv_macs(self.conv2, b)
+        return _residual(self, x, b, zs.get('gate'), macs, dense, gates)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> [gate1] -> 3x3 (stride) -> [gate2] -> 1x1 (x4), torchvision's ResNet v1.5 layout.
+
+    Both channel gates read the block input, so every decision is known before the block
+    runs, which lets inference skip work (NOTES.md 4). `width` is the inner width
+    (default planes).
+    """
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
+                 granularity='channel', init_p=INIT_P, width=None):
+        super().__init__()
+        _check_choice('granularity', granularity, GRANULARITIES)
+        width = width or planes
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = _conv3x3(width, width, stride), nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        if granularity == 'channel':
+            self.gate1 = _make_gate(gating, inplanes, width, init_p)
+            self.gate2 = _make_gate(gating, inplanes, width, init_p)
+        else:
+            self.gate = _make_gate(gating, inplanes, 1, init_p)
+        self.gate_macs = sum(g.macs for g in _gates(self))
+
+    def forward(self, x):
+        zs, gates = _run_gates(self, x, ('gate1', 'gate2', 'gate'))
+        z1, z2 = zs.get('gate1'), zs.get('gate2')
+        a = _mask(self.relu(self.bn1(self.conv1(x))), z1)                   # (B, W, H, W)
+        b = _mask(self.relu(self.bn2(self.conv2(a))), z2)
+        c = self.bn3(self.conv3(b))
+        n1, n2 = _active(z1), _active(z2)
+        macs = (_conv_macs(self.conv1, a, n_out=n1) + _conv_macs(self.conv2, b, n1, n2)
+                + _conv_macs(self.conv3, c, n_in=n2))
+        dense = _conv_macs(self.conv1, a) + _conv_macs(self.conv2, b) + _conv_macs(self.conv3, c)
+        return _residual(self, x, c, zs.get('gate'), macs, dense, gates)
+
+
+# ----------------------------------------------------------------------------- networks
+
+class GateInfo(NamedTuple):
+    """What the losses need from a gated forward pass.
+
+    z: list of (B, C_i) 0/1 decisions, one per gate module (C_i = 1 for a layer gate);
+    p: the matching on-probabilities; flops: (B,) float64 MACs per sample given Z, gates'
+    own MACs included; max_flops: MACs of the network without gates at this input size.
+    """
+    z: list
+    p: list
+    flops: torch.Tensor
+    max_flops: int
+
+
+class ResNet(nn.Module):
+    """conv1 -> bn1 -> ReLU -> maxpool -> layer1..layerN -> avgpool -> fc, torchvision's names.
+
+    Built by resnet_cifar and gate_resnet. With gating None it returns logits, otherwise
+    (logits, GateInfo).
+    """
+
+    def __init__(self, conv1, bn1, maxpool, layers, fc, gating=None):
+        super().__init__()
+        self.conv1, self.bn1 = conv1, bn1
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = maxpool
+        self.num_stages = len(layers)
+        for i, layer in enumerate(layers, 1):
+            setattr(self, f'layer{i}', layer)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = fc
+        self.gating = gating
+
+    def blocks(self):
+        for i in range(1, self.num_stages + 1):
+            yield from getattr(self, f'layer{i}')
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        macs = dense = _conv_macs(self.conv1, x)
+        x = self.maxpool(x)
+        zs, ps = [], []
+        for block in self.blocks():
+            x, gates, m, d = block(x)
+            zs += [z for z, _ in gates]
+            ps += [p for _, p in gates]
+            macs, dense = macs + m, dense + d
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))
+        if self.gating is None:
+            return logits
+        fc_macs = self.fc.in_features * self.fc.out_features
+        flops = (macs + fc_macs) * x.new_ones(x.shape[0], dtype=torch.float64)
+        return logits, GateInfo(zs, ps, flops, dense + fc_macs)
+
+
+def resnet_cifar(depth, num_classes=10, gating=None, granularity='channel', init_p=INIT_P):
+    """CIFAR ResNet of depth 6n+2 (He et al. 2016, option-A shortcuts): 16/32/64 channels."""
+    if not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0):
+        raise ValueError(f'depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}')
+    _check_choice('gating', gating, GATINGS)
+    _check_choice('granularity', granularity, GRANULARITIES)
+    n, inplanes, layers = (depth - 2) // 6, 16, []
+    for planes, stride in ((16, 1), (32, 2), (64, 2)):
+        blocks = []
+        for i in range(n):
+            s = stride if i == 0 else 1
+            shortcut = ShortcutA(planes, s) if s != 1 or inplanes != planes else None
+            blocks.append(BasicBlock(inplanes, planes, s, shortcut, gating, granularity, init_p))
+            inplanes = planes
+        layers.append(nn.Sequential(*blocks))
+    model = ResNet(_conv3x3(3, 16), nn.BatchNorm2d(16), nn.Identity(), layers,
+                   nn.Linear(64, num_classes), gating)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    return model
+
+
+def resnet20(**kw): return resnet_cifar(20, **kw)
+def resnet32(**kw): return resnet_cifar(32, **kw)
+def resnet44(**kw): return resnet_cifar(44, **kw)
+def resnet56(**kw): return resnet_cifar(56, **kw)
+def resnet110(**kw): return resnet_cifar(110, **kw)
+
+
+def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
+    """A torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks.
+
+    Every dense weight is kept under torchvision's state_dict key, so pretrained weights
+    load unchanged; only gate parameters are new. `model` itself is left as it was (the
+    result shares no tensor with it). Grouped or dilated convs are refused.
+    """
+    import torchvision
+    if not isinstance(model, torchvision.models.ResNet):
+        raise ValueError(f'model must be a torchvision.models.ResNet, got {type(model).__name__}')
+    _check_choice('gating', gating, GATINGS)
+    _check_choice('granularity', granularity, GRANULARITIES)
+    model, layers = copy.deepcopy(model), []
+    for name in ('layer1', 'layer2', 'layer3', 'layer4'):
+        blocks = []
+        for old in getattr(model, name):
+            if any(c.groups != 1 or c.dilation != (1, 1) for c in old.modules() if isinstance(c, nn.Conv2d)):
+                raise ValueError('gate_resnet supports groups=1 and dilation=1 convs only')
+            if isinstance(old, torchvision.models.resnet.Bottleneck):
+                new = Bottleneck(old.conv1.in_channels, old.conv3.out_channels // 4, old.conv2.stride,
+                                 old.downsample, gating, granularity, init_p, width=old.conv1.out_channels)
+            elif isinstance(old, torchvision.models.resnet.BasicBlock):
+                new = BasicBlock(old.conv1.in_channels, old.conv1.out_channels, old.conv1.stride,
+                                 old.downsample, gating, granularity, init_p)
+            else:
+                raise ValueError(f'unknown block type {type(old).__name__} in {name}')
+            missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+            assert not unexpected and all('gate' in k for k in missing), (missing, unexpected)
+            new.to(next(old.parameters()))
+            blocks.append(new)
+        layers.append(nn.Sequential(*blocks))
+    return ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc, gating)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def counted_macs(model, x):
+    """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them
+    (conv, mm, addmm; 2 FLOPs per MAC). The independent check of info.flops."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+# ----------------------------------------------------------------------------- losses
+
+def batch_activation_loss(info, t):
+    """Eq. (1): L_B = (t - Q)^2, Q = 1/(|B||G|) sum_{i,j} Z_ij, the batch's activation rate
+    over every gate i (all channels of every gate module) and every sample j."""
+    _check_t(t)
+    q = torch.cat(info.z, dim=1).mean()                                     # (B, |G|) -> ()
+    return (t - q) ** 2
+
+
+def flops_loss(info, t):
+    """3.4: L_FLOPs = (t - mean_j FLOPs(Z_j) / MaxFLOPs)^2, FLOPs the MACs each sample j runs."""
+    _check_t(t)
+    return ((t - (info.flops / info.max_flops).mean()) ** 2).float()
+
+
+def per_gate_loss(info, targets):
+    """2.1 (AIG): L_G = 1/|G| sum_i (t_i - 1/|B| sum_j Z_ij)^2, one target rate t_i per gate
+    module (a channel-gate module's rate is its mean over channels and batch: NOTES.md 8)."""
+    if len(targets) != len(info.z):
+        raise ValueError(f'targets must give one rate per gate module ({len(info.z)}), got {len(targets)}')
+    if not all(0 <= t <= 1 for t in targets):
+        raise ValueError(f'targets must lie in [0, 1], got {list(targets)}')
+    rates = torch.stack([z.mean() for z in info.z])
+    return ((torch.as_tensor(targets, dtype=rates.dtype, device=rates.device) - rates) ** 2).mean()
+
+
+def expected_activation_loss(p, t, batch_size):
+    """Property 1 (3.1): E[L_B] = (t - E[Q])^2 + Var(Q), in closed form for independent
+    gates with on-probabilities p (G,), each Z_ij ~ Bernoulli(p_i) drawn per sample:
+        E[Q] = mean_i p_i,   Var(Q) = sum_i p_i (1 - p_i) / (G^2 |B|).
+    Returns (bias_sq, variance); the variance is 0 only if every p_i is 0 or 1."""
+    _check_t(t)
+    g = p.numel()
+    return (t - p.mean()) ** 2, (p * (1 - p)).sum() / (g * g * batch_size)
+
+
+# ----------------------------------------------------------------------------- training
+
+def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0):
+    """torch.optim parameter groups: gate parameters (a dynamic gate's whole network too)
+    get weight decay weight_decay * gate_decay / |G| and lr * gate_lr_mult (3.2, 4.1), |G|
+    the number of gates (channels, or blocks for layer gates); the rest get the base values."""
+    gates = _gates(model)
+    gate_ids = {id(q) for g in gates for q in g.parameters()}
+    dense = [q for q in model.parameters() if id(q) not in gate_ids]
+    groups = [{'params': dense, 'lr': lr, 'weight_decay': weight_decay}]
+    if gates:
+        n_gates = sum(g.channels for g in gates)
+        groups.append({'params': [q for g in gates for q in g.parameters()],
+                       'lr': lr * gate_lr_mult, 'weight_decay': weight_decay * gate_decay / n_gates})
+    return groups
+
+
+# ----------------------------------------------------------------------------- inference
+
+def set_inference(model, strategy='threshold', tau=0.5):
+    """3.3: how gates decide in evaluation mode: 'threshold' (Z = 1 iff p > tau,
+    deterministic), 'sample' (stochastic, as in training) or 'all_on' (Z = 1).
+    Training mode always samples. Returns model."""
+    _check_choice('strategy', strategy, STRATEGIES)
+    if not 0 < tau < 1:
+        raise ValueError(f'tau (threshold) must be in (0, 1), got {tau!r}')
+    for g in _gates(model):
+        g.strategy, g.tau = strategy, tau
+    return model
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def ensemble_predict(model, x, runs=8, vote=False):
+    """3.3: an ensemble of `runs` stochastic passes of one network (evaluation mode, gates
+    sampling). Returns (B, classes): the mean softmax, or with vote=True each class's share
+    of the runs' votes (argmax is the majority). The model's mode and strategies are restored."""
+    if runs < 1:
+        raise ValueError(f'runs must be >= 1, got {runs!r}')
+    gates, was_training = _gates(model), model.training
+    saved = [(g.strategy, g.tau) for g in gates]
+    model.eval()
+    try:
+        for g in gates:
+            g.strategy = 'sample'
+        total = 0
+        for _ in range(runs):
+            logits = _logits(model(x))
+            total = total + (F.one_hot(logits.argmax(1), logits.shape[1]).float() if vote
+                             else logits.float().softmax(1))
+        return total / runs
+    finally:
+        for g, (s, tau) in zip(gates, saved):
+            g.strategy, g.tau = s, tau
+        model.train(was_training)
+
+
+@torch.no_grad()
+def recalibrate_bn(model, batches):
+    """4.1: reset every BatchNorm's running statistics and re-estimate them from `batches`
+    (tensors, or tuples whose first item is the input), with gates deciding by the current
+    inference strategy: the paper's learning-rate-0 pass, as an exact cumulative average
+    (NOTES.md 10). No parameter changes; the model's mode is restored."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:                             # checked before any statistic is reset
+        raise ValueError('batches must yield at least one batch')
+    was_training = model.training
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    device = next(model.parameters()).device
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for x in itertools.chain([first], batches):
+            x = x[0] if isinstance(x, (tuple, list)) else x
+            model(x.to(device, non_blocking=True))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
+    return model
+
+if __name__ == '__main__':      # python gumbel_channels.py: the table in the docstring, measured
+    x = torch.randn(1, 3, 32, 32)
+    print(f"{'name':10} {'params':>8} {'MACs (counted)':>15} {'static all-on':>14} {'dynamic all-on':>15}")
+    for depth in (20, 32, 44, 56, 110):
+        dense = resnet_cifar(depth).eval()
+        flops = [set_inference(resnet_cifar(depth, gating=g).eval(), 'all_on')(x)[1].flops.item()
+                 for g in ('static', 'dynamic')]
+        print(f'resnet{depth:<4} {sum(q.numel() for q in dense.parameters()) / 1e6:7.2f}M '
+              f'{counted_macs(dense, x):15,} {flops[0]:14,.0f} {flops[1]:15,.0f}')
