@@ -9,6 +9,7 @@ One module, read bottom-up beside the paper (section numbers refer to it):
     FLOPs         MACs of conv and linear layers, per sample       (3.4)
     losses        Eq. (1), L_FLOPs, AIG per-gate loss, Property 1  (1.2, 2.1, 3.1, 3.4)
     inference     set_inference, ensemble_predict, recalibrate_bn  (3.3, 4.1)
+    export        prune (static gates -> smaller convs), SkipNet (dynamic, batch 1)
 
 CIFAR ResNets (He et al. 2016, option-A shortcut), MACs at 32x32 counted as in the paper
 (conv + linear multiply-accumulates):
@@ -38,7 +39,7 @@ __all__ = [
     'ResNet', 'GateInfo', 'resnet_cifar', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
     'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
     'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
-    'ensemble_predict', 'recalibrate_bn',
+    'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet',
 ]
 
 INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
@@ -135,6 +136,8 @@ class StaticGate(nn.Module):
 class DynamicGate(nn.Module):
     """Data-dependent gates (conditional computation, 3.2):
     global average pool -> 1-d conv -> BN -> ReLU -> 1-d conv -> two logits per channel.
+    The 1-d convs have kernel 1 on the pooled (C_in,) vector, i.e. they are linear maps,
+    and are written as such (same function and MACs, no im2col: NOTES.md 5).
 
     forward(x: (B, C_in, H, W)) -> (z, p), each (B, channels).
     """
@@ -144,15 +147,14 @@ class DynamicGate(nn.Module):
         self.channels = channels
         self.macs = in_channels * hidden + hidden * 2 * channels            # per sample
         self.strategy, self.tau = 'threshold', 0.5
-        self.fc1 = nn.Conv1d(in_channels, hidden, 1, bias=False)            # BN follows: NOTES.md 5
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)               # BN follows
         self.bn = nn.BatchNorm1d(hidden)
-        self.fc2 = nn.Conv1d(hidden, 2 * channels, 1)
+        self.fc2 = nn.Linear(hidden, 2 * channels)
         with torch.no_grad():
             self.fc2.bias.copy_(_init_logits(channels, init_p).flatten())   # (off, on) per channel
 
     def forward(self, x):
-        s = x.mean((2, 3)).unsqueeze(-1)                                    # (B, C_in, 1)
-        logits = self.fc2(F.relu(self.bn(self.fc1(s))))                     # (B, 2C, 1)
+        logits = self.fc2(F.relu(self.bn(self.fc1(x.mean((2, 3))))))        # (B, 2C)
         return _decide(self, logits.view(x.shape[0], self.channels, 2))
 
 
@@ -188,6 +190,11 @@ def _mask(x, z):
 def _active(z):
     """Active channels per sample (B,), float64 so MAC counts stay exact (NOTES.md 7); None if ungated."""
     return None if z is None else z.sum(1, dtype=torch.float64)
+
+
+def _any(n):
+    """1 where a gate has any channel on (per sample), else 0; 1 if ungated."""
+    return 1 if n is None else (n > 0).double()
 
 
 class ShortcutA(nn.Module):
@@ -296,8 +303,12 @@ class Bottleneck(nn.Module):
         b = _mask(self.relu(self.bn2(self.conv2(a))), z2)
         c = self.bn3(self.conv3(b))
         n1, n2 = _active(z1), _active(z2)
-        macs = (_conv_macs(self.conv1, a, n_out=n1) + _conv_macs(self.conv2, b, n1, n2)
-                + _conv_macs(self.conv3, c, n_in=n2))
+        # with gate2 empty conv1 feeds nothing; with gate1 empty conv3 sees a constant, which
+        # prune folds for static gates (NOTES.md 7)
+        macs = (_conv_macs(self.conv1, a, n_out=n1) * _any(n2) + _conv_macs(self.conv2, b, n1, n2)
+                + _conv_macs(self.conv3, c, n_in=n2) * _any(n1))
+        if isinstance(getattr(self, 'gate1', None), DynamicGate):   # that constant, per input, 1x1
+            macs = macs + n2 * self.conv3.out_channels * (1 - _any(n1))
         dense = _conv_macs(self.conv1, a) + _conv_macs(self.conv2, b) + _conv_macs(self.conv3, c)
         return _residual(self, x, c, zs.get('gate'), macs, dense, gates)
 
@@ -558,6 +569,189 @@ def recalibrate_bn(model, batches):
             bn.momentum = m
         model.train(was_training)
     return model
+
+# ----------------------------------------------------------------------------- export
+
+def _sliced_weight(conv, out=None, in_=None):
+    """conv.weight (C_out, C_in, kh, kw) restricted to output channels `out` and input
+    channels `in_` (index tensors; None keeps all)."""
+    w = conv.weight if out is None else conv.weight[out]
+    return w if in_ is None else w[:, in_]
+
+
+def _bn_params(bn, idx=None):
+    """(running_mean, running_var, weight, bias) of an eval-mode BN, restricted to idx."""
+    idx = slice(None) if idx is None else idx
+    return bn.running_mean[idx], bn.running_var[idx], bn.weight[idx], bn.bias[idx]
+
+
+def _constant_branch(block, on2=None):
+    """(1, C_out, 1, 1): the branch of a block whose gate1 (or a Bottleneck's gate2) is all
+    off. Its last conv then sees zeros, or in a Bottleneck with gate1 empty, the constants
+    ReLU(bn2(0)) on gate2's on channels on2 (C,) bool, which conv3 maps on a
+    1x1 map (n2 * C_out MACs); the last BN leaves a per-channel constant."""
+    last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+    y = last.running_mean.new_zeros(1, last.num_features, 1, 1)
+    if on2 is not None and on2.any():
+        zero = y.new_zeros(1, block.bn2.num_features, 1, 1)
+        h = F.relu(F.batch_norm(zero, *_bn_params(block.bn2), training=False, eps=block.bn2.eps))
+        y = F.conv2d(h[:, on2], _sliced_weight(block.conv3, in_=on2))
+    return F.batch_norm(y, *_bn_params(last), training=False, eps=last.eps)
+
+
+class ShortcutBlock(nn.Module):
+    """An exported block whose branch no longer runs: ReLU(shortcut(x) + bias), bias (C_out,)
+    the constant its branch left (0 for an off layer gate)."""
+
+    def __init__(self, downsample, bias):
+        super().__init__()
+        self.downsample, self.relu, self.gate_macs = downsample, nn.ReLU(inplace=True), 0
+        self.register_buffer('bias', bias.detach().flatten().clone())
+
+    def forward(self, x):
+        return _residual(self, x, self.bias.view(1, -1, 1, 1), None, 0, 0, [])
+
+
+def _threshold(gate):
+    """A static gate's threshold decisions (C,) bool, computed as _decide computes p."""
+    logits = _at_least_float(gate.logits)
+    return torch.sigmoid(logits[:, 1] - logits[:, 0]) > gate.tau
+
+
+def _sliced_conv(conv, out=None, in_=None):
+    w = _sliced_weight(conv, out, in_)
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                    bias=False).to(w)
+    new.weight.copy_(w)
+    return new
+
+
+def _sliced_bn(bn, keep):
+    new = nn.BatchNorm2d(int(keep.sum()), bn.eps, bn.momentum).to(bn.weight)
+    for dst, src in zip((new.running_mean, new.running_var, new.weight, new.bias), _bn_params(bn, keep)):
+        dst.copy_(src)
+    return new
+
+
+def _drop_gates(block):
+    for name in ('gate', 'gate1', 'gate2'):
+        if name in block._modules:
+            delattr(block, name)
+    block.gate_macs = 0
+    return block
+
+
+def _prune_block(block):
+    """The gate-free block that computes what `block` computes under threshold inference."""
+    if getattr(block, 'gate', None) is not None:                            # layer gate
+        if _threshold(block.gate).item():
+            return _drop_gates(block)
+        last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        return ShortcutBlock(block.downsample, last_bn.bias.new_zeros(last_bn.num_features))
+    keep1 = _threshold(block.gate1)
+    keep2 = _threshold(block.gate2) if isinstance(block, Bottleneck) else None
+    if not keep1.any() or (keep2 is not None and not keep2.any()):
+        return ShortcutBlock(block.downsample, _constant_branch(block, keep2))
+    block.conv1, block.bn1 = _sliced_conv(block.conv1, out=keep1), _sliced_bn(block.bn1, keep1)
+    if keep2 is None:
+        block.conv2 = _sliced_conv(block.conv2, in_=keep1)
+    else:
+        block.conv2, block.bn2 = _sliced_conv(block.conv2, keep2, keep1), _sliced_bn(block.bn2, keep2)
+        block.conv3 = _sliced_conv(block.conv3, in_=keep2)
+    return _drop_gates(block)
+
+
+@torch.no_grad()
+def prune(model):
+    """Physical pruning: a gate-free copy of a statically gated network with smaller convs
+    and BNs, computing what threshold inference (each gate's tau) computes, in evaluation
+    mode. Blocks whose branch empties keep the constant their last BN adds. Returns an
+    ordinary ResNet (logits only) in evaluation mode; `model` is left as it was."""
+    gates = _gates(model)
+    if not gates or not all(isinstance(g, StaticGate) for g in gates):
+        raise ValueError('model must have static gates (gating="static"); dynamic gates decide '
+                         'per input: use SkipNet')
+    model = copy.deepcopy(model).eval()
+    layers = [nn.Sequential(*[_prune_block(b) for b in getattr(model, f'layer{i}')])
+              for i in range(1, model.num_stages + 1)]
+    return ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc).eval()
+
+
+def _fold(conv, bn):
+    """conv then eval-mode BN as one conv: (weight * scale, shift), scale = gamma / sqrt(var + eps)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - bn.running_mean * scale
+
+
+def _pick(t, i, dim=0):
+    """t restricted to indices i along dim (None keeps all)."""
+    return t if i is None else t.index_select(dim, i)
+
+
+class _SkipBlock(nn.Module):
+    """A gated block for one input at a time: its gates decide (as in the masked forward),
+    then its convs run on the sliced weights of the on channels only, BN folded in."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.bottleneck = isinstance(block, Bottleneck)
+        self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
+        for name in ('gate', 'gate1', 'gate2', 'downsample'):
+            setattr(self, name, getattr(block, name, None))
+        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+        convs += [(block.conv3, block.bn3)] if self.bottleneck else []
+        for k, (conv, bn) in enumerate(convs, 1):                           # w1, b1, w2, b2 (, w3, b3)
+            w, b = _fold(conv, bn)
+            self.register_buffer(f'w{k}', w)
+            self.register_buffer(f'b{k}', b)
+
+    def forward(self, x):                                                   # x: (1, C, H, W)
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.gate is not None and self.gate(x)[0].item() == 0:          # layer gate off
+            return F.relu(identity)
+        i1, i2 = (g(x)[0][0].nonzero().flatten() if g is not None else None
+                  for g in (self.gate1, self.gate2))                        # on channels, None: all
+        if self.bottleneck:
+            if i2 is not None and len(i2) == 0:                             # conv3 sees zeros
+                return F.relu(identity + self.b3.view(1, -1, 1, 1))
+            if i1 is not None and len(i1) == 0:                             # conv3 sees ReLU(bn2(0))
+                h = _pick(F.relu(self.b2), i2).view(1, -1, 1, 1)
+                return F.relu(identity + F.conv2d(h, _pick(self.w3, i2, 1), self.b3))
+            a = F.relu(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
+            w2 = _pick(_pick(self.w2, i2), i1, 1)
+            a = F.relu(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
+            return F.relu(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
+        if i1 is not None and len(i1) == 0:                                 # conv2 sees zeros
+            return F.relu(identity + self.b2.view(1, -1, 1, 1))
+        a = F.relu(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
+        return F.relu(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
+
+
+class SkipNet(nn.Module):
+    """Conditional computation that really skips work (dynamic gates, threshold inference):
+    for one input (1, 3, H, W), every block runs its convs on the sliced weights of the
+    channels its gates turn on, and an off layer gate skips its branch. Built from a gated
+    network in evaluation mode (a snapshot, BN folded into the convs); returns the logits
+    of the masked forward, and spends the MACs info.flops counts."""
+
+    def __init__(self, model):
+        super().__init__()
+        if not _gates(model):
+            raise ValueError('model must be a gated network (gating="dynamic" or "static")')
+        model = copy.deepcopy(model).eval()
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        self.blocks = nn.ModuleList(_SkipBlock(b) for b in model.blocks())
+        self.avgpool, self.fc = model.avgpool, model.fc
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, x):
+        if x.shape[0] != 1:
+            raise ValueError(f'x must hold one input (batch size 1), got batch size {x.shape[0]}')
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 if __name__ == '__main__':      # python gumbel_channels.py: the table in the docstring, measured
     x = torch.randn(1, 3, 32, 32)

@@ -3,8 +3,11 @@
 Statistical tests use 5-sigma bounds: a correct implementation fails one with probability
 below 6e-7 per comparison. Float comparisons state where their tolerance comes from.
 """
+import io
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -349,6 +352,129 @@ def test_recalibrate_bn_reestimates_statistics_and_changes_no_parameter():
     assert model.bn1.momentum == 0.1 and model.bn1.num_batches_tracked.item() == 3
 
 
+# ------------------------------------------------------------------- export: real speed
+
+ARCHS = {                                         # name: (builder(gating, granularity), input size)
+    'resnet20': (lambda g, k: gc.resnet20(gating=g, granularity=k), 32),
+    'resnet56': (lambda g, k: gc.resnet56(gating=g, granularity=k), 32),
+    'tv-resnet18': (lambda g, k: gc.gate_resnet(torchvision.models.resnet18(), g, k), 64),
+    'tv-resnet50': (lambda g, k: gc.gate_resnet(torchvision.models.resnet50(), g, k), 64),
+}
+# Exported nets change no arithmetic but the order of float32 sums inside convs (off
+# channels add exact zeros). Reordering a K-term sum moves it by ~sqrt(K) u |terms|
+# (K <= 9 * 512, u = 6e-8): ~4e-6 relative per layer, < 3e-5 over 56 layers. With logits
+# below 10 (asserted), 1e-4 absolute holds.
+EXPORT_ATOL = 1e-4
+
+
+def randomize_bn(model):
+    """BN statistics and affine parameters away from (0, 1): a collapsed branch's constant is not 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1)
+                m.bias.normal_(0, 0.5)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+
+
+def cycle_gates(model, set_off, set_on, set_random):
+    """Gate k (in network order) is all off when k % 5 == 0, all on when k % 5 == 1, else
+    random: every block kind occurs (emptied BasicBlocks, off layer gates, and Bottlenecks
+    with gate1 or gate2 empty)."""
+    for k, g in enumerate(gc._gates(model)):
+        (set_off, set_on, set_random, set_random, set_random)[k % 5](g)
+
+
+def static_config(model):
+    def put(g, on):
+        g.logits.copy_(torch.stack([torch.zeros(g.channels), torch.where(on, 3.0, -3.0)], 1))
+    with torch.no_grad():
+        cycle_gates(model, lambda g: put(g, torch.zeros(g.channels, dtype=torch.bool)),
+                    lambda g: put(g, torch.ones(g.channels, dtype=torch.bool)),
+                    lambda g: put(g, torch.rand(g.channels) < 0.5))
+
+
+def dynamic_config(model):
+    def put(g, off, on):
+        torch.nn.init.normal_(g.fc2.weight, std=1.0)
+        g.fc2.bias.view(-1, 2).copy_(torch.tensor([off, on]))
+    with torch.no_grad():
+        cycle_gates(model, lambda g: put(g, 20.0, 0.0), lambda g: put(g, 0.0, 20.0), lambda g: put(g, 0.0, 0.0))
+
+
+@pytest.mark.parametrize('granularity', ['channel', 'layer'])
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_prune_computes_the_thresholded_network(arch, granularity):
+    """prune: smaller convs, same function as threshold inference, and FlopCounterMode / 2
+    of the pruned net equals info.flops of the gated net."""
+    torch.manual_seed(0)
+    build, size = ARCHS[arch]
+    model = build('static', granularity)
+    randomize_bn(model)
+    static_config(model)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    logits, info = model(x)
+    pruned = gc.prune(model)
+    assert not gc._gates(pruned) and not isinstance(pruned(x), tuple)
+    assert logits.abs().max() < 10 and (pruned(x) - logits).abs().max() <= EXPORT_ATOL
+    assert gc.counted_macs(pruned, x[:1]) == info.flops[0].item() < info.max_flops
+    assert any(isinstance(b, gc.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
+    if granularity == 'channel' and arch == 'tv-resnet50':                   # both Bottleneck halves
+        halves = [(gc._threshold(b.gate1).any().item(), gc._threshold(b.gate2).any().item())
+                  for b in model.blocks()]
+        assert (False, True) in halves and (True, False) in halves
+
+
+def test_pruned_net_saves_loads_compiles_and_exports():
+    torch.manual_seed(0)
+    model = gc.resnet20(gating='static')
+    randomize_bn(model)
+    static_config(model)
+    pruned = gc.prune(model)
+    x = torch.randn(2, 3, 32, 32)
+    expected = pruned(x)
+    buf = io.BytesIO()
+    torch.save(pruned, buf)                                 # the whole module (needs this file)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), expected)
+    program = torch.export.export(pruned, (x,))             # a graph that needs no Python code
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.export.load(buf).module()(x), expected, rtol=0, atol=EXPORT_ATOL)
+    torch.testing.assert_close(torch.compile(pruned, backend='aot_eager')(x), expected, rtol=0, atol=EXPORT_ATOL)
+
+
+@pytest.mark.parametrize('granularity', ['channel', 'layer'])
+@pytest.mark.parametrize('arch', ['resnet20', 'tv-resnet50'])
+def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granularity):
+    """SkipNet runs only the on channels per input: same logits as the masked forward, and
+    its FlopCounterMode / 2 equals that input's info.flops."""
+    torch.manual_seed(0)
+    build, size = ARCHS[arch]
+    model = build('dynamic', granularity)
+    randomize_bn(model)
+    dynamic_config(model)
+    model.eval()
+    x = torch.randn(3, 3, size, size)
+    logits, info = model(x)
+    skip = gc.SkipNet(model)
+    assert logits.abs().max() < 10
+    for i in range(len(x)):
+        assert (skip(x[i:i + 1]) - logits[i]).abs().max() <= EXPORT_ATOL
+        assert gc.counted_macs(skip, x[i:i + 1]) == info.flops[i].item() < info.max_flops
+
+
+def test_benchmark_smoke_mode_runs():
+    out = subprocess.run([sys.executable, 'benchmark.py', '--smoke'], capture_output=True, text=True,
+                         timeout=300, cwd=__file__.rsplit('/', 1)[0] or '.')
+    assert out.returncode == 0, out.stderr
+    for row in ('train step, static', 'inference, pruned 30%', 'dynamic, SkipNet'):
+        assert row in out.stdout
+
+
 # ------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('call,name', [
@@ -369,6 +495,10 @@ def test_recalibrate_bn_reestimates_statistics_and_changes_no_parameter():
     (lambda: gc.per_gate_loss(gc.GateInfo([torch.ones(1, 1)], [], None, 1), [0.5, 0.5]), 'targets'),
     (lambda: gc.ensemble_predict(gc.resnet20(), torch.zeros(1, 3, 8, 8), runs=0), 'runs'),
     (lambda: gc.recalibrate_bn(gc.resnet20(), []), 'batches'),
+    (lambda: gc.prune(gc.resnet20()), 'model'),
+    (lambda: gc.prune(gc.resnet20(gating='dynamic')), 'model'),
+    (lambda: gc.SkipNet(gc.resnet20()), 'model'),
+    (lambda: gc.SkipNet(gc.resnet20(gating='dynamic'))(torch.zeros(2, 3, 32, 32)), 'x'),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf'^{name}\b'):

@@ -1,0 +1,160 @@
+"""Real speed from skipped channels, measured side by side in one process.
+
+Every speed is a ratio of medians over interleaved repeated runs (each contender once per
+round, in rotating order, after warm-up), printed beside its MAC ratio:
+  - a training step (forward, backward, SGD) of dense vs static- vs dynamic-gated ResNet-56;
+  - inference of dense vs pruned ResNet-56 (prune) at about 50%, 40% and 30% of the MACs;
+  - the dynamic batch-1 path (SkipNet) and the masked dynamic forward vs the dense network.
+On CUDA (when present) the same rows run with bf16 autocast and channels_last, timed with
+CUDA events. Gates are set, not trained: keep decisions are random with the stated rates.
+
+    python benchmark.py             # the table (a few minutes on 2 CPU cores)
+    python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
+"""
+import argparse
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import gumbel_channels as gc
+
+
+def timed(fns, repeats, device):
+    """Median seconds of each zero-argument callable in `fns`, interleaved round by round."""
+    for fn in fns.values():                     # warm-up (allocator, oneDNN primitives, cuDNN)
+        fn(), fn()
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if device.type == 'cuda':
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def set_static_rate(model, rate, gen):
+    """Turn on round(rate * C) random channels (at least one) of every static gate."""
+    with torch.no_grad():
+        for g in gc._gates(model):
+            on = torch.zeros(g.channels, dtype=torch.bool)
+            on[torch.randperm(g.channels, generator=gen)[:max(1, round(rate * g.channels))]] = True
+            g.logits.copy_(torch.stack([torch.zeros(g.channels), torch.where(on, 3.0, -3.0)], 1))
+
+
+def gated_copy(dense, depth, gating, device):
+    model = gc.resnet_cifar(depth, gating=gating)
+    model.load_state_dict(dense.state_dict(), strict=False)
+    return model.to(device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--smoke', action='store_true', help='tiny sizes, two rounds: checks that it runs')
+    ap.add_argument('--repeats', type=int, default=11, help='timed rounds per comparison (median)')
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    ap.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    depth, b_train, b_infer, n_single, repeats = (8, 8, 4, 2, 2) if args.smoke else (56, 128, 64, 16, args.repeats)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if cuda else contextlib.nullcontext
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    dense = gc.resnet_cifar(depth).to(device)
+    rows = []                                   # (row, batch, seconds, speedup, MAC reduction, target, met)
+    print(f'device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, '
+          f'ResNet-{depth}, {repeats} rounds, medians' + (', bf16 + channels_last' if cuda else ''))
+
+    # -- training step: masked gates compute every channel, so MACs match and time is overhead
+    x = torch.randn(b_train, 3, 32, 32, device=device).to(memory_format=fmt)
+    y = torch.randint(0, 10, (b_train,), device=device)
+    steps, macs = {}, {}
+    for gating in (None, 'static', 'dynamic'):
+        model = (gated_copy(dense, depth, gating, device) if gating else copy.deepcopy(dense))
+        model = model.to(memory_format=fmt).train()
+        opt = torch.optim.SGD(gc.param_groups(model, 0.1, 5e-4), lr=0.1, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            with autocast():
+                out = model(x)
+                logits, info = out if isinstance(out, tuple) else (out, None)
+                loss = F.cross_entropy(logits, y) + (gc.flops_loss(info, 0.5) if info else 0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        name = gating or 'dense'
+        steps[name] = step
+        macs[name] = gc.counted_macs(model.eval(), x[:1])
+        model.train()
+    t = timed(steps, repeats, device)
+    for name, limit in (('dense', None), ('static', 1.10), ('dynamic', 1.25)):
+        ratio = t[name] / t['dense']
+        rows.append((f'train step, {name}', b_train, t[name], 1 / ratio, macs['dense'] / macs[name],
+                     f'time <= {limit:.2f} x dense' if limit else '', '' if not limit else ratio <= limit))
+
+    # -- pruned inference at about 50 / 40 / 30 % of the MACs
+    dense.eval()
+    pruned = {}
+    for rate in (0.5, 0.4, 0.3):
+        model = gated_copy(dense, depth, 'static', device)
+        set_static_rate(model, rate, gen)
+        pruned[f'pruned {rate:.0%}'] = gc.prune(model).to(memory_format=fmt)
+    nets = {'dense': dense.to(memory_format=fmt), **pruned}
+    for batch in (b_infer, 1):
+        xb = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
+        net_macs = {name: gc.counted_macs(net, xb[:1]) for name, net in nets.items()}
+        with torch.inference_mode(), autocast():
+            t = timed({name: (lambda net=net: net(xb)) for name, net in nets.items()}, repeats, device)
+        for name in nets:
+            speedup, mac_red = t['dense'] / t[name], net_macs['dense'] / net_macs[name]
+            target = batch == b_infer and name != 'dense'
+            rows.append((f'inference, {name}', batch, t[name], speedup, mac_red,
+                         '>= 0.85 x MAC reduction' if target else '', speedup >= 0.85 * mac_red if target else ''))
+
+    # -- dynamic gates, one image at a time: SkipNet vs the masked forward vs dense
+    dyn = gated_copy(dense, depth, 'dynamic', device)
+    with torch.no_grad():                       # data-dependent decisions, about half on
+        for g in gc._gates(dyn):
+            torch.nn.init.normal_(g.fc2.weight, std=1.0)
+            g.fc2.bias.zero_()
+    dyn.eval()
+    skip = gc.SkipNet(dyn).to(memory_format=fmt)
+    images = torch.randn(n_single, 3, 32, 32, device=device).to(memory_format=fmt)
+    with torch.inference_mode():
+        _, info = dyn(images)
+    dyn_red = info.max_flops / info.flops.mean().item()
+
+    def one_by_one(net):
+        return lambda: [net(images[i:i + 1]) for i in range(n_single)]
+    with torch.inference_mode(), autocast():
+        t = timed({'dense': one_by_one(dense), 'SkipNet': one_by_one(skip), 'masked': one_by_one(dyn)},
+                  repeats, device)
+    rows.append(('dynamic, dense', 1, t['dense'] / n_single, 1.0, 1.0, '', ''))
+    rows.append(('dynamic, masked forward', 1, t['masked'] / n_single, t['dense'] / t['masked'], dyn_red, '', ''))
+    speedup = t['dense'] / t['SkipNet']
+    rows.append(('dynamic, SkipNet', 1, t['SkipNet'] / n_single, speedup, dyn_red,
+                 '>= 0.6 x MAC reduction', speedup >= 0.6 * dyn_red))
+
+    print(f"{'row':28} {'batch':>5} {'ms':>9} {'speedup':>8} {'MAC red.':>8}  {'target':24} met")
+    for row, batch, sec, speedup, mac_red, target, met in rows:
+        met = '' if met == '' else ('yes' if met else 'NO')
+        print(f'{row:28} {batch:5d} {sec * 1e3:9.2f} {speedup:8.2f} {mac_red:8.2f}  {target:24} {met}')
+
+
+if __name__ == '__main__':
+    main()
