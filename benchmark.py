@@ -4,9 +4,12 @@ Every speed is a ratio of medians over interleaved repeated runs (each contender
 round, in rotating order, after warm-up), printed beside its MAC ratio:
   - a training step (forward, backward, SGD) of dense vs static- vs dynamic-gated ResNet-56;
   - inference of dense vs pruned ResNet-56 (prune) at about 50%, 40% and 30% of the MACs;
-  - the dynamic batch-1 path (SkipNet) and the masked dynamic forward vs the dense network.
-On CUDA (when present) the same rows run with bf16 autocast and channels_last, timed with
-CUDA events. Gates are set, not trained: keep decisions are random with the stated rates.
+  - the dynamic batch-1 path (SkipNet) and the masked dynamic forward vs the dense network,
+    for CIFAR ResNet-56 (32x32) and torchvision ResNet-50 (224x224).
+On CPU, inference rows run in both memory formats (CL: channels_last). On CUDA (when
+present) every row runs with bf16 autocast and channels_last, timed with CUDA events.
+Gates are set, not trained: decisions are random at the stated rates (about half on for
+dynamic gates, varying per image).
 
     python benchmark.py             # the table (a few minutes on 2 CPU cores)
     python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
@@ -19,6 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import gumbel_channels as gc
 
@@ -71,7 +75,8 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     depth, b_train, b_infer, n_single, repeats = (8, 8, 4, 2, 2) if args.smoke else (56, 128, 64, 16, args.repeats)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    formats = [torch.channels_last] if cuda else [torch.contiguous_format, torch.channels_last]
+    fmt = formats[0]                            # training runs in the first format only
     autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if cuda else contextlib.nullcontext
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -107,53 +112,61 @@ def main():
         rows.append((f'train step, {name}', b_train, t[name], 1 / ratio, macs['dense'] / macs[name],
                      f'time <= {limit:.2f} x dense' if limit else '', '' if not limit else ratio <= limit))
 
-    # -- pruned inference at about 50 / 40 / 30 % of the MACs
+    # -- inference, in each memory format on CPU (channels_last only on CUDA)
     dense.eval()
     pruned = {}
-    for rate in (0.5, 0.4, 0.3):
+    for rate in (0.5, 0.4, 0.3):                # pruned at about 50 / 40 / 30 % of the MACs
         model = gated_copy(dense, depth, 'static', device)
         set_static_rate(model, rate, gen)
-        pruned[f'pruned {rate:.0%}'] = gc.prune(model).to(memory_format=fmt)
-    nets = {'dense': dense.to(memory_format=fmt), **pruned}
-    for batch in (b_infer, 1):
-        xb = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
-        net_macs = {name: gc.counted_macs(net, xb[:1]) for name, net in nets.items()}
-        with torch.inference_mode(), autocast():
-            t = timed({name: (lambda net=net: net(xb)) for name, net in nets.items()}, repeats, device)
-        for name in nets:
-            speedup, mac_red = t['dense'] / t[name], net_macs['dense'] / net_macs[name]
-            target = batch == b_infer and name != 'dense'
-            rows.append((f'inference, {name}', batch, t[name], speedup, mac_red,
-                         '>= 0.85 x MAC reduction' if target else '', speedup >= 0.85 * mac_red if target else ''))
-
-    # -- dynamic gates, one image at a time: SkipNet vs the masked forward vs dense
+        pruned[f'pruned {rate:.0%}'] = gc.prune(model)
     dyn = gated_copy(dense, depth, 'dynamic', device)
+    tv = (torchvision.models.resnet18() if args.smoke else torchvision.models.resnet50()).to(device).eval()
+    big_size = 64 if args.smoke else 224
+    dynamic = {f'ResNet-{depth} {32}px': (dyn, dense, 32, n_single),
+               f'tv-ResNet-{18 if args.smoke else 50} {big_size}px': (gc.gate_resnet(tv, 'dynamic'), tv, big_size,
+                                                                    2 if args.smoke else 4)}
     with torch.no_grad():                       # data-dependent decisions, about half on
-        for g in gc._gates(dyn):
-            torch.nn.init.normal_(g.fc2.weight, std=1.0)
-            g.fc2.bias.zero_()
-    dyn.eval()
-    skip = gc.SkipNet(dyn).to(memory_format=fmt)
-    images = torch.randn(n_single, 3, 32, 32, device=device).to(memory_format=fmt)
-    with torch.inference_mode():
-        _, info = dyn(images)
-    dyn_red = info.max_flops / info.flops.mean().item()
+        for model, *_ in dynamic.values():
+            for g in gc._gates(model):
+                torch.nn.init.normal_(g.fc2.weight, std=1.0)
+                g.fc2.bias.zero_()
+    for fmt in formats:
+        tag = ' CL' if fmt == torch.channels_last else ''
+        nets = {'dense': dense.to(memory_format=fmt), **{k: p.to(memory_format=fmt) for k, p in pruned.items()}}
+        for batch in (b_infer, 1):
+            xb = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=fmt)
+            net_macs = {name: gc.counted_macs(net, xb[:1]) for name, net in nets.items()}
+            with torch.inference_mode(), autocast():
+                t = timed({name: (lambda net=net: net(xb)) for name, net in nets.items()}, repeats, device)
+            for name in nets:
+                speedup, mac_red = t['dense'] / t[name], net_macs['dense'] / net_macs[name]
+                target = batch == b_infer and name != 'dense'
+                rows.append((f'infer {name}{tag}', batch, t[name], speedup, mac_red,
+                             '>= 0.85 x MAC reduction' if target else '', speedup >= 0.85 * mac_red if target else ''))
+        # dynamic gates, one image at a time: SkipNet and the masked forward vs the dense net
+        for label, (model, dense_net, size, n) in dynamic.items():
+            model, dense_net = model.eval().to(memory_format=fmt), dense_net.to(memory_format=fmt)
+            skip = gc.SkipNet(model)
+            images = torch.randn(n, 3, size, size, device=device).to(memory_format=fmt)
+            with torch.inference_mode():
+                _, info = model(images)
+            red = info.max_flops / info.flops.mean().item()
 
-    def one_by_one(net):
-        return lambda: [net(images[i:i + 1]) for i in range(n_single)]
-    with torch.inference_mode(), autocast():
-        t = timed({'dense': one_by_one(dense), 'SkipNet': one_by_one(skip), 'masked': one_by_one(dyn)},
-                  repeats, device)
-    rows.append(('dynamic, dense', 1, t['dense'] / n_single, 1.0, 1.0, '', ''))
-    rows.append(('dynamic, masked forward', 1, t['masked'] / n_single, t['dense'] / t['masked'], dyn_red, '', ''))
-    speedup = t['dense'] / t['SkipNet']
-    rows.append(('dynamic, SkipNet', 1, t['SkipNet'] / n_single, speedup, dyn_red,
-                 '>= 0.6 x MAC reduction', speedup >= 0.6 * dyn_red))
+            def one_by_one(net):
+                return lambda: [net(images[i:i + 1]) for i in range(n)]
+            with torch.inference_mode(), autocast():
+                t = timed({'dense': one_by_one(dense_net), 'SkipNet': one_by_one(skip),
+                           'masked': one_by_one(model)}, max(3, repeats // 2), device)
+            speedup = t['dense'] / t['SkipNet']
+            rows.append((f'{label} dense{tag}', 1, t['dense'] / n, 1.0, 1.0, '', ''))
+            rows.append((f'{label} masked{tag}', 1, t['masked'] / n, t['dense'] / t['masked'], red, '', ''))
+            rows.append((f'{label} SkipNet{tag}', 1, t['SkipNet'] / n, speedup, red,
+                         '>= 0.6 x MAC reduction', speedup >= 0.6 * red))
 
-    print(f"{'row':28} {'batch':>5} {'ms':>9} {'speedup':>8} {'MAC red.':>8}  {'target':24} met")
+    print(f"{'row':34} {'batch':>5} {'ms':>9} {'speedup':>8} {'MAC red.':>8}  {'target':24} met")
     for row, batch, sec, speedup, mac_red, target, met in rows:
         met = '' if met == '' else ('yes' if met else 'NO')
-        print(f'{row:28} {batch:5d} {sec * 1e3:9.2f} {speedup:8.2f} {mac_red:8.2f}  {target:24} {met}')
+        print(f'{row:34} {batch:5d} {sec * 1e3:9.2f} {speedup:8.2f} {mac_red:8.2f}  {target:24} {met}')
 
 
 if __name__ == '__main__':

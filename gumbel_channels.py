@@ -713,18 +713,18 @@ class _SkipBlock(nn.Module):
                   for g in (self.gate1, self.gate2))                        # on channels, None: all
         if self.bottleneck:
             if i2 is not None and len(i2) == 0:                             # conv3 sees zeros
-                return F.relu(identity + self.b3.view(1, -1, 1, 1))
+                return F.relu_(identity + self.b3.view(1, -1, 1, 1))
             if i1 is not None and len(i1) == 0:                             # conv3 sees ReLU(bn2(0))
                 h = _pick(F.relu(self.b2), i2).view(1, -1, 1, 1)
-                return F.relu(identity + F.conv2d(h, _pick(self.w3, i2, 1), self.b3))
-            a = F.relu(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
+                return F.relu_(identity + F.conv2d(h, _pick(self.w3, i2, 1), self.b3))
+            a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
             w2 = _pick(_pick(self.w2, i2), i1, 1)
-            a = F.relu(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
-            return F.relu(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
+            a = F.relu_(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
+            return F.relu_(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
         if i1 is not None and len(i1) == 0:                                 # conv2 sees zeros
-            return F.relu(identity + self.b2.view(1, -1, 1, 1))
-        a = F.relu(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
-        return F.relu(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
+            return F.relu_(identity + self.b2.view(1, -1, 1, 1))
+        a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
+        return F.relu_(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
 
 
 class SkipNet(nn.Module):

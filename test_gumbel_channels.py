@@ -403,22 +403,30 @@ def dynamic_config(model):
         cycle_gates(model, lambda g: put(g, 20.0, 0.0), lambda g: put(g, 0.0, 20.0), lambda g: put(g, 0.0, 0.0))
 
 
+def configured(arch, gating, granularity, batch):
+    """A gated net with random BN statistics and cycled gate decisions, in evaluation mode,
+    an input batch, and its masked forward (logits, info)."""
+    torch.manual_seed(0)
+    build, size = ARCHS[arch]
+    model = build(gating, granularity)
+    randomize_bn(model)
+    (static_config if gating == 'static' else dynamic_config)(model)
+    model.eval()
+    x = torch.randn(batch, 3, size, size)
+    logits, info = model(x)
+    assert logits.abs().max() < 10                          # the premise of EXPORT_ATOL
+    return model, x, logits, info
+
+
 @pytest.mark.parametrize('granularity', ['channel', 'layer'])
 @pytest.mark.parametrize('arch', list(ARCHS))
 def test_prune_computes_the_thresholded_network(arch, granularity):
     """prune: smaller convs, same function as threshold inference, and FlopCounterMode / 2
     of the pruned net equals info.flops of the gated net."""
-    torch.manual_seed(0)
-    build, size = ARCHS[arch]
-    model = build('static', granularity)
-    randomize_bn(model)
-    static_config(model)
-    model.eval()
-    x = torch.randn(2, 3, size, size)
-    logits, info = model(x)
+    model, x, logits, info = configured(arch, 'static', granularity, 2)
     pruned = gc.prune(model)
     assert not gc._gates(pruned) and not isinstance(pruned(x), tuple)
-    assert logits.abs().max() < 10 and (pruned(x) - logits).abs().max() <= EXPORT_ATOL
+    assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL
     assert gc.counted_macs(pruned, x[:1]) == info.flops[0].item() < info.max_flops
     assert any(isinstance(b, gc.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
     if granularity == 'channel' and arch == 'tv-resnet50':                   # both Bottleneck halves
@@ -428,12 +436,8 @@ def test_prune_computes_the_thresholded_network(arch, granularity):
 
 
 def test_pruned_net_saves_loads_compiles_and_exports():
-    torch.manual_seed(0)
-    model = gc.resnet20(gating='static')
-    randomize_bn(model)
-    static_config(model)
+    model, x, _, _ = configured('resnet20', 'static', 'channel', 2)
     pruned = gc.prune(model)
-    x = torch.randn(2, 3, 32, 32)
     expected = pruned(x)
     buf = io.BytesIO()
     torch.save(pruned, buf)                                 # the whole module (needs this file)
@@ -452,16 +456,8 @@ def test_pruned_net_saves_loads_compiles_and_exports():
 def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granularity):
     """SkipNet runs only the on channels per input: same logits as the masked forward, and
     its FlopCounterMode / 2 equals that input's info.flops."""
-    torch.manual_seed(0)
-    build, size = ARCHS[arch]
-    model = build('dynamic', granularity)
-    randomize_bn(model)
-    dynamic_config(model)
-    model.eval()
-    x = torch.randn(3, 3, size, size)
-    logits, info = model(x)
+    model, x, logits, info = configured(arch, 'dynamic', granularity, 3)
     skip = gc.SkipNet(model)
-    assert logits.abs().max() < 10
     for i in range(len(x)):
         assert (skip(x[i:i + 1]) - logits[i]).abs().max() <= EXPORT_ATOL
         assert gc.counted_macs(skip, x[i:i + 1]) == info.flops[i].item() < info.max_flops
@@ -471,7 +467,7 @@ def test_benchmark_smoke_mode_runs():
     out = subprocess.run([sys.executable, 'benchmark.py', '--smoke'], capture_output=True, text=True,
                          timeout=300, cwd=__file__.rsplit('/', 1)[0] or '.')
     assert out.returncode == 0, out.stderr
-    for row in ('train step, static', 'inference, pruned 30%', 'dynamic, SkipNet'):
+    for row in ('train step, static', 'infer pruned 30% CL', 'ResNet-8 32px SkipNet CL', 'tv-ResNet-18 64px SkipNet'):
         assert row in out.stdout
 
 
