@@ -1,0 +1,166 @@
+"""train_cifar.py end to end on CPU, on a tiny CIFAR-format folder that the tests write."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import gumbel_channels as gc
+import train_cifar
+
+FAST = ['--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '1', '--batch-size', '16',
+        '--dense-batch-size', '16', '--recal-batches', '2', '--device', 'cpu']
+
+
+def write_cifar(folder, n_train=64, n_test=32, seed=0):
+    """The CIFAR-10 python format: pickled dicts with b'data' (N, 3072) uint8 and b'labels'."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for name, n in [('data_batch_1', n_train // 2), ('data_batch_2', n_train // 2), ('test_batch', n_test)]:
+        batch = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b'labels': rng.integers(0, 10, n).tolist()}
+        with open(folder / name, 'wb') as f:
+            pickle.dump(batch, f)
+
+
+@pytest.fixture(scope='module')
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    write_cifar(root / 'cifar-10-batches-py')
+    return root
+
+
+@pytest.fixture(scope='module')
+def dense_ckpt(cifar, tmp_path_factory):
+    """A dense resnet8 trained for one epoch by the script itself (its dense phase)."""
+    out = tmp_path_factory.mktemp('dense')
+    assert train_cifar.cli(FAST + ['--gating', 'none', '--data-dir', str(cifar), '--out', str(out)]) == 0
+    return out / 'dense-resnet8-s0' / 'last.pt'
+
+
+def run(cifar, out, *extra):
+    return train_cifar.cli(FAST + ['--data-dir', str(cifar), '--out', str(out), *extra])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_dense_phase_writes_a_loadable_checkpoint_and_metrics(dense_ckpt):
+    ckpt = torch.load(dense_ckpt, weights_only=True)
+    assert {'model', 'optimizer', 'scheduler', 'epoch', 'best_acc', 'args', 'rng'} <= set(ckpt)
+    assert ckpt['epoch'] == 1 and (dense_ckpt.parent / 'best.pt').exists()
+    rows = read_metrics(dense_ckpt.parent)
+    assert len(rows) == 1 and rows[0]['phase'] == 'dense' and 0 <= rows[0]['test_acc'] <= 100
+
+
+def test_static_pipeline_end_to_end(cifar, dense_ckpt, tmp_path):
+    """Dense -> gated fine-tuning -> recalibration -> evaluation -> final row and pruned export."""
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--t', '0.5', '--also', 'all_on', 'sample',
+               'ensemble', '--runs', '2') == 0
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    row = json.loads((run_dir / 'final.json').read_text())
+    for key in ('baseline_acc', 'gated_acc', 'macs_percent', 'activation_rate', 'polarized',
+                'pruned_macs_percent', 'pruned_acc', 'all_on_acc', 'sample_acc', 'ensemble_acc'):
+        assert key in row
+    (metrics,) = read_metrics(run_dir)
+    for key in ('epoch', 'lr', 'ce', 'gate_loss', 'train_acc', 'test_acc', 'rate', 'macs', 'polarized',
+                'seconds', 'images_per_s'):
+        assert key in metrics
+    # the pruned export computes the thresholded net: its counted MACs are the analytic ones
+    assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
+    assert row['pruned_acc'] == row['gated_acc']
+    pruned = torch.load(run_dir / 'pruned.pt', weights_only=False)
+    assert not gc._gates(pruned)
+    assert torch.load(run_dir / 'last.pt', weights_only=True)['epoch'] == 1
+
+
+def test_dynamic_layer_per_gate_pipeline(cifar, dense_ckpt, tmp_path):
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--gating', 'dynamic', '--granularity',
+               'layer', '--loss', 'per-gate', '--t', '0.6') == 0
+    row = json.loads((tmp_path / 'resnet8-dynamic-layer-per-gate-t0.6-s0' / 'final.json').read_text())
+    assert row['gating'] == 'dynamic' and 'pruned_acc' not in row
+
+
+def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path):
+    """Two epochs in one go, or one epoch, a stop, and --resume: the same next-step loss."""
+    assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
+    assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '1') == 0
+    assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
+    name = 'resnet8-static-channel-flops-t0.5-s0'
+    a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
+    assert [r['epoch'] for r in b] == [1, 2]
+    assert b[1]['first_loss'] == a[1]['first_loss'] and b[1]['ce'] == a[1]['ce']
+    assert b[1]['test_acc'] == a[1]['test_acc']
+
+
+def one_line_error(capsys, code):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith('warning:')]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize('extra,words', [
+    (['--t', '0'], '--t'), (['--t', '1.5'], '--t'), (['--arch', 'resnet57'], '--arch'),
+    (['--gating', 'none', '--t', '0.5'], '--gating none'), (['--gating', 'soft'], '--gating'),
+    (['--loss', 'per-gate', '--targets', '0.5', '0.5'], '--targets'),
+])
+def test_bad_arguments_give_one_line_errors(cifar, dense_ckpt, tmp_path, capsys, extra, words):
+    assert words in one_line_error(capsys, run(cifar, tmp_path, '--init', str(dense_ckpt), *extra))
+
+
+def test_bad_checkpoints_and_folders_give_one_line_errors(cifar, dense_ckpt, tmp_path, capsys):
+    corrupt = tmp_path / 'corrupt.pt'
+    corrupt.write_bytes(b'not a checkpoint')
+    assert 'cannot read checkpoint' in one_line_error(capsys, run(cifar, tmp_path / 'o', '--init', str(corrupt)))
+    wrong = tmp_path / 'resnet20.pt'
+    torch.save({'model': gc.resnet20().state_dict()}, wrong)
+    assert 'does not fit' in one_line_error(capsys, run(cifar, tmp_path / 'o', '--init', str(wrong)))
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    assert 'cannot write' in one_line_error(capsys, run(cifar, blocker / 'out', '--init', str(dense_ckpt)))
+    empty = tmp_path / 'empty'
+    (empty / 'cifar-10-batches-py').mkdir(parents=True)
+    code = train_cifar.cli(FAST + ['--data-dir', str(empty), '--out', str(tmp_path / 'o2')])
+    assert 'data_batch_' in one_line_error(capsys, code)
+
+
+def test_missing_data_that_cannot_be_downloaded(tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError('no network')
+    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline)
+    code = train_cifar.cli(FAST + ['--data-dir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'o')])
+    assert 'could not be downloaded' in one_line_error(capsys, code)
+
+
+def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, capsys):
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    last = tmp_path / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
+    before = last.read_bytes()
+    assert '--resume' in one_line_error(capsys, run(cifar, tmp_path, '--init', str(dense_ckpt)))
+    assert last.read_bytes() == before
+
+
+def test_reader_validates_the_cifar_format(tmp_path):
+    folder = tmp_path / 'cifar-10-batches-py'
+    write_cifar(folder)
+    x, y, xt, yt = train_cifar.read_cifar(folder)
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.uint8 and yt.shape == (32,)
+    with open(folder / 'test_batch', 'wb') as f:
+        pickle.dump({b'data': np.zeros((4, 100), np.uint8), b'labels': [0] * 4}, f)
+    with pytest.raises(train_cifar.UsageError, match='3072'):
+        train_cifar.read_cifar(folder)
+
+
+def test_augmentation_crops_and_flips_on_the_device():
+    """Each output is a 32x32 window of the zero-padded image, possibly mirrored."""
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    out = train_cifar.augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
