@@ -11,6 +11,7 @@ give a physically pruned model, pruned.pt (load with torch.load(..., weights_onl
 CIFAR-10 lives on the training device as uint8; crops and flips happen there per batch.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -173,26 +174,30 @@ def gate_loss(info, args):
 
 
 def gate_stats(info):
-    """Activation rate, MACs % of the dense net, share of polarized probabilities."""
+    """(activation rate, MACs % of the dense net, share of polarized probabilities), a (3,) tensor."""
     p = torch.cat(info.p, 1)
-    return (torch.cat(info.z, 1).mean().item(), 100 * (info.flops / info.max_flops).mean().item(),
-            ((p < 0.01) | (p > 0.99)).float().mean().item())
+    return torch.stack([torch.cat(info.z, 1).mean(), 100 * (info.flops / info.max_flops).mean().float(),
+                        ((p < 0.01) | (p > 0.99)).float().mean()]).detach()
+
+
+def averages(stats, batches):
+    """Per-batch gate statistics summed over an epoch -> their means (NaN for a dense net)."""
+    return (stats / batches).tolist() if batches else [math.nan] * 3
 
 
 @torch.no_grad()
 def evaluate(model, x, y, autocast, batch_size=1000):
     """Accuracy % and (rate, MACs %, polarized) under the model's current inference strategy."""
     model.eval()
-    correct, stats = 0, []
+    correct, stats, batches = 0, 0, 0
     for i in range(0, len(x), batch_size):
         with autocast():
             out = model(prepare(x[i:i + batch_size]))
         logits, info = out if isinstance(out, tuple) else (out, None)
-        correct += (logits.argmax(1) == y[i:i + batch_size]).sum().item()
+        correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
         if info is not None:
-            stats.append(gate_stats(info))
-    gates = [sum(s[k] for s in stats) / len(stats) for k in range(3)] if stats else [math.nan] * 3
-    return 100 * correct / len(x), *gates
+            stats, batches = stats + gate_stats(info), batches + 1
+    return 100 * correct.item() / len(x), *averages(stats, batches)
 
 
 def save_atomic(obj, path):
@@ -254,7 +259,8 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
     print(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'test%', 'rate', 'MACs%', 'polar', 'sec', 'img/s'))
     for epoch in range(start, epochs):
         model.train()
-        t0, n, ce_sum, gl_sum, correct, stats, first = time.perf_counter(), 0, 0.0, 0.0, 0, [], None
+        t0, n, batches, stats, first = time.perf_counter(), 0, 0, 0, None
+        sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync per step
         for xb, yb in train_batches(x_train, y_train, batch_size, gen):
             with autocast():
                 out = step_model(xb)
@@ -265,21 +271,20 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            first = loss.item() if first is None else first
-            ce_sum, gl_sum, n = ce_sum + ce.item() * len(yb), gl_sum + gl.item() * len(yb), n + len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
+            first = loss.detach() if first is None else first
+            sums += torch.stack([ce.detach() * len(yb), gl.detach() * len(yb), (logits.argmax(1) == yb).sum()])
+            n += len(yb)
             if info is not None:
-                stats.append(gate_stats(info))
+                stats, batches = stats + gate_stats(info), batches + 1
         lr = opt.param_groups[0]['lr']
         sched.step()
+        ce, gl, correct = (sums / n).tolist()
+        rate, macs, polar = averages(stats, batches)
         seconds = time.perf_counter() - t0
         test_acc, *test_gates = evaluate(model, x_test, y_test, autocast)
-        rate, macs, polar = ([sum(s[k] for s in stats) / len(stats) for k in range(3)] if stats
-                             else [math.nan] * 3)
-        last = dict(phase=phase, epoch=epoch + 1, lr=lr, ce=ce_sum / n, gate_loss=gl_sum / n,
-                    train_acc=100 * correct / n, test_acc=test_acc, rate=rate, macs=macs, polarized=polar,
-                    test_rate=test_gates[0], test_macs=test_gates[1], seconds=seconds,
-                    images_per_s=n / seconds, first_loss=first)
+        last = dict(phase=phase, epoch=epoch + 1, lr=lr, ce=ce, gate_loss=gl, train_acc=100 * correct,
+                    test_acc=test_acc, rate=rate, macs=macs, polarized=polar, test_rate=test_gates[0],
+                    test_macs=test_gates[1], seconds=seconds, images_per_s=n / seconds, first_loss=first.item())
         print(ROW.format(epoch + 1, f'{lr:.4f}', f'{last["ce"]:.3f}', f'{last["gate_loss"]:.4f}',
                          f'{last["train_acc"]:.2f}', f'{test_acc:.2f}', f'{rate:.3f}', f'{macs:.1f}',
                          f'{polar:.2f}', f'{seconds:.1f}', f'{n / seconds:.0f}'), flush=True)
@@ -303,21 +308,20 @@ def run_name(args, phase):
     return f'{prefix}{args.arch}-{args.gating}-{args.granularity}-{args.loss}-t{args.t:g}-s{args.seed}'
 
 
-def check_run_dir(run_dir, args, phase, epochs):
-    """True when this phase finished already; refuses to touch a run it was not asked to resume."""
+def check_run_dir(run_dir, args, epochs, keys, reuse_finished=False):
+    """True when the run in run_dir finished already. Refuses a run written by another
+    configuration (keys differ), and any run not asked to --resume, except a finished one
+    when reuse_finished (a dense baseline)."""
     path = run_dir / 'last.pt'
     if not path.exists():
         return False
     ckpt = load_checkpoint(path)
-    keys = STRUCTURE if phase == 'gated' else ('arch', 'seed', 'synthetic')
     if not isinstance(ckpt, dict) or any(ckpt.get('args', {}).get(k) != getattr(args, k) for k in keys):
         raise UsageError(f'{path} was not written by this configuration ({", ".join(keys)} differ)')
     done = ckpt['epoch'] >= epochs
-    if phase == 'gated' and not args.resume:
-        raise UsageError(f'{run_dir} holds a run already: pass --resume to continue it, or choose another --out')
-    if not done and not args.resume:
-        raise UsageError(f'{run_dir} holds an unfinished {phase} run (epoch {ckpt["epoch"]} of {epochs}): '
-                         f'pass --resume to continue it, or choose another --out')
+    if not args.resume and not (done and reuse_finished):
+        state = 'a finished' if done else f'an unfinished (epoch {ckpt["epoch"]} of {epochs})'
+        raise UsageError(f'{run_dir} holds {state} run: pass --resume to continue it, or choose another --out')
     return done
 
 
@@ -330,10 +334,11 @@ def main(argv=None):
                 else (lambda: torch.autocast('cpu', enabled=False)))
     out = Path(args.out)
     dense_dir, gated_dir = out / run_name(args, 'dense'), out / run_name(args, 'gated')
-    dense_done = bool(args.init) or check_run_dir(dense_dir, args, 'dense', args.dense_epochs)
+    dense_done = bool(args.init) or check_run_dir(dense_dir, args, args.dense_epochs, ('arch', 'seed', 'synthetic'),
+                                                  reuse_finished=True)
     gated = args.gating != 'none'
     if gated:
-        check_run_dir(gated_dir, args, 'gated', args.epochs)
+        check_run_dir(gated_dir, args, args.epochs, STRUCTURE)
     try:                                                        # writable --out, before any work
         for d in [gated_dir] * gated + [dense_dir] * (not gated or not dense_done):
             d.mkdir(parents=True, exist_ok=True)
@@ -371,8 +376,8 @@ def main(argv=None):
         # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
         gc.set_inference(model, 'threshold', args.tau)
         gen = torch.Generator().manual_seed(args.seed + 2)
-        recal = (xb for _, (xb, _) in zip(range(args.recal_batches),
-                                          train_batches(data[0], data[1], args.batch_size, gen)))
+        epochs_of_batches = (b for _ in itertools.count() for b in train_batches(*data[:2], args.batch_size, gen))
+        recal = (xb for xb, _ in itertools.islice(epochs_of_batches, args.recal_batches))
         with autocast():
             gc.recalibrate_bn(model, recal)
         acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
