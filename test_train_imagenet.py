@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import train_imagenet
+from test_train_cifar import one_line_error
 
 HERE = Path(__file__).parent
 FAST = ['--arch', 'resnet18', '--crop-size', '32', '--batch-size', '4', '--workers', '0', '--epochs', '1',
@@ -72,13 +73,6 @@ def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
     assert out.stdout.count('final:') == 1                  # and alone logged
     row = json.loads((run_dir / 'final.json').read_text())
     assert 0 <= row['top1'] <= 100 and 'pruned_macs_percent' not in row
-
-
-def one_line_error(capsys, code):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith('warning:')]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize('extra,words', [

@@ -397,21 +397,34 @@ def main(argv=None):
                                    for i in range(0, len(x_test), 1000)])
                 row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
             gc.set_inference(model, 'threshold', args.tau)
-        save_atomic(model.state_dict(), gated_dir / 'final.pt')
-        if args.gating == 'static':                             # 4. the physically pruned network
-            pruned = gc.prune(model)
-            x1 = prepare(data[2][:1])
-            row['pruned_macs_percent'] = 100 * gc.counted_macs(pruned, x1) / gc.counted_macs(dense.eval(), x1)
+        pruned = export(model, dense, prepare(data[2][:1]), gated_dir, row)    # 4. the pruned network
+        if pruned is not None:
             row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
-            torch.save(pruned, gated_dir / 'pruned.pt')
-    ((gated_dir if gated else dense_dir) / 'final.json').write_text(json.dumps(row, indent=1))
-    print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+    finish(row, gated_dir if gated else dense_dir)
     return row
 
 
-def cli(argv=None):
+def export(model, dense, x1, run_dir, row):
+    """Save the final gated weights; for static gates also the physically pruned network
+    (pruned.pt), whose FlopCounterMode MACs % of the dense net goes into row. Returns it."""
+    save_atomic(model.state_dict(), run_dir / 'final.pt')
+    if not all(isinstance(g, gc.StaticGate) for g in gc._gates(model)):
+        return None
+    pruned = gc.prune(model)
+    row['pruned_macs_percent'] = 100 * gc.counted_macs(pruned, x1) / gc.counted_macs(dense.eval(), x1)
+    torch.save(pruned, run_dir / 'pruned.pt')
+    return pruned
+
+
+def finish(row, run_dir):
+    (run_dir / 'final.json').write_text(json.dumps(row, indent=1))
+    print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+
+
+def cli(argv=None, entry=None):
+    """Run `entry` (main) with bad input reported as one line on stderr and exit status 2."""
     try:
-        main(argv)
+        (entry or main)(argv)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import gumbel_channels as gc
-from train_cifar import (ROW, UsageError, averages, check_run_dir, gate_loss, gate_stats, load_checkpoint,
-                         load_weights, save_atomic)
+import train_cifar
+from train_cifar import (ROW, UsageError, averages, check_run_dir, export, finish, gate_loss, gate_stats,
+                         load_checkpoint, load_weights, save_atomic)
 
 WEIGHTS = {'resnet18': 'ResNet18_Weights', 'resnet34': 'ResNet34_Weights', 'resnet50': 'ResNet50_Weights'}
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed')
@@ -256,28 +257,17 @@ def main(argv=None):
                tau=args.tau, baseline_top1=base_top1, baseline_top5=base_top5, top1=top1, top5=top5,
                macs_percent=macs, activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
     if master:
-        save_atomic(model.state_dict(), run_dir / 'final.pt')
-        if args.gating == 'static':
-            pruned = gc.prune(model)
-            x1 = torch.zeros(1, 3, args.crop_size, args.crop_size, device=device)
-            row['pruned_macs_percent'] = 100 * gc.counted_macs(pruned, x1) / gc.counted_macs(dense.eval(), x1)
-            torch.save(pruned, run_dir / 'pruned.pt')
-        (run_dir / 'final.json').write_text(json.dumps(row, indent=1))
-    log('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
-    if distributed:
-        dist.destroy_process_group()
+        export(model, dense, torch.zeros(1, 3, args.crop_size, args.crop_size, device=device), run_dir, row)
+        finish(row, run_dir)
     return row
 
 
 def cli(argv=None):
     try:
-        main(argv)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
+        return train_cifar.cli(argv, main)
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
-    return 0
 
 
 if __name__ == '__main__':
