@@ -10,6 +10,7 @@ One module, read bottom-up beside the paper (section numbers refer to it):
     losses        Eq. (1), L_FLOPs, AIG per-gate loss, Property 1  (1.2, 2.1, 3.1, 3.4)
     inference     set_inference, ensemble_predict, recalibrate_bn  (3.3, 4.1)
     export        prune (static gates -> smaller convs), SkipNet (dynamic, batch 1)
+    early exits   densenet_cifar: exit gates after dense blocks 1 and 2 (5, Table 5)
 
 CIFAR ResNets (He et al. 2016, option-A shortcut), MACs at 32x32 counted as in the paper
 (conv + linear multiply-accumulates):
@@ -28,6 +29,7 @@ exactly zero downstream: the masked network computes what a physically pruned on
 import copy
 import itertools
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -39,7 +41,8 @@ __all__ = [
     'ResNet', 'GateInfo', 'resnet_cifar', 'resnet20', 'resnet32', 'resnet44', 'resnet56',
     'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
     'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
-    'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet',
+    'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet', 'DenseNetExits',
+    'ExitInfo', 'densenet_cifar', 'exit_report',
 ]
 
 INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
@@ -752,6 +755,179 @@ class SkipNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+# ----------------------------------------------------------------------------- early exits (5)
+
+class _DenseLayer(nn.Module):
+    """DenseNet-BC layer: BN-ReLU-1x1 conv (4k) -> BN-ReLU-3x3 conv (k), appended to its input."""
+
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), _conv3x3(4 * growth, growth)
+
+    def forward(self, x):                                                   # -> (out, MACs)
+        h = self.conv1(F.relu(self.bn1(x)))
+        y = self.conv2(F.relu(self.bn2(h)))
+        return torch.cat([x, y], 1), _conv_macs(self.conv1, h) + _conv_macs(self.conv2, y)
+
+
+class _Transition(nn.Module):
+    """BN-ReLU-1x1 conv -> 2x2 average pool, between dense blocks."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):                                                   # -> (out, MACs)
+        y = self.conv(F.relu(self.bn(x)))
+        return F.avg_pool2d(y, 2), _conv_macs(self.conv, y)
+
+
+class _Exit(nn.Module):
+    """A classifier (BN-ReLU-pool-linear) and its exit gate (a one-channel DynamicGate, Z = 1: leave)."""
+
+    def __init__(self, cin, num_classes, init_p):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(cin), nn.Linear(cin, num_classes)
+        self.gate = DynamicGate(cin, 1, init_p=init_p)
+        self.macs = cin * num_classes + self.gate.macs
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(x)).mean((2, 3))), *self.gate(x)
+
+
+class ExitInfo(NamedTuple):
+    """GateInfo of an early-exit network, plus every classifier's logits on every image
+    (the final classifier last): each exit's own CE loss and Table 5 read them."""
+    z: list
+    p: list
+    flops: torch.Tensor
+    max_flops: int
+    exit_logits: list
+
+
+class DenseNetExits(nn.Module):
+    """DenseNet-BC for CIFAR (3 dense blocks, compression 0.5) with, when exits=True, a
+    classifier and an exit gate at the end of dense blocks 1 and 2 (5, Table 5).
+
+    Training (and the masked evaluation) runs every image to the end and returns the output
+    each image takes, Z1 l1 + (1 - Z1)(Z2 l2 + (1 - Z2) l3), with ExitInfo; early_exit()
+    really skips the blocks after an image's exit."""
+
+    def __init__(self, depth=100, growth_rate=12, num_classes=10, exits=True, init_p=1 - INIT_P):
+        super().__init__()
+        if not (isinstance(depth, int) and depth >= 10 and (depth - 4) % 6 == 0):
+            raise ValueError(f'depth must be 6n+4 with n >= 1 (DenseNet-BC: 100, 190, ...), got {depth!r}')
+        n, c = (depth - 4) // 6, 2 * growth_rate
+        self.conv1 = _conv3x3(3, c)
+        self.blocks, self.transitions, self.exits = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for k in range(3):
+            self.blocks.append(nn.ModuleList(_DenseLayer(c + i * growth_rate, growth_rate) for i in range(n)))
+            c += n * growth_rate
+            if k < 2:
+                if exits:
+                    self.exits.append(_Exit(c, num_classes, init_p))
+                self.transitions.append(_Transition(c, c // 2))
+                c //= 2
+        self.bn, self.fc = nn.BatchNorm2d(c), nn.Linear(c, num_classes)
+
+    def stage(self, k, x):
+        """Transition into dense block k (k > 0), then the block: -> (features, MACs)."""
+        macs = 0
+        if k > 0:
+            x, macs = self.transitions[k - 1](x)
+        for layer in self.blocks[k]:
+            x, m = layer(x)
+            macs += m
+        return x, macs
+
+    def head(self, x):
+        return self.fc(F.relu(self.bn(x)).mean((2, 3))), self.fc.in_features * self.fc.out_features
+
+    def forward(self, x):
+        x = self.conv1(x)
+        stem = _conv_macs(self.conv1, x)
+        exit_logits, zs, ps, costs = [], [], [], []
+        for k in range(3):
+            x, m = self.stage(k, x)
+            costs.append(m)
+            if k < len(self.exits):
+                logits, z, p = self.exits[k](x)
+                exit_logits.append(logits)
+                zs.append(z)
+                ps.append(p)
+        logits, fc = self.head(x)
+        if not self.exits:
+            return logits
+        exit_logits.append(logits)
+        for k in reversed(range(len(zs))):                  # the output each image takes
+            logits = zs[k] * exit_logits[k] + (1 - zs[k]) * logits
+        flops = fc                                          # MACs per sample, from the final classifier back
+        for k in reversed(range(len(zs))):                  # exit k, then (if staying) stage k + 1 and on
+            flops = self.exits[k].macs + (1 - zs[k][:, 0].double()) * (costs[k + 1] + flops)
+        flops = stem + costs[0] + flops
+        return logits, ExitInfo(zs, ps, flops, stem + sum(costs) + fc, exit_logits)
+
+    @torch.no_grad()
+    def early_exit(self, x, use_exits=True):
+        """Evaluation-mode inference that splits the batch: images leaving at exit k (their
+        gate's threshold decision) are not run through later blocks. Returns (logits, exit
+        index per image, len(exits) for the final classifier). use_exits=False runs every
+        image to the end."""
+        if self.training:
+            raise ValueError('model must be in evaluation mode (model.eval()) for early_exit')
+        x = self.conv1(x)
+        n_exits = len(self.exits) if use_exits else 0
+        rows = torch.arange(len(x), device=x.device)        # which images are still running
+        logits = x.new_zeros(len(x), self.fc.out_features)
+        taken = torch.full((len(x),), n_exits, dtype=torch.long, device=x.device)
+        for k in range(3):
+            x, _ = self.stage(k, x)
+            if k >= n_exits:
+                continue
+            out, z, _ = self.exits[k](x)
+            leave = z[:, 0] > 0
+            logits[rows[leave]], taken[rows[leave]] = out[leave].to(logits.dtype), k
+            rows, x = rows[~leave], x[~leave]
+            if len(rows) == 0:
+                return logits, taken
+        logits[rows] = self.head(x)[0].to(logits.dtype)
+        return logits, taken
+
+
+@torch.no_grad()
+def exit_report(model, batches):
+    """Table 5 for an early-exit network in evaluation mode, over (images, labels) batches.
+    Per exit (the final classifier last): the share of images that leave there, its
+    classifier's accuracy on all images and on the images it took. Also the MACs that the
+    batch split spends (FlopCounterMode / 2) beside the accounting's, and its wall time
+    beside running every image to the end."""
+    model.eval()
+    counts, n, macs, seconds = 0, 0, torch.zeros(3, dtype=torch.float64), torch.zeros(2)
+    for x, y in batches:
+        _, info = model(x)
+        _, taken = model.early_exit(x)
+        counts = counts + torch.tensor([[(taken == k).sum(), (logits.argmax(1) == y).sum(),
+                                         ((logits.argmax(1) == y) & (taken == k)).sum()]
+                                        for k, logits in enumerate(info.exit_logits)])
+        macs += torch.tensor([counted_macs(lambda t: model.early_exit(t), x), info.flops.sum().item(),
+                              info.max_flops * len(x)], dtype=torch.float64)
+        for i, use_exits in enumerate((True, False)):
+            t0 = time.perf_counter()
+            model.early_exit(x, use_exits)
+            seconds[i] += time.perf_counter() - t0
+        n += len(x)
+    exits = [dict(exit=k, share=took / n, acc_all=hit / n, acc_taken=hit_taken / took if took else math.nan)
+             for k, (took, hit, hit_taken) in enumerate(counts.tolist())]
+    return dict(exits=exits, counted_macs=macs[0].item(), accounted_macs=macs[1].item(),
+                full_macs=macs[2].item(), seconds=seconds[0].item(), seconds_to_the_end=seconds[1].item())
+
+
+def densenet_cifar(depth=100, growth_rate=12, exits=True, num_classes=10, init_p=1 - INIT_P):
+    """DenseNet-BC (k = 12) for CIFAR with early exits after dense blocks 1 and 2 (5);
+    init_p is the exit gates' initial probability of leaving."""
+    return DenseNetExits(depth, growth_rate, num_classes, exits, init_p)
 
 if __name__ == '__main__':      # python gumbel_channels.py: the table in the docstring, measured
     x = torch.randn(1, 3, 32, 32)

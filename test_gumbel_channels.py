@@ -471,6 +471,69 @@ def test_benchmark_smoke_mode_runs():
         assert row in out.stdout
 
 
+# ------------------------------------------------------------------- early exits (5, Table 5)
+
+def spread_exits(model, x):
+    """Center each exit gate on this batch, so that about half the images still running leave."""
+    model.eval()
+    with torch.no_grad():
+        h = model.conv1(x)
+        for k, e in enumerate(model.exits):
+            h, _ = model.stage(k, h)
+            torch.nn.init.normal_(e.gate.fc2.weight)
+            e.gate.fc2.bias.zero_()
+            logits = e.gate.fc2(F.relu(e.gate.bn(e.gate.fc1(h.mean((2, 3))))))
+            e.gate.fc2.bias[1] = -(logits[:, 1] - logits[:, 0]).median() + 1e-3
+    return model
+
+
+def test_early_exit_split_equals_the_masked_computation_and_its_macs():
+    """Images that leave at exit k skip the later blocks; the logits equal the training graph's
+    mixture, and FlopCounterMode / 2 of the split run equals the per-image accounting."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 32, 32)
+    model = spread_exits(gc.densenet_cifar(depth=40), x)
+    logits, info = model(x)
+    split, taken = model.early_exit(x)
+    assert set(taken.tolist()) == {0, 1, 2}
+    assert (split - logits).abs().max() <= EXPORT_ATOL
+    assert gc.counted_macs(lambda t: model.early_exit(t), x) == info.flops.sum().item()
+    assert gc.counted_macs(gc.densenet_cifar(depth=40, exits=False).eval(), x[:1]) == info.max_flops
+    for k in range(3):                                       # image by image, exit by exit
+        i = (taken == k).nonzero()[0, 0]
+        assert gc.counted_macs(lambda t: model.early_exit(t), x[i:i + 1]) == info.flops[i].item()
+
+
+class FixedExit(torch.nn.Module):
+    """A stand-in exit gate with given decisions, for the whole batch (masked pass) and for
+    the images still running (split pass), told apart by their number."""
+    def __init__(self, *decisions):
+        super().__init__()
+        self.z = {len(z): torch.tensor(z)[:, None] for z in decisions}
+
+    def forward(self, x):
+        return self.z[len(x)], self.z[len(x)]
+
+
+def test_exit_report_on_a_constructed_case():
+    """Exits forced to [0, 0, 1, 2, 2, 2], labels chosen so that every number is known."""
+    torch.manual_seed(0)
+    model = gc.densenet_cifar(depth=16).eval()
+    model.exits[0].gate = FixedExit([1.0, 1, 0, 0, 0, 0])
+    model.exits[1].gate = FixedExit([1.0, 1, 1, 0, 0, 0], [1.0, 0, 0, 0])    # images 2..5 reach exit 1
+    x = torch.randn(6, 3, 32, 32)
+    heads = model(x)[1].exit_logits
+    pred = [h.argmax(1) for h in heads]
+    y = torch.stack([pred[0][0], (pred[0][1] + 1) % 10, pred[1][2], pred[2][3], pred[2][4],
+                     (pred[2][5] + 1) % 10])                 # right, wrong | right | right, right, wrong
+    report = gc.exit_report(model, [(x, y)])
+    shares = [e['share'] for e in report['exits']]
+    assert shares == pytest.approx([2 / 6, 1 / 6, 3 / 6])
+    assert [e['acc_taken'] for e in report['exits']] == pytest.approx([1 / 2, 1, 2 / 3])
+    for e, p in zip(report['exits'], pred):
+        assert e['acc_all'] == pytest.approx((p == y).float().mean().item())
+
+
 # ------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('call,name', [

@@ -83,6 +83,15 @@ def test_dynamic_layer_per_gate_pipeline(cifar, dense_ckpt, tmp_path):
     assert row['gating'] == 'dynamic' and 'pruned_acc' not in row
 
 
+def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
+    assert run(cifar, tmp_path, '--arch', 'densenet16', '--t', '0.5') == 0
+    row = json.loads((tmp_path / 'densenet16-dynamic-exit-flops-t0.5-s0' / 'final.json').read_text())
+    exits = row['table5']['exits']
+    assert len(exits) == 3 and sum(e['share'] for e in exits) == pytest.approx(1)
+    assert row['table5']['counted_macs'] == row['table5']['accounted_macs']
+    assert 'exit 2:' in capsys.readouterr().out
+
+
 def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path):
     """Two epochs in one go, or one epoch, a stop, and --resume: the same next-step loss."""
     assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
@@ -106,6 +115,7 @@ def one_line_error(capsys, code):
     (['--t', '0'], '--t'), (['--t', '1.5'], '--t'), (['--arch', 'resnet57'], '--arch'),
     (['--gating', 'none', '--t', '0.5'], '--gating none'), (['--gating', 'soft'], '--gating'),
     (['--loss', 'per-gate', '--targets', '0.5', '0.5'], '--targets'),
+    (['--arch', 'densenet16', '--gating', 'static'], 'DenseNets'),
 ])
 def test_bad_arguments_give_one_line_errors(cifar, dense_ckpt, tmp_path, capsys, extra, words):
     assert words in one_line_error(capsys, run(cifar, tmp_path, '--init', str(dense_ckpt), *extra))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import gumbel_channels as gc
 
-DEPTHS = {f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)}    # resnet8: for quick checks
+DEPTHS = {**{f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)},  # resnet8, densenet16: quick checks
+          **{f'densenet{d}': d for d in (16, 40, 100)}}
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
@@ -40,15 +41,17 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--arch', default='resnet56', help=f'one of {", ".join(DEPTHS)}')
-    a('--gating', default='static', help="static (pruning), dynamic (conditional computation), none (dense only) (3.2)")
-    a('--granularity', default='channel', help='channel (filter) or layer gates (4.4, Table 4)')
+    a('--gating', help="static (pruning; ResNet default), dynamic (conditional computation; the DenseNets' "
+                        "early exits), none (the dense baseline only) (3.2, 5)")
+    a('--granularity', help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
     a('--loss', default='flops', help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
     a('--t', type=float, default=None, help='target rate t in (0, 1]; 0.5 for gated runs if not given')
     a('--targets', type=float, nargs='+', help='per-gate loss: one rate per gate module (default: t for each)')
     a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
     a('--loss-weight', type=float, default=1.0, help='weight of the gate loss (the paper: 1)')
     a('--gate-lr-mult', type=float, default=10.0, help='gate learning rate / base (NOTES.md: gate dynamics)')
-    a('--gate-init-p', type=float, default=gc.INIT_P, help='initial on-probability of the gates')
+    a('--gate-init-p', type=float, default=gc.INIT_P, help='initial on-probability of the gates '
+                                                             '(DenseNet exits: 1 - this is the p of leaving)')
     a('--gate-decay', type=float, default=20.0, help='gate weight decay = weight decay * this / |G| (3.2)')
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
@@ -72,7 +75,12 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.arch not in DEPTHS:
         raise UsageError(f'--arch must be one of {", ".join(DEPTHS)}, got {args.arch!r}')
-    for name, allowed in (('gating', ('static', 'dynamic', 'none')), ('granularity', gc.GRANULARITIES),
+    if args.arch.startswith('densenet'):                        # early exits (5): data-dependent gates
+        if args.gating not in (None, 'dynamic', 'none') or args.granularity is not None:
+            raise UsageError('the DenseNets have early-exit gates: --gating dynamic (or none), no --granularity')
+        args.gating, args.granularity = args.gating or 'dynamic', 'exit'
+    args.gating, args.granularity = args.gating or 'static', args.granularity or 'channel'
+    for name, allowed in (('gating', ('static', 'dynamic', 'none')), ('granularity', (*gc.GRANULARITIES, 'exit')),
                           ('loss', ('flops', 'batch', 'per-gate'))):
         if getattr(args, name) not in allowed:
             raise UsageError(f'--{name} must be one of {", ".join(allowed)}, got {getattr(args, name)!r}')
@@ -165,6 +173,17 @@ def train_batches(x, y, batch_size, gen):
 
 # ----------------------------------------------------------------------------- training
 
+def build(args, gated):
+    """The CIFAR network of --arch: dense, or with its gates (ResNets) or exits (DenseNets)."""
+    depth = DEPTHS[args.arch]
+    if args.arch.startswith('densenet'):
+        model = gc.densenet_cifar(depth, exits=gated, init_p=1 - args.gate_init_p)   # p of leaving
+    else:
+        model = gc.resnet_cifar(depth, gating=args.gating if gated else None, granularity=args.granularity,
+                                init_p=args.gate_init_p)
+    return model.to(args.device, memory_format=torch.channels_last)
+
+
 def gate_loss(info, args):
     if args.loss == 'flops':
         return gc.flops_loss(info, args.t)
@@ -214,12 +233,12 @@ def load_checkpoint(path):
 
 
 def load_weights(model, state, source, gated):
-    """Dense weights into `model`; only gate parameters may be missing when `gated`."""
+    """Dense weights into `model`; only gates (and exit heads) may be missing when `gated`."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         raise UsageError(f'{source} does not fit {type(model).__name__}: {str(e).splitlines()[1].strip()}') from None
-    missing = [k for k in missing if not (gated and '.gate' in k)]
+    missing = [k for k in missing if not (gated and ('.gate' in k or k.startswith('exits.')))]
     if missing or unexpected:
         raise UsageError(f'{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}')
 
@@ -265,7 +284,9 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
             with autocast():
                 out = step_model(xb)
                 logits, info = out if isinstance(out, tuple) else (out, None)
-                ce = F.cross_entropy(logits, yb)
+                ce = F.cross_entropy(logits, yb)                # of the output each image takes
+                for exit_logits in getattr(info, 'exit_logits', [])[:-1]:
+                    ce = ce + F.cross_entropy(exit_logits, yb)  # each exit learns to classify (5)
                 gl = gate_loss(info, args) if info is not None else torch.zeros((), device=device)
                 loss = ce + args.loss_weight * gl
             opt.zero_grad(set_to_none=True)
@@ -349,10 +370,9 @@ def main(argv=None):
     print('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     data = load_data(args, device)
-    depth = DEPTHS[args.arch]
 
     # 1. dense baseline: --init, an earlier run, or trained here (He et al.'s recipe)
-    dense = gc.resnet_cifar(depth).to(device, memory_format=torch.channels_last)
+    dense = build(args, gated=False)
     if args.init:
         state = load_checkpoint(args.init)
         load_weights(dense, state.get('model', state), args.init, gated=False)
@@ -366,8 +386,7 @@ def main(argv=None):
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
     if gated:
         # 2. gated fine-tuning from the dense weights (4.1)
-        model = gc.resnet_cifar(depth, gating=args.gating, granularity=args.granularity,
-                                init_p=args.gate_init_p).to(device, memory_format=torch.channels_last)
+        model = build(args, gated=True)
         load_weights(model, dense.state_dict(), 'the dense baseline', gated=True)
         n_modules = len(gc._gates(model))
         if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
@@ -397,6 +416,15 @@ def main(argv=None):
                                    for i in range(0, len(x_test), 1000)])
                 row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
             gc.set_inference(model, 'threshold', args.tau)
+        if isinstance(model, gc.DenseNetExits):                # Table 5: where images leave
+            with autocast():
+                row['table5'] = report = gc.exit_report(model, ((prepare(data[2][i:i + 500]), data[3][i:i + 500])
+                                                                for i in range(0, len(data[2]), 500)))
+            for e in report['exits']:
+                print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
+                      f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
+            print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every image to the "
+                  f"end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
         pruned = export(model, dense, prepare(data[2][:1]), gated_dir, row)    # 4. the pruned network
         if pruned is not None:
             row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
