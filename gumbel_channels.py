@@ -42,7 +42,7 @@ __all__ = [
     'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
     'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
     'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet', 'DenseNetExits',
-    'ExitInfo', 'densenet_cifar', 'exit_report',
+    'ExitInfo', 'densenet_cifar', 'exit_report', 'set_relaxation', 'per_class_rates',
 ]
 
 INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
@@ -68,8 +68,9 @@ def _at_least_float(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def straight_through_gumbel(logits, tau=1.0, generator=None):
-    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2).
+def straight_through_gumbel(logits, tau=1.0, generator=None, hard=True):
+    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2); hard=False returns the
+    soft relaxation itself, in (0, 1), which the paper found to train worse (3.2).
 
     logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0).
     Returns Z in {0., 1.} of shape (...), at least float32. Forward: the hard sample
@@ -91,8 +92,9 @@ def straight_through_gumbel(logits, tau=1.0, generator=None):
     u = u.clamp(min=torch.finfo(u.dtype).tiny)                  # U = 0 would give -inf noise
     y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)   # logistic noise: NOTES.md 1
     soft = torch.sigmoid(y / tau)
-    hard = (y > 0).to(y.dtype)
-    return hard + (soft - soft.detach())                                   # exactly 0/1: NOTES.md 2
+    if not hard:
+        return soft
+    return (y > 0).to(y.dtype) + (soft - soft.detach())                   # exactly 0/1: NOTES.md 2
 
 
 # ----------------------------------------------------------------------------- gates
@@ -111,7 +113,7 @@ def _decide(gate, logits):
     logits = _at_least_float(logits)
     p = torch.sigmoid(logits[..., 1] - logits[..., 0])                      # (B, C)
     if gate.training or gate.strategy == 'sample':
-        z = straight_through_gumbel(logits)
+        z = straight_through_gumbel(logits, hard=gate.hard)
     elif gate.strategy == 'threshold':
         z = (p > gate.tau).to(p.dtype)                                      # strict: NOTES.md 11
     else:                                                                   # 'all_on'
@@ -129,7 +131,7 @@ class StaticGate(nn.Module):
     def __init__(self, channels, init_p=INIT_P):
         super().__init__()
         self.channels, self.macs = channels, 0
-        self.strategy, self.tau = 'threshold', 0.5
+        self.strategy, self.tau, self.hard = 'threshold', 0.5, True
         self.logits = nn.Parameter(_init_logits(channels, init_p))          # (C, 2)
 
     def forward(self, x):
@@ -149,7 +151,7 @@ class DynamicGate(nn.Module):
         super().__init__()
         self.channels = channels
         self.macs = in_channels * hidden + hidden * 2 * channels            # per sample
-        self.strategy, self.tau = 'threshold', 0.5
+        self.strategy, self.tau, self.hard = 'threshold', 0.5, True
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)               # BN follows
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, 2 * channels)
@@ -513,6 +515,27 @@ def set_inference(model, strategy='threshold', tau=0.5):
     for g in _gates(model):
         g.strategy, g.tau = strategy, tau
     return model
+
+
+def set_relaxation(model, soft=False):
+    """3.2: sample gates with the straight-through estimator (default) or, soft=True, use the
+    soft Gumbel-softmax relaxation Z in (0, 1) in training. Returns model."""
+    for g in _gates(model):
+        g.hard = not soft
+    return model
+
+
+@torch.no_grad()
+def per_class_rates(model, batches, num_classes):
+    """Fig. 4: activation rate of every gate module (mean of Z over its channels) per class,
+    (num_classes, modules), over (images, labels) batches, under the inference strategy."""
+    model.eval()
+    sums, counts = 0, torch.zeros(num_classes, 1)
+    for x, y in batches:
+        z = torch.stack([z.float().mean(1) for z in model(x)[1].z], 1).cpu()   # (B, modules)
+        y = F.one_hot(y.cpu(), num_classes).float()                              # (B, classes)
+        sums, counts = sums + y.T @ z, counts + y.sum(0)[:, None]
+    return sums / counts.clamp(min=1)
 
 
 def _logits(out):

@@ -133,6 +133,23 @@ def test_estimator_backward_is_soft_sample_gradient(tau):
     torch.testing.assert_close(logits.grad[:, 0], -expected)
 
 
+@pytest.mark.parametrize('d', [-2.0, 1.0, 3.0])
+def test_soft_relaxation_stays_in_0_1_and_rounds_to_the_hard_sample(d):
+    """3.2's soft version, Z = sigmoid(w1 - w0 + L) in (0, 1). Rounded it is the hard sample
+    (P = p); its mean is not p but a/(a-1) (1 - ln a/(a-1)), a = e^d, nearer 1/2 (NOTES.md).
+    float64, because float32 rounds sigmoid(y) to exactly 1 for y > 17."""
+    torch.manual_seed(2)
+    n, p, a = 200_000, 1 / (1 + math.exp(-d)), math.exp(d)
+    soft = gc.straight_through_gumbel(torch.tensor([0.0, d], dtype=torch.float64).expand(n, 2), hard=False)
+    assert ((soft > 0) & (soft < 1)).all()
+    assert abs((soft > 0.5).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+    closed = a / (a - 1) * (1 - math.log(a) / (a - 1))
+    assert abs(soft.mean().item() - closed) < 5 * soft.std().item() / math.sqrt(n)
+    model = gc.set_relaxation(gc.resnet_cifar(8, gating='static'), soft=True).train()
+    z = torch.cat(model(torch.randn(4, 3, 32, 32))[1].z, 1)
+    assert ((z > 0) & (z < 1)).any()                        # the gates train on soft values
+
+
 # ------------------------------------------------------------------- FLOPs (3.4)
 
 @pytest.mark.parametrize('depth', [20, 32, 44, 56, 110])
@@ -469,6 +486,18 @@ def test_benchmark_smoke_mode_runs():
     assert out.returncode == 0, out.stderr
     for row in ('train step, static', 'infer pruned 30% CL', 'ResNet-8 32px SkipNet CL', 'tv-ResNet-18 64px SkipNet'):
         assert row in out.stdout
+
+
+def test_per_class_rates_on_a_constructed_case():
+    """Fig. 4: a gate module's rate per class is the mean over that class's images of the
+    mean of Z over the module's channels."""
+    class Decisions(torch.nn.Module):                        # input rows are the decisions
+        def forward(self, x):
+            return None, gc.GateInfo([x[:, :2], x[:, 2:]], [], None, 1)
+    x = torch.tensor([[1.0, 0, 1], [1, 1, 0], [0, 0, 1], [1, 1, 1]])
+    y = torch.tensor([0, 0, 1, 1])
+    rates = gc.per_class_rates(Decisions(), [(x[:2], y[:2]), (x[2:], y[2:])], num_classes=3)
+    assert torch.equal(rates, torch.tensor([[0.75, 0.5], [0.5, 1.0], [0.0, 0.0]]))
 
 
 # ------------------------------------------------------------------- early exits (5, Table 5)

@@ -79,8 +79,12 @@ def test_static_pipeline_end_to_end(cifar, dense_ckpt, tmp_path):
 def test_dynamic_layer_per_gate_pipeline(cifar, dense_ckpt, tmp_path):
     assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--gating', 'dynamic', '--granularity',
                'layer', '--loss', 'per-gate', '--t', '0.6') == 0
-    row = json.loads((tmp_path / 'resnet8-dynamic-layer-per-gate-t0.6-s0' / 'final.json').read_text())
+    run_dir = tmp_path / 'resnet8-dynamic-layer-per-gate-t0.6-s0'
+    row = json.loads((run_dir / 'final.json').read_text())
     assert row['gating'] == 'dynamic' and 'pruned_acc' not in row
+    table = (run_dir / 'gate_classes.csv').read_text().splitlines()          # Fig. 4's matrix
+    assert len(table) == 11 and table[1].startswith('airplane,') and len(table[0].split(',')) == 1 + 3
+    assert len((run_dir / 'gate_classes.txt').read_text().splitlines()) == 3
 
 
 def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):

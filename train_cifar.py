@@ -30,6 +30,7 @@ DEPTHS = {**{f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)},  # resnet8, den
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
+CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
 class UsageError(Exception):
@@ -53,6 +54,7 @@ def parse_args(argv):
     a('--gate-init-p', type=float, default=gc.INIT_P, help='initial on-probability of the gates '
                                                              '(DenseNet exits: 1 - this is the p of leaving)')
     a('--gate-decay', type=float, default=20.0, help='gate weight decay = weight decay * this / |G| (3.2)')
+    a('--soft-gates', action='store_true', help='train with the soft Gumbel-softmax instead of straight-through (3.2)')
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
     a('--lr', type=float, default=0.1)
@@ -217,6 +219,21 @@ def evaluate(model, x, y, autocast, batch_size=1000):
         if info is not None:
             stats, batches = stats + gate_stats(info), batches + 1
     return 100 * correct.item() / len(x), *averages(stats, batches)
+
+
+def write_class_rates(rates, names, run_dir):
+    """Fig. 4: per-class activation rates (classes, gate modules) as gate_classes.csv, and per
+    gate the classes it runs on most and least and its specialization (the standard deviation
+    of its per-class rates around its mean) in gate_classes.txt."""
+    header = 'class,' + ','.join(f'gate{j}' for j in range(rates.shape[1]))
+    rows = [f'{name},' + ','.join(f'{r:.4f}' for r in row) for name, row in zip(names, rates.tolist())]
+    (run_dir / 'gate_classes.csv').write_text('\n'.join([header, *rows]) + '\n')
+    lines = []
+    for j, col in enumerate(rates.T):
+        hi, lo = col.argmax().item(), col.argmin().item()
+        lines.append(f'gate{j}: mean {col.mean():.3f}, specialization {col.std(unbiased=False):.3f}, most '
+                     f'{names[hi]} ({col[hi]:.2f}), least {names[lo]} ({col[lo]:.2f})')
+    (run_dir / 'gate_classes.txt').write_text('\n'.join(lines) + '\n')
 
 
 def save_atomic(obj, path):
@@ -386,7 +403,7 @@ def main(argv=None):
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
     if gated:
         # 2. gated fine-tuning from the dense weights (4.1)
-        model = build(args, gated=True)
+        model = gc.set_relaxation(build(args, gated=True), soft=args.soft_gates)
         load_weights(model, dense.state_dict(), 'the dense baseline', gated=True)
         n_modules = len(gc._gates(model))
         if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
@@ -416,6 +433,11 @@ def main(argv=None):
                                    for i in range(0, len(x_test), 1000)])
                 row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
             gc.set_inference(model, 'threshold', args.tau)
+        if args.gating == 'dynamic':                            # Fig. 4: which classes each gate runs on
+            chunks = ((prepare(data[2][i:i + 1000]), data[3][i:i + 1000]) for i in range(0, len(data[2]), 1000))
+            with autocast():
+                rates = gc.per_class_rates(model, chunks, 10)
+            write_class_rates(rates, CLASSES, gated_dir)
         if isinstance(model, gc.DenseNetExits):                # Table 5: where images leave
             with autocast():
                 row['table5'] = report = gc.exit_report(model, ((prepare(data[2][i:i + 500]), data[3][i:i + 500])

@@ -28,7 +28,7 @@ from torchvision import transforms
 import gumbel_channels as gc
 import train_cifar
 from train_cifar import (ROW, UsageError, averages, check_run_dir, export, finish, gate_loss, gate_stats,
-                         load_checkpoint, load_weights, save_atomic)
+                         load_checkpoint, load_weights, save_atomic, write_class_rates)
 
 WEIGHTS = {'resnet18': 'ResNet18_Weights', 'resnet34': 'ResNet34_Weights', 'resnet50': 'ResNet50_Weights'}
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed')
@@ -114,7 +114,7 @@ def loaders(args, world, rank):
                                                drop_last=True, **kw)
     val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))     # no padding: exact counts
     val_loader = torch.utils.data.DataLoader(val_shard, 100, **kw)
-    return train_loader, val_loader, len(train.classes)
+    return train_loader, val_loader, train.classes
 
 
 @torch.no_grad()
@@ -170,7 +170,8 @@ def main(argv=None):
             raise UsageError(f'cannot write in --out {args.out}: {e.strerror}') from None
     log('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
-    train_loader, val_loader, classes = loaders(args, world, rank)
+    train_loader, val_loader, names = loaders(args, world, rank)
+    classes = len(names)
 
     weights = getattr(torchvision.models, WEIGHTS[args.arch]).IMAGENET1K_V1 if args.pretrained else None
     dense = getattr(torchvision.models, args.arch)(weights=weights, num_classes=1000 if weights else classes)
@@ -257,6 +258,12 @@ def main(argv=None):
                tau=args.tau, baseline_top1=base_top1, baseline_top5=base_top5, top1=top1, top5=top5,
                macs_percent=macs, activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
     if master:
+        if args.gating == 'dynamic':                            # Fig. 4, over the whole validation set
+            full = torch.utils.data.DataLoader(val_loader.dataset.dataset, 100, num_workers=args.workers)
+            with autocast():
+                rates = gc.per_class_rates(model, ((x.to(device).contiguous(memory_format=torch.channels_last), y)
+                                                   for x, y in full), classes)
+            write_class_rates(rates, names, run_dir)
         export(model, dense, torch.zeros(1, 3, args.crop_size, args.crop_size, device=device), run_dir, row)
         finish(row, run_dir)
     return row

@@ -1,0 +1,120 @@
+"""The paper's figures, drawn from our own runs (run folders of train_cifar.py / train_imagenet.py).
+
+    python figures.py runs/resnet56-static-channel-flops-t0.5-s0 runs/... --out figures
+
+  fig3_ARCH.png            top-1 accuracy against MACs % of the dense baseline, for every run
+                           given, beside the paper's published points for the same network
+                           (Tables 1-3), the dense baseline marked (Fig. 3)
+  fig4_RUN.png             per-class activation of each gate of a dynamic run (Fig. 4)
+  polarization_RUN.png     histogram of the gate probabilities of a static run (3.1)
+
+matplotlib is needed here only (pip install matplotlib); the rest of the project does without it.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+# The paper's points: (label, MACs % of the baseline, top-1 %). ImageNet GFLOPs are divided by
+# the paper's 4.028 baseline; Table 2 gives reductions, shown here as 100 - reduction.
+PAPER = {
+    'resnet56': [('Ours ind t=.5 (Table 3)', 50, 93.31), ('AMC (Table 3)', 50, 91.9)],
+    'resnet110': [('Ours dep t=.6 (Table 3)', 65, 94.36), ('AIG-110 t=.8 (Table 3)', 82, 94.24)],
+    'resnet50': [('Ours dep t=.5 (Table 1)', 100 * 2.21 / 4.028, 76.30),
+                 ('Ours dep t=.4 (Table 1)', 100 * 1.67 / 4.028, 75.19),
+                 ('Ours dep t=.3 (Table 1)', 100 * 1.94 / 4.028, 76.04),
+                 ('AIG t=.5 (Table 1)', 100 * 2.91 / 4.028, 75.58),
+                 ('AIG t=.7 (Table 1)', 100 * 3.26 / 4.028, 76.18),
+                 ('Ours ind t=.5 (Table 2)', 100 - 37.68, 76.20), ('Ours ind t=.4 (Table 2)', 100 - 43.39, 76.14),
+                 ('Ours ind t=.3 (Table 2)', 100 - 51.3, 75.56)],
+    'resnet18': [('Ours ind (Table 2)', 100 - 43.9, 68.88), ('Geom mix 30% (Table 2)', 100 - 41.8, 68.41)],
+    'resnet34': [('Ours ind (Table 2)', 100 - 51.1, 72.78), ('Geom mix 30% (Table 2)', 100 - 41.1, 72.63)],
+}
+
+
+def read_run(folder):
+    folder = Path(folder)
+    try:
+        row = json.loads((folder / 'final.json').read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: {folder} holds no readable final.json ({type(e).__name__})')
+    row['accuracy'] = row.get('gated_acc', row.get('top1'))
+    row['baseline'] = row.get('baseline_acc', row.get('baseline_top1'))
+    return folder, row
+
+
+def fig3(plt, arch, runs, out):
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    for label, macs, acc in PAPER.get(arch, []):
+        ax.scatter(macs, acc, marker='x', color='gray')
+        ax.annotate(label, (macs, acc), fontsize=7, color='gray', xytext=(3, 3), textcoords='offset points')
+    for folder, row in runs:
+        ax.scatter(row['macs_percent'], row['accuracy'], label=f"{folder.name}")
+    baseline = max(row['baseline'] for _, row in runs)
+    ax.scatter(100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})')
+    ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)', title=f'{arch}: our runs and the paper')
+    ax.legend(fontsize=7)
+    fig.savefig(out / f'fig3_{arch}.png')
+    plt.close(fig)
+
+
+def fig4(plt, folder, out):
+    with open(folder / 'gate_classes.csv') as f:
+        rows = list(csv.reader(f))
+    gates, classes = rows[0][1:], [r[0] for r in rows[1:]]
+    rates = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(gates) + 2), max(3, 0.3 * len(classes) + 1.5)), dpi=100)
+    image = ax.imshow(rates.numpy(), aspect='auto', cmap='viridis', vmin=0, vmax=1)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xticks(range(len(gates)), gates, rotation=90, fontsize=7)
+    ax.set(title=f'{folder.name}: activation rate per class', xlabel='gate', ylabel='class')
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / f'fig4_{folder.name}.png')
+    plt.close(fig)
+
+
+def polarization(plt, folder, out):
+    state = torch.load(folder / 'final.pt', map_location='cpu', weights_only=True)
+    logits = [v for k, v in state.items() if k.endswith('.logits')]           # static gates: (C, 2)
+    p = torch.sigmoid(torch.cat([l[:, 1] - l[:, 0] for l in logits]))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.hist(p.numpy(), bins=50, range=(0, 1))
+    ax.set_yscale('log')
+    polar = ((p < 0.01) | (p > 0.99)).float().mean().item()
+    ax.set(xlabel='on-probability p', ylabel='gates', title=f'{folder.name}: {polar:.1%} polarized')
+    fig.savefig(out / f'polarization_{folder.name}.png')
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('runs', nargs='+', help='run folders holding final.json')
+    ap.add_argument('--out', default='figures')
+    args = ap.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('error: figures.py needs matplotlib: pip install matplotlib', file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [read_run(f) for f in args.runs]
+    for arch in sorted({row['arch'] for _, row in runs}):
+        fig3(plt, arch, [r for r in runs if r[1]['arch'] == arch], out)
+    for folder, row in runs:
+        if (folder / 'gate_classes.csv').exists():
+            fig4(plt, folder, out)
+        if row.get('gating') == 'static' and (folder / 'final.pt').exists():
+            polarization(plt, folder, out)
+    print(f'figures written to {out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
