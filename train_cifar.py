@@ -343,7 +343,8 @@ def run_name(args, phase):
     prefix = 'synthetic-' if args.synthetic else ''
     if phase == 'dense':
         return f'{prefix}dense-{args.arch}-s{args.seed}'
-    return f'{prefix}{args.arch}-{args.gating}-{args.granularity}-{args.loss}-t{args.t:g}-s{args.seed}'
+    soft = '-soft' if args.soft_gates else ''
+    return f'{prefix}{args.arch}-{args.gating}-{args.granularity}-{args.loss}-t{args.t:g}{soft}-s{args.seed}'
 
 
 def check_run_dir(run_dir, args, epochs, keys, reuse_finished=False):
@@ -388,7 +389,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     data = load_data(args, device)
 
+    if gated:                                                   # the gated net first: its checks are cheap
+        model = gc.set_relaxation(build(args, gated=True), soft=args.soft_gates)
+        n_modules = len(gc._gates(model))
+        if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
+            raise UsageError(f'--targets must give one rate per gate module ({n_modules}), got {len(args.targets)}')
+
     # 1. dense baseline: --init, an earlier run, or trained here (He et al.'s recipe)
+    torch.manual_seed(args.seed)                                # the same dense net, gated run or not
     dense = build(args, gated=False)
     if args.init:
         state = load_checkpoint(args.init)
@@ -403,11 +411,7 @@ def main(argv=None):
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
     if gated:
         # 2. gated fine-tuning from the dense weights (4.1)
-        model = gc.set_relaxation(build(args, gated=True), soft=args.soft_gates)
         load_weights(model, dense.state_dict(), 'the dense baseline', gated=True)
-        n_modules = len(gc._gates(model))
-        if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
-            raise UsageError(f'--targets must give one rate per gate module ({n_modules}), got {len(args.targets)}')
         model, last = run_phase('gated', model, data, args, gated_dir, device, autocast)
         # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
         gc.set_inference(model, 'threshold', args.tau)
