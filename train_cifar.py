@@ -364,13 +364,30 @@ def check_run_dir(run_dir, args, epochs, keys, reuse_finished=False):
     return done
 
 
+def autocast_for(device):
+    """The precision context: bf16 autocast on CUDA (no loss scaling needed), float32 elsewhere."""
+    if device.type == 'cuda':
+        return lambda: torch.autocast('cuda', torch.bfloat16)
+    return lambda: torch.autocast('cpu', enabled=False)
+
+
+def ensure_writable(dirs, out):
+    """Create the run folders and prove they are writable, before any work is done."""
+    try:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / '.write-test').touch()
+            (d / '.write-test').unlink()
+    except OSError as e:
+        raise UsageError(f'cannot write in --out {out}: {e.strerror}') from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    autocast = ((lambda: torch.autocast('cuda', torch.bfloat16)) if device.type == 'cuda'
-                else (lambda: torch.autocast('cpu', enabled=False)))
+    autocast = autocast_for(device)
     out = Path(args.out)
     dense_dir, gated_dir = out / run_name(args, 'dense'), out / run_name(args, 'gated')
     dense_done = bool(args.init) or check_run_dir(dense_dir, args, args.dense_epochs, ('arch', 'seed', 'synthetic'),
@@ -378,13 +395,7 @@ def main(argv=None):
     gated = args.gating != 'none'
     if gated:
         check_run_dir(gated_dir, args, args.epochs, STRUCTURE)
-    try:                                                        # writable --out, before any work
-        for d in [gated_dir] * gated + [dense_dir] * (not gated or not dense_done):
-            d.mkdir(parents=True, exist_ok=True)
-            (d / '.write-test').touch()
-            (d / '.write-test').unlink()
-    except OSError as e:
-        raise UsageError(f'cannot write in --out {out}: {e.strerror}') from None
+    ensure_writable([gated_dir] * gated + [dense_dir] * (not gated or not dense_done), out)
     print('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     data = load_data(args, device)

@@ -27,8 +27,8 @@ from torchvision import transforms
 
 import gumbel_channels as gc
 import train_cifar
-from train_cifar import (ROW, UsageError, averages, check_run_dir, export, finish, gate_loss, gate_stats,
-                         load_checkpoint, load_weights, save_atomic, write_class_rates)
+from train_cifar import (ROW, UsageError, autocast_for, averages, check_run_dir, ensure_writable, export, finish,
+                         gate_loss, gate_stats, load_checkpoint, load_weights, save_atomic, write_class_rates)
 
 WEIGHTS = {'resnet18': 'ResNet18_Weights', 'resnet34': 'ResNet34_Weights', 'resnet50': 'ResNet50_Weights'}
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed')
@@ -157,17 +157,11 @@ def main(argv=None):
         torch.cuda.set_device(device)
     elif master:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    autocast = ((lambda: torch.autocast('cuda', torch.bfloat16)) if device.type == 'cuda'
-                else (lambda: torch.autocast('cpu', enabled=False)))
+    autocast = autocast_for(device)
     run_dir = Path(args.out) / f'imagenet-{args.arch}-{args.gating}-{args.granularity}-{args.loss}-t{args.t:g}-s{args.seed}'
     check_run_dir(run_dir, args, args.epochs, STRUCTURE)
     if master:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / '.write-test').touch()
-            (run_dir / '.write-test').unlink()
-        except OSError as e:
-            raise UsageError(f'cannot write in --out {args.out}: {e.strerror}') from None
+        ensure_writable([run_dir], args.out)
     log('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     train_loader, val_loader, names = loaders(args, world, rank)
