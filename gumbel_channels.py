@@ -88,7 +88,8 @@ def straight_through_gumbel(logits, tau=1.0, generator=None, hard=True):
     if not tau > 0:
         raise ValueError(f'tau (temperature) must be > 0, got {tau!r}')
     logits = _at_least_float(logits)
-    u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device, generator=generator)
+    rng = {} if generator is None else {'generator': generator}    # an explicit None breaks torch.compile
+    u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device, **rng)
     u = u.clamp(min=torch.finfo(u.dtype).tiny)                  # U = 0 would give -inf noise
     y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)   # logistic noise: NOTES.md 1
     soft = torch.sigmoid(y / tau)

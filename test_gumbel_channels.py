@@ -480,6 +480,19 @@ def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granula
         assert gc.counted_macs(skip, x[i:i + 1]) == info.flops[i].item() < info.max_flops
 
 
+@pytest.mark.parametrize('gating', ['static', 'dynamic'])
+def test_gated_training_step_compiles_with_changing_batch_sizes(gating):
+    """train_cifar.py --compile: a gated net's training step traces under torch.compile, also
+    once the batch size changes and the graph turns dynamic (aot_eager: no C++ compile)."""
+    torch.manual_seed(0)
+    model = gc.resnet_cifar(8, gating=gating).train()
+    step = torch.compile(model, backend='aot_eager')
+    for batch in (4, 6, 8):
+        logits, info = step(torch.randn(batch, 3, 32, 32))
+        (F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long)) + gc.flops_loss(info, 0.5)).backward()
+        assert logits.shape == (batch, 10) and info.flops.shape == (batch,)
+
+
 def test_benchmark_smoke_mode_runs():
     out = subprocess.run([sys.executable, 'benchmark.py', '--smoke'], capture_output=True, text=True,
                          timeout=300, cwd=__file__.rsplit('/', 1)[0] or '.')
