@@ -612,18 +612,32 @@ def _bn_params(bn, idx=None):
     return bn.running_mean[idx], bn.running_var[idx], bn.weight[idx], bn.bias[idx]
 
 
-def _constant_branch(block, on2=None):
-    """(1, C_out, 1, 1): the branch of a block whose gate1 (or a Bottleneck's gate2) is all
-    off. Its last conv then sees zeros, or in a Bottleneck with gate1 empty, the constants
-    ReLU(bn2(0)) on gate2's on channels on2 (C,) bool, which conv3 maps on a
-    1x1 map (n2 * C_out MACs); the last BN leaves a per-channel constant."""
-    last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
-    y = last.running_mean.new_zeros(1, last.num_features, 1, 1)
-    if on2 is not None and on2.any():
-        zero = y.new_zeros(1, block.bn2.num_features, 1, 1)
-        h = F.relu(F.batch_norm(zero, *_bn_params(block.bn2), training=False, eps=block.bn2.eps))
-        y = F.conv2d(h[:, on2], _sliced_weight(block.conv3, in_=on2))
-    return F.batch_norm(y, *_bn_params(last), training=False, eps=last.eps)
+def _fold(conv, bn):
+    """conv then eval-mode BN as one conv: (weight * scale, shift), scale = gamma / sqrt(var + eps)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - bn.running_mean * scale
+
+
+def _pick(t, i, dim=0):
+    """t restricted to indices i along dim (None keeps all)."""
+    return t if i is None else t.index_select(dim, i)
+
+
+def _folded(block):
+    """[(w1, b1), (w2, b2) (, (w3, b3))]: each conv of the block with its BN folded in."""
+    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    return [_fold(c, bn) for c, bn in convs + ([(block.conv3, block.bn3)] if isinstance(block, Bottleneck) else [])]
+
+
+def _collapsed_branch(bias, on2=None, shift2=None, w3=None):
+    """(1, C_out, 1, 1): what a branch whose gate1 (or a Bottleneck's gate2) is all off still
+    adds, from folded parameters. The last conv sees zeros, so its BN leaves `bias`; in a
+    Bottleneck with only gate1 empty, conv3 (folded weight w3) also maps the constants
+    ReLU(bn2(0)) = ReLU(shift2) of gate2's on channels on2 (indices), at 1x1: n2 * C_out MACs."""
+    y = bias.view(1, -1, 1, 1)
+    if on2 is not None and len(on2):
+        y = y + F.conv2d(_pick(F.relu(shift2), on2).view(1, -1, 1, 1), _pick(w3, on2, 1))
+    return y
 
 
 class ShortcutBlock(nn.Module):
@@ -678,7 +692,9 @@ def _prune_block(block):
     keep1 = _threshold(block.gate1)
     keep2 = _threshold(block.gate2) if isinstance(block, Bottleneck) else None
     if not keep1.any() or (keep2 is not None and not keep2.any()):
-        return ShortcutBlock(block.downsample, _constant_branch(block, keep2))
+        folded = _folded(block)
+        on2 = None if keep2 is None else keep2.nonzero().flatten()
+        return ShortcutBlock(block.downsample, _collapsed_branch(folded[-1][1], on2, folded[1][1], folded[-1][0]))
     block.conv1, block.bn1 = _sliced_conv(block.conv1, out=keep1), _sliced_bn(block.bn1, keep1)
     if keep2 is None:
         block.conv2 = _sliced_conv(block.conv2, in_=keep1)
@@ -704,17 +720,6 @@ def prune(model):
     return ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc).eval()
 
 
-def _fold(conv, bn):
-    """conv then eval-mode BN as one conv: (weight * scale, shift), scale = gamma / sqrt(var + eps)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - bn.running_mean * scale
-
-
-def _pick(t, i, dim=0):
-    """t restricted to indices i along dim (None keeps all)."""
-    return t if i is None else t.index_select(dim, i)
-
-
 class _SkipBlock(nn.Module):
     """A gated block for one input at a time: its gates decide (as in the masked forward),
     then its convs run on the sliced weights of the on channels only, BN folded in."""
@@ -725,10 +730,7 @@ class _SkipBlock(nn.Module):
         self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
         for name in ('gate', 'gate1', 'gate2', 'downsample'):
             setattr(self, name, getattr(block, name, None))
-        convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-        convs += [(block.conv3, block.bn3)] if self.bottleneck else []
-        for k, (conv, bn) in enumerate(convs, 1):                           # w1, b1, w2, b2 (, w3, b3)
-            w, b = _fold(conv, bn)
+        for k, (w, b) in enumerate(_folded(block), 1):                     # w1, b1, w2, b2 (, w3, b3)
             self.register_buffer(f'w{k}', w)
             self.register_buffer(f'b{k}', b)
 
@@ -738,18 +740,14 @@ class _SkipBlock(nn.Module):
             return F.relu(identity)
         i1, i2 = (g(x)[0][0].nonzero().flatten() if g is not None else None
                   for g in (self.gate1, self.gate2))                        # on channels, None: all
+        if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
+            last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
+            return F.relu_(identity + _collapsed_branch(last[1], i2, self.b2, last[0]))
         if self.bottleneck:
-            if i2 is not None and len(i2) == 0:                             # conv3 sees zeros
-                return F.relu_(identity + self.b3.view(1, -1, 1, 1))
-            if i1 is not None and len(i1) == 0:                             # conv3 sees ReLU(bn2(0))
-                h = _pick(F.relu(self.b2), i2).view(1, -1, 1, 1)
-                return F.relu_(identity + F.conv2d(h, _pick(self.w3, i2, 1), self.b3))
             a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
             w2 = _pick(_pick(self.w2, i2), i1, 1)
             a = F.relu_(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
             return F.relu_(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
-        if i1 is not None and len(i1) == 0:                                 # conv2 sees zeros
-            return F.relu_(identity + self.b2.view(1, -1, 1, 1))
         a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
         return F.relu_(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
 

@@ -206,16 +206,22 @@ def averages(stats, batches):
     return (stats / batches).tolist() if batches else [math.nan] * 3
 
 
+def test_batches(x, y, size=1000):
+    """(prepared images, labels) of the test set in chunks, as every evaluation reads it."""
+    for i in range(0, len(x), size):
+        yield prepare(x[i:i + size]), y[i:i + size]
+
+
 @torch.no_grad()
-def evaluate(model, x, y, autocast, batch_size=1000):
+def evaluate(model, x, y, autocast):
     """Accuracy % and (rate, MACs %, polarized) under the model's current inference strategy."""
     model.eval()
     correct, stats, batches = 0, 0, 0
-    for i in range(0, len(x), batch_size):
+    for xb, yb in test_batches(x, y):
         with autocast():
-            out = model(prepare(x[i:i + batch_size]))
+            out = model(xb)
         logits, info = out if isinstance(out, tuple) else (out, None)
-        correct += (logits.argmax(1) == y[i:i + batch_size]).sum()
+        correct += (logits.argmax(1) == yb).sum()
         if info is not None:
             stats, batches = stats + gate_stats(info), batches + 1
     return 100 * correct.item() / len(x), *averages(stats, batches)
@@ -435,7 +441,6 @@ def main(argv=None):
         row.update(granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                    macs_percent=macs, activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
         for strategy in args.also:
-            x_test = prepare(data[2])
             if strategy == 'all_on':
                 gc.set_inference(model, 'all_on')
                 row['all_on_acc'] = evaluate(model, data[2], data[3], autocast)[0]
@@ -444,19 +449,17 @@ def main(argv=None):
                 row['sample_acc'] = sum(evaluate(model, data[2], data[3], autocast)[0]
                                         for _ in range(args.runs)) / args.runs
             else:
-                probs = torch.cat([gc.ensemble_predict(model, x_test[i:i + 1000], args.runs)
-                                   for i in range(0, len(x_test), 1000)])
+                with autocast():
+                    probs = torch.cat([gc.ensemble_predict(model, xb, args.runs) for xb, _ in test_batches(*data[2:])])
                 row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
             gc.set_inference(model, 'threshold', args.tau)
         if args.gating == 'dynamic':                            # Fig. 4: which classes each gate runs on
-            chunks = ((prepare(data[2][i:i + 1000]), data[3][i:i + 1000]) for i in range(0, len(data[2]), 1000))
             with autocast():
-                rates = gc.per_class_rates(model, chunks, 10)
+                rates = gc.per_class_rates(model, test_batches(*data[2:]), 10)
             write_class_rates(rates, CLASSES, gated_dir)
         if isinstance(model, gc.DenseNetExits):                # Table 5: where images leave
             with autocast():
-                row['table5'] = report = gc.exit_report(model, ((prepare(data[2][i:i + 500]), data[3][i:i + 500])
-                                                                for i in range(0, len(data[2]), 500)))
+                row['table5'] = report = gc.exit_report(model, test_batches(*data[2:], size=500))
             for e in report['exits']:
                 print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
                       f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
