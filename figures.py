@@ -51,8 +51,17 @@ def fig3(plt, arch, runs, out):
     for label, macs, acc in PAPER.get(arch, []):
         ax.scatter(macs, acc, marker='x', color='gray')
         ax.annotate(label, (macs, acc), fontsize=7, color='gray', xytext=(3, 3), textcoords='offset points')
+    series = {}                                     # one frontier per configuration, over its t
     for folder, row in runs:
-        ax.scatter(row['macs_percent'], row['accuracy'], label=f"{folder.name}")
+        key = ' '.join(str(row.get(k)) for k in ('gating', 'granularity', 'loss') if row.get(k))
+        series.setdefault(key, []).append(row)
+    for key, rows in series.items():
+        rows.sort(key=lambda r: r['macs_percent'])
+        line, = ax.plot([r['macs_percent'] for r in rows], [r['accuracy'] for r in rows], 'o-', label=key)
+        for r in rows:
+            if r.get('t') is not None:
+                ax.annotate(f"t={r['t']:g}", (r['macs_percent'], r['accuracy']), fontsize=7,
+                            color=line.get_color(), xytext=(3, -10), textcoords='offset points')
     baseline = max(row['baseline'] for _, row in runs)
     ax.scatter(100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})')
     ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)', title=f'{arch}: our runs and the paper')

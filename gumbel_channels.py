@@ -42,7 +42,8 @@ __all__ = [
     'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
     'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
     'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet', 'DenseNetExits',
-    'ExitInfo', 'densenet_cifar', 'exit_report', 'set_relaxation', 'per_class_rates',
+    'ExitInfo', 'densenet_cifar', 'exit_report', 'set_sampling', 'freeze_gates', 'per_class_rates',
+    'gate_probability',
 ]
 
 INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
@@ -68,14 +69,15 @@ def _at_least_float(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def straight_through_gumbel(logits, tau=1.0, generator=None, hard=True):
+def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
     """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2); hard=False returns the
     soft relaxation itself, in (0, 1), which the paper found to train worse (3.2).
 
     logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0).
     Returns Z in {0., 1.} of shape (...), at least float32. Forward: the hard sample
     Z = [w1 + g1 > w0 + g0]; backward: the gradient of the soft sample
-    softmax((w + g) / tau)[..., 1] = sigmoid((w1 - w0 + g1 - g0) / tau).
+    softmax((w + g) / T)[..., 1] = sigmoid((w1 - w0 + g1 - g0) / T), T the temperature (the
+    paper fixes T = 1).
 
     g1 - g0 of two independent Gumbel(0, 1) variables is Logistic(0, 1), drawn here as
     log(U) - log(1 - U) from one U = torch.rand(logits.shape[:-1], generator=generator):
@@ -85,14 +87,14 @@ def straight_through_gumbel(logits, tau=1.0, generator=None, hard=True):
     """
     if logits.shape[-1] != 2:
         raise ValueError(f'logits must have last dimension 2 (off, on), got shape {tuple(logits.shape)}')
-    if not tau > 0:
-        raise ValueError(f'tau (temperature) must be > 0, got {tau!r}')
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature!r}')
     logits = _at_least_float(logits)
     rng = {} if generator is None else {'generator': generator}    # an explicit None breaks torch.compile
     u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device, **rng)
     u = u.clamp(min=torch.finfo(u.dtype).tiny)                  # U = 0 would give -inf noise
     y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)   # logistic noise: NOTES.md 1
-    soft = torch.sigmoid(y / tau)
+    soft = torch.sigmoid(y / temperature)
     if not hard:
         return soft
     return (y > 0).to(y.dtype) + (soft - soft.detach())                   # exactly 0/1: NOTES.md 2
@@ -109,37 +111,64 @@ def _init_logits(channels, init_p):
     return torch.tensor([-half, half]).repeat(channels, 1)
 
 
-def _decide(gate, logits):
-    """Gate decisions from logits (B, C, 2): training samples, evaluation follows the strategy (3.3)."""
+def gate_probability(logits):
+    """3.2: the on-probability p = 1 / (1 + exp(w0 - w1)) of logits (..., 2) = (w0, w1), at
+    least float32. The one place p is computed."""
     logits = _at_least_float(logits)
-    p = torch.sigmoid(logits[..., 1] - logits[..., 0])                      # (B, C)
-    if gate.training or gate.strategy == 'sample':
-        z = straight_through_gumbel(logits, hard=gate.hard)
-    elif gate.strategy == 'threshold':
-        z = (p > gate.tau).to(p.dtype)                                      # strict: NOTES.md 11
-    else:                                                                   # 'all_on'
-        z = torch.ones_like(p)
-    return z, p
+    return torch.sigmoid(logits[..., 1] - logits[..., 0])
 
 
-class StaticGate(nn.Module):
+class _Gate(nn.Module):
+    """How a gate decides (3.3) and samples (3.2): settings shared by both kinds of gate,
+    shown in repr. Training samples, unless the gate is frozen at its threshold decisions;
+    evaluation follows `strategy` ('threshold' at `tau`, 'sample' or 'all_on')."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.strategy, self.tau = 'threshold', 0.5
+        self.soft, self.temperature, self.frozen = False, 1.0, False
+
+    def extra_repr(self):
+        return (f'channels={self.channels}, strategy={self.strategy!r}, tau={self.tau}, '
+                f'soft={self.soft}, temperature={self.temperature}, frozen={self.frozen}')
+
+    def decide(self, logits):
+        """logits (B, C, 2) -> (z, p), each (B, C): decisions and on-probabilities."""
+        p = gate_probability(logits)
+        if (self.training and not self.frozen) or (not self.training and self.strategy == 'sample'):
+            return straight_through_gumbel(logits, self.temperature, hard=not self.soft), p
+        if not self.training and self.strategy == 'all_on':
+            return torch.ones_like(p), p
+        return self.keep(p).to(p.dtype), p
+
+    def keep(self, p):
+        """Threshold inference (3.3): Z = 1 iff p > tau, strictly (NOTES.md 11)."""
+        return p > self.tau
+
+
+class StaticGate(_Gate):
     """Data-independent gates (pruning, 3.2): two free logits per channel.
 
-    forward(x) -> (z, p), each (B, C): decisions (sampled per sample in training) and
-    on-probabilities. x is only read for its batch size.
+    forward(x) -> (z, p), each (B, C): decisions (sampled per sample, or with per_batch one
+    draw for the whole batch: NOTES.md 17) and on-probabilities. x is only read for its
+    batch size.
     """
 
     def __init__(self, channels, init_p=INIT_P):
-        super().__init__()
-        self.channels, self.macs = channels, 0
-        self.strategy, self.tau, self.hard = 'threshold', 0.5, True
+        super().__init__(channels)
+        self.macs, self.per_batch = 0, False
         self.logits = nn.Parameter(_init_logits(channels, init_p))          # (C, 2)
 
+    def extra_repr(self):
+        return f'{super().extra_repr()}, per_batch={self.per_batch}'
+
     def forward(self, x):
-        return _decide(self, self.logits.expand(x.shape[0], -1, -1))
+        z, p = self.decide(self.logits.expand(1 if self.per_batch else x.shape[0], -1, -1))
+        return z.expand(x.shape[0], -1), p.expand(x.shape[0], -1)
 
 
-class DynamicGate(nn.Module):
+class DynamicGate(_Gate):
     """Data-dependent gates (conditional computation, 3.2):
     global average pool -> 1-d conv -> BN -> ReLU -> 1-d conv -> two logits per channel.
     The 1-d convs have kernel 1 on the pooled (C_in,) vector, i.e. they are linear maps,
@@ -149,10 +178,8 @@ class DynamicGate(nn.Module):
     """
 
     def __init__(self, in_channels, channels, hidden=16, init_p=INIT_P):
-        super().__init__()
-        self.channels = channels
+        super().__init__(channels)
         self.macs = in_channels * hidden + hidden * 2 * channels            # per sample
-        self.strategy, self.tau, self.hard = 'threshold', 0.5, True
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)               # BN follows
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, 2 * channels)
@@ -161,7 +188,7 @@ class DynamicGate(nn.Module):
 
     def forward(self, x):
         logits = self.fc2(F.relu(self.bn(self.fc1(x.mean((2, 3))))))        # (B, 2C)
-        return _decide(self, logits.view(x.shape[0], self.channels, 2))
+        return self.decide(logits.view(x.shape[0], self.channels, 2))
 
 
 def _make_gate(gating, in_channels, channels, init_p):
@@ -490,9 +517,16 @@ def expected_activation_loss(p, t, batch_size):
 # ----------------------------------------------------------------------------- training
 
 def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0):
-    """torch.optim parameter groups: gate parameters (a dynamic gate's whole network too)
-    get weight decay weight_decay * gate_decay / |G| and lr * gate_lr_mult (3.2, 4.1), |G|
-    the number of gates (channels, or blocks for layer gates); the rest get the base values."""
+    """torch.optim parameter groups (3.2, 4.1). Gate parameters (a dynamic gate's whole
+    network too) get lr * gate_lr_mult and the decay weight_decay * gate_decay / |G| /
+    gate_lr_mult, |G| the number of gates (channels, or blocks for layer gates): SGD shrinks
+    a parameter by lr * decay per step, so this is the paper's per-step gate decay at any
+    multiplier (NOTES.md 19). The rest get the base values.
+
+    Why gates get less decay (3.2): for logits (w0, w1) with p = sigmoid(w1 - w0),
+        w0^2 + w1^2 = 1/2 ((w0 + w1)^2 + ln((1 - p) / p)^2),
+    whose second term is smallest at p = 1/2: decay works against polarization, and it is
+    summed over gates while the gate loss is averaged, hence the division by |G|."""
     gates = _gates(model)
     gate_ids = {id(q) for g in gates for q in g.parameters()}
     dense = [q for q in model.parameters() if id(q) not in gate_ids]
@@ -500,7 +534,8 @@ def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0
     if gates:
         n_gates = sum(g.channels for g in gates)
         groups.append({'params': [q for g in gates for q in g.parameters()],
-                       'lr': lr * gate_lr_mult, 'weight_decay': weight_decay * gate_decay / n_gates})
+                       'lr': lr * gate_lr_mult,
+                       'weight_decay': weight_decay * gate_decay / n_gates / gate_lr_mult})
     return groups
 
 
@@ -518,11 +553,30 @@ def set_inference(model, strategy='threshold', tau=0.5):
     return model
 
 
-def set_relaxation(model, soft=False):
-    """3.2: sample gates with the straight-through estimator (default) or, soft=True, use the
-    soft Gumbel-softmax relaxation Z in (0, 1) in training. Returns model."""
+def set_sampling(model, soft=False, temperature=1.0, per_batch=False):
+    """3.2: how gates sample in training: the straight-through estimator (default) or, with
+    soft=True, the soft Gumbel-softmax relaxation Z in (0, 1); the Gumbel temperature (the
+    paper fixes 1); and whether static gates draw once per batch instead of once per sample
+    (NOTES.md 17). Returns model."""
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature!r}')
     for g in _gates(model):
-        g.hard = not soft
+        g.soft, g.temperature = soft, temperature
+        if isinstance(g, StaticGate):
+            g.per_batch = per_batch
+    return model
+
+
+def freeze_gates(model):
+    """Fix every static gate at its threshold decision (Z = 1 iff p > tau) in training too,
+    and stop its logits from training: the weights then train for the very network that
+    threshold inference and prune() deliver (NOTES.md 18). Returns model."""
+    gates = _gates(model)
+    if not gates or not all(isinstance(g, StaticGate) for g in gates):
+        raise ValueError('freeze_gates needs static gates (gating="static")')
+    for g in gates:
+        g.frozen = True
+        g.logits.requires_grad_(False)
     return model
 
 
@@ -654,9 +708,8 @@ class ShortcutBlock(nn.Module):
 
 
 def _threshold(gate):
-    """A static gate's threshold decisions (C,) bool, computed as _decide computes p."""
-    logits = _at_least_float(gate.logits)
-    return torch.sigmoid(logits[:, 1] - logits[:, 0]) > gate.tau
+    """A static gate's threshold decisions (C,) bool."""
+    return gate.keep(gate_probability(gate.logits))
 
 
 def _sliced_conv(conv, out=None, in_=None):

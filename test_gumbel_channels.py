@@ -101,7 +101,7 @@ def test_weight_decay_identity(w0, w1):
 
 def test_estimator_forward_is_exactly_binary():
     logits = torch.randn(1000, 2, requires_grad=True) * 3
-    z = gc.straight_through_gumbel(logits, tau=0.7)
+    z = gc.straight_through_gumbel(logits, temperature=0.7)
     assert z.shape == (1000,) and ((z == 0) | (z == 1)).all()
     assert z.requires_grad                       # binary forward, yet differentiable
 
@@ -117,17 +117,17 @@ def test_estimator_on_rate_within_binomial_bound(p):
     assert abs(F.gumbel_softmax(logits, hard=True)[:, 1].mean().item() - p) < bound
 
 
-@pytest.mark.parametrize('tau', [1.0, 0.5, 2.0])
-def test_estimator_backward_is_soft_sample_gradient(tau):
-    """The backward pass is that of the soft sample sigmoid((w1 - w0 + L) / tau) with the
-    same noise L, i.e. dZ/dw1 = -dZ/dw0 = s (1 - s) / tau; the temperature is honoured."""
+@pytest.mark.parametrize('temp', [1.0, 0.5, 2.0])
+def test_estimator_backward_is_soft_sample_gradient(temp):
+    """The backward pass is that of the soft sample sigmoid((w1 - w0 + L) / T) with the
+    same noise L, i.e. dZ/dw1 = -dZ/dw0 = s (1 - s) / T; the temperature T is honoured."""
     logits = torch.randn(500, 2).requires_grad_()
     weights = torch.randn(500)
     gen = torch.Generator().manual_seed(7)
-    (weights * gc.straight_through_gumbel(logits, tau, generator=gen)).sum().backward()
+    (weights * gc.straight_through_gumbel(logits, temp, generator=gen)).sum().backward()
     u = torch.rand(500, generator=torch.Generator().manual_seed(7)).clamp(min=torch.finfo().tiny)
-    s = torch.sigmoid((logits[:, 1] - logits[:, 0] + torch.log(u) - torch.log1p(-u)) / tau).detach()
-    expected = weights * s * (1 - s) / tau
+    s = torch.sigmoid((logits[:, 1] - logits[:, 0] + torch.log(u) - torch.log1p(-u)) / temp).detach()
+    expected = weights * s * (1 - s) / temp
     # same float32 operations in another order: default float32 tolerances (rtol 1.3e-6)
     torch.testing.assert_close(logits.grad[:, 1], expected)
     torch.testing.assert_close(logits.grad[:, 0], -expected)
@@ -145,7 +145,7 @@ def test_soft_relaxation_stays_in_0_1_and_rounds_to_the_hard_sample(d):
     assert abs((soft > 0.5).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
     closed = a / (a - 1) * (1 - math.log(a) / (a - 1))
     assert abs(soft.mean().item() - closed) < 5 * soft.std().item() / math.sqrt(n)
-    model = gc.set_relaxation(gc.resnet_cifar(8, gating='static'), soft=True).train()
+    model = gc.set_sampling(gc.resnet_cifar(8, gating='static'), soft=True).train()
     z = torch.cat(model(torch.randn(4, 3, 32, 32))[1].z, 1)
     assert ((z > 0) & (z < 1)).any()                        # the gates train on soft values
 
@@ -333,7 +333,9 @@ def test_param_groups_scale_gate_decay_by_the_number_of_gates(gating, granularit
     dense, gates = groups
     assert {id(q) for q in gates['params']} == gate_ids and not gate_ids & {id(q) for q in dense['params']}
     assert (dense['lr'], dense['weight_decay']) == (0.1, 5e-4)
-    assert gates['lr'] == pytest.approx(1.0) and gates['weight_decay'] == pytest.approx(5e-4 * 20 / n_gates)
+    assert gates['lr'] == pytest.approx(1.0) and gates['weight_decay'] == pytest.approx(5e-4 * 20 / n_gates / 10)
+    # the paper's per-step shrink, lr * decay = 0.1 * 5e-4 * 20 / |G|, at any multiplier
+    assert gates['lr'] * gates['weight_decay'] == pytest.approx(0.1 * 5e-4 * 20 / n_gates)
     torch.optim.SGD(groups, lr=0.1, momentum=0.9)                       # accepted by torch.optim
     assert len(gc.param_groups(gc.resnet20(), 0.1)) == 1
 
@@ -586,7 +588,9 @@ def test_exit_report_on_a_constructed_case():
     (lambda: gc.gate_resnet(gc.resnet20(), 'static'), 'model'),
     (lambda: gc.StaticGate(4, init_p=1.0), 'init_p'),
     (lambda: gc.straight_through_gumbel(torch.zeros(3, 3)), 'logits'),
-    (lambda: gc.straight_through_gumbel(torch.zeros(3, 2), tau=0), 'tau'),
+    (lambda: gc.straight_through_gumbel(torch.zeros(3, 2), temperature=0), 'temperature'),
+    (lambda: gc.set_sampling(gc.resnet20(gating='static'), temperature=-1), 'temperature'),
+    (lambda: gc.freeze_gates(gc.resnet20(gating='dynamic')), 'freeze_gates'),
     (lambda: gc.set_inference(gc.resnet20(), 'vote'), 'strategy'),
     (lambda: gc.set_inference(gc.resnet20(), 'threshold', tau=1.0), 'tau'),
     (lambda: gc.set_inference(gc.resnet20(), 'threshold', tau=0.0), 'tau'),

@@ -24,6 +24,16 @@ def write_cifar(folder, n_train=64, n_test=32, seed=0):
             pickle.dump(batch, f)
 
 
+def write_stripes(folder, n_train, n_test):
+    """The learnable synthetic task (train_cifar.stripes) in the CIFAR-10 python format."""
+    folder.mkdir(parents=True)
+    x, y = train_cifar.stripes(n_train + n_test, seed=3)
+    x = x.reshape(len(x), 3072).numpy()
+    for name, rows in [('data_batch_1', slice(0, n_train)), ('test_batch', slice(n_train, None))]:
+        with open(folder / name, 'wb') as f:
+            pickle.dump({b'data': x[rows], b'labels': y[rows].tolist()}, f)
+
+
 @pytest.fixture(scope='module')
 def cifar(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
@@ -96,10 +106,20 @@ def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
     assert 'exit 2:' in capsys.readouterr().out
 
 
-def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path):
-    """Two epochs in one go, or one epoch, a stop, and --resume: the same next-step loss."""
+def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, monkeypatch):
+    """Two epochs in one go, or a crash right after epoch 1's checkpoint and --resume with the
+    same command: the same next-step loss."""
     assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
-    assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '1') == 0
+    save = train_cifar.save_atomic
+
+    def crash_after_first_epoch(obj, path):
+        save(obj, path)
+        if path.name == 'last.pt' and obj.get('epoch') == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_cifar, 'save_atomic', crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2')
+    monkeypatch.setattr(train_cifar, 'save_atomic', save)
     assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
     name = 'resnet8-static-channel-flops-t0.5-s0'
     a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
@@ -178,3 +198,20 @@ def test_augmentation_crops_and_flips_on_the_device():
     for i in range(8):
         windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+
+
+@pytest.mark.parametrize('t', [0.3, 0.7])
+def test_default_recipe_polarizes_the_gates_and_delivers_t(tmp_path, t):
+    """Issue 11: on a learnable task, the default recipe (only epochs and sizes scaled down)
+    hands over a net at t's MACs (within 3 points), with >= 90% of its gates polarized,
+    whose pruned export is the thresholded net, at the dense accuracy."""
+    write_stripes(tmp_path / 'data' / 'cifar-10-batches-py', n_train=1024, n_test=512)
+    assert train_cifar.cli(['--arch', 'resnet8', '--dense-epochs', '2', '--epochs', '6', '--batch-size', '64',
+                            '--dense-batch-size', '64', '--recal-batches', '8', '--device', 'cpu',
+                            '--t', str(t), '--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)]) == 0
+    row = json.loads((tmp_path / f'resnet8-static-channel-flops-t{t:g}-s0' / 'final.json').read_text())
+    assert abs(row['macs_percent'] - 100 * t) <= 3 and row['polarized'] >= 0.9
+    assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
+    assert row['pruned_acc'] == row['gated_acc']
+    # 512 test images: a 1-point drop is 5 images; 3 binomial sigmas of a 95% classifier is ~3 points
+    assert row['gated_acc'] >= row['baseline_acc'] - 3 * 100 * (0.05 * 0.95 / 512) ** 0.5

@@ -37,6 +37,12 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit status 2, nothing overwritten."""
 
 
+def steps_at(epochs, *fractions):
+    """lr milestones at these fractions (num, den) of `epochs`; none at epoch 0, so a run of
+    one epoch trains at the base lr."""
+    return sorted({epochs * num // den for num, den in fractions} - {0})
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -46,19 +52,33 @@ def parse_args(argv):
                         "early exits), none (the dense baseline only) (3.2, 5)")
     a('--granularity', help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
     a('--loss', default='flops', help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
-    a('--t', type=float, default=None, help='target rate t in (0, 1]; 0.5 for gated runs if not given')
+    a('--t', type=float, nargs='+', help='target rate(s) t in (0, 1], each a run from one dense baseline '
+                                          '(default 0.5)')
     a('--targets', type=float, nargs='+', help='per-gate loss: one rate per gate module (default: t for each)')
     a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
-    a('--loss-weight', type=float, default=1.0, help='weight of the gate loss (the paper: 1)')
-    a('--gate-lr-mult', type=float, default=10.0, help='gate learning rate / base (NOTES.md: gate dynamics)')
+    a('--loss-weight', type=float, default=20.0, help='weight of the gate loss (the paper: 1; NOTES.md: polarization)')
+    a('--gate-lr-mult', type=float, default=1000.0, help='gate learning rate / base (the paper: 1; NOTES.md: '
+                                                         'polarization)')
     a('--gate-init-p', type=float, default=gc.INIT_P, help='initial on-probability of the gates '
                                                              '(DenseNet exits: 1 - this is the p of leaving)')
-    a('--gate-decay', type=float, default=20.0, help='gate weight decay = weight decay * this / |G| (3.2)')
+    a('--gate-lr-decay', action='store_true', help='the gate lr follows --milestones too (the paper); by default '
+                                                    'it stays constant so the gates can finish polarizing')
+    a('--gate-decay', type=float, default=20.0, help='gate weight decay = weight decay * this / |G| / gate lr mult '
+                                                     '(3.2, 4.1)')
     a('--soft-gates', action='store_true', help='train with the soft Gumbel-softmax instead of straight-through (3.2)')
+    a('--temperature', type=float, default=1.0, help='Gumbel-softmax temperature (3.2: fixed at 1)')
+    a('--gate-sample', default='image', help='static gates draw once per image or once per batch')
+    a('--t-anneal', type=float, default=0.0, help='the target falls from 1 to t over this fraction of fine-tuning')
+    a('--freeze-at', type=float, default=1.0, help='static gates are fixed at their threshold decision after this '
+                                                    'fraction of fine-tuning (1: never)')
+    a('--gate-momentum', type=float, default=0.9, help='SGD momentum of the gate parameters')
+    a('--gate-warmup', type=float, default=0.0, help='the gate lr rises linearly over this fraction of fine-tuning')
+    a('--polarize', type=float, default=0.01, help='weight of an explicit polarization term mean 4p(1-p)')
+    a('--polarize-ramp', type=int, default=1, help='1: the polarization weight rises from 0 over fine-tuning')
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
     a('--lr', type=float, default=0.1)
-    a('--milestones', type=int, nargs='+', default=[40, 70], help='lr / 10 at these epochs (4.1)')
+    a('--milestones', type=int, nargs='+', help='lr / 10 at these epochs (4.1; default 40%% and 70%% of --epochs)')
     a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay (official code)')
     a('--dense-epochs', type=int, default=200, help='dense baseline epochs; lr / 10 at 50%% and 75%%')
     a('--dense-batch-size', type=int, default=128)
@@ -68,7 +88,8 @@ def parse_args(argv):
     a('--also', nargs='*', default=[], help='more evaluations: all_on, sample, ensemble (3.3)')
     a('--runs', type=int, default=8, help='stochastic runs for --also sample / ensemble')
     a('--data-dir', default='data', help='holds cifar-10-batches-py (downloaded there when absent)')
-    a('--synthetic', action='store_true', help='5,000 + 1,000 random CIFAR-shaped images: the pipeline offline')
+    a('--synthetic', action='store_true', help='5,000 + 1,000 generated images of 10 stripe orientations: '
+                                                'the whole method offline')
     a('--out', default='runs', help='runs are written in subfolders of this folder')
     a('--resume', action='store_true', help="continue this configuration's unfinished run from last.pt")
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -88,9 +109,10 @@ def parse_args(argv):
             raise UsageError(f'--{name} must be one of {", ".join(allowed)}, got {getattr(args, name)!r}')
     if args.gating == 'none' and args.t is not None:
         raise UsageError('--t sets the target rate of gates; --gating none trains only the dense baseline')
-    args.t = 0.5 if args.t is None else args.t
-    if not 0 < args.t <= 1:
-        raise UsageError(f'--t must be in (0, 1], got {args.t}')
+    args.t = [] if args.gating == 'none' else args.t or [0.5]
+    args.milestones = args.milestones or steps_at(args.epochs, (2, 5), (7, 10))
+    if not all(0 < t <= 1 for t in args.t) or len(set(args.t)) != len(args.t):
+        raise UsageError(f'--t must be distinct rates in (0, 1], got {args.t}')
     if not 0 < args.tau < 1:
         raise UsageError(f'--tau must be in (0, 1), got {args.tau}')
     if set(args.also) - {'all_on', 'sample', 'ensemble'}:
@@ -124,15 +146,29 @@ def read_cifar(folder):
     return (*read(train_files), *read([folder / 'test_batch']))
 
 
+def stripes(n, seed):
+    """A learnable offline stand-in for CIFAR-10: (uint8 (n, 3, 32, 32), int64 (n,)). Class k
+    is a sinusoidal grating with unsigned orientation 22.5 * (k % 5) degrees (mirrored at
+    random, so horizontal flips keep the class) and period 4 or 8 px (k < 5 or not), with
+    random phase, contrast and colour under Gaussian noise: a few channels suffice."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    mirror = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    theta = mirror * (y % 5) * math.pi / 8
+    period = 4 + 4 * (y // 5) + torch.rand(n, generator=g) - 0.5
+    phase = 2 * math.pi * torch.rand(n, generator=g)
+    r = torch.arange(32.0)
+    proj = r.view(1, 32, 1) * torch.cos(theta).view(n, 1, 1) + r.view(1, 1, 32) * torch.sin(theta).view(n, 1, 1)
+    wave = torch.sin(2 * math.pi * proj / period.view(n, 1, 1) + phase.view(n, 1, 1))          # (n, 32, 32)
+    colour = (20 + 60 * torch.rand(n, 3, 1, 1, generator=g)) * torch.sign(torch.randn(n, 3, 1, 1, generator=g))
+    x = 128 + colour * wave[:, None] + 30 * torch.randn(n, 3, 32, 32, generator=g)
+    return x.round().clamp(0, 255).to(torch.uint8), y
+
+
 def load_data(args, device):
     """(x_train, y_train, x_test, y_test) on `device`, images uint8."""
     if args.synthetic:
-        g = torch.Generator().manual_seed(1234)
-        data = (torch.randint(0, 256, (5_000, 3, 32, 32), generator=g, dtype=torch.uint8),
-                torch.randint(0, 10, (5_000,), generator=g),
-                torch.randint(0, 256, (1_000, 3, 32, 32), generator=g, dtype=torch.uint8),
-                torch.randint(0, 10, (1_000,), generator=g))
-        return [d.to(device) for d in data]
+        return [d.to(device) for d in (*stripes(5_000, seed=1234), *stripes(1_000, seed=4321))]
     folder = Path(args.data_dir) / 'cifar-10-batches-py'
     if not folder.is_dir():
         try:
@@ -186,19 +222,25 @@ def build(args, gated):
     return model.to(args.device, memory_format=torch.channels_last)
 
 
-def gate_loss(info, args):
+def gate_loss(info, args, t=None, polarize=None):
+    t = args.t if t is None else t
+    polarize = getattr(args, 'polarize', 0) if polarize is None else polarize
+    extra = 0
+    if polarize:
+        p = torch.cat(info.p, 1)
+        extra = polarize * (4 * p * (1 - p)).mean()
     if args.loss == 'flops':
-        return gc.flops_loss(info, args.t)
+        return gc.flops_loss(info, t) + extra
     if args.loss == 'batch':
-        return gc.batch_activation_loss(info, args.t)
-    return gc.per_gate_loss(info, args.targets or [args.t] * len(info.z))
+        return gc.batch_activation_loss(info, t) + extra
+    return gc.per_gate_loss(info, args.targets or [args.t] * len(info.z)) + extra
 
 
 def gate_stats(info):
     """(activation rate, MACs % of the dense net, share of polarized probabilities), a (3,) tensor."""
     p = torch.cat(info.p, 1)
-    return torch.stack([torch.cat(info.z, 1).mean(), 100 * (info.flops / info.max_flops).mean().float(),
-                        ((p < 0.01) | (p > 0.99)).float().mean()]).detach()
+    return torch.stack([torch.cat(info.z, 1).double().mean(), 100 * (info.flops / info.max_flops).mean(),
+                        ((p < 0.01) | (p > 0.99)).double().mean()]).detach()       # float64: exact MACs
 
 
 def averages(stats, batches):
@@ -266,7 +308,7 @@ def load_weights(model, state, source, gated):
         raise UsageError(f'{source} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}')
 
 
-ROW = '{:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8}'
+ROW = '{:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8}'
 
 
 def run_phase(phase, model, data, args, run_dir, device, autocast):
@@ -275,13 +317,18 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
     dense = phase == 'dense'
     epochs = args.dense_epochs if dense else args.epochs
     batch_size = args.dense_batch_size if dense else args.batch_size
-    milestones = [epochs // 2, epochs * 3 // 4] if dense else args.milestones
+    milestones = steps_at(epochs, (1, 2), (3, 4)) if dense else args.milestones
     warmup = dense and DEPTHS[args.arch] >= 110                 # ResNet-110: lr 0.01 in epoch 0
     groups = gc.param_groups(model, args.lr, args.dense_weight_decay if dense else args.weight_decay,
                              args.gate_decay, args.gate_lr_mult)
+    if len(groups) > 1:
+        groups[1]['momentum'] = args.gate_momentum
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones))
+
+    def weights_lr(e):
+        return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
+    gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)     # NOTES.md: polarization
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
     gen = torch.Generator().manual_seed(args.seed + (0 if dense else 1))
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():                          # only with --resume (checked in main)
@@ -298,19 +345,32 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
     step_model = torch.compile(model) if args.compile else model
     x_train, y_train, x_test, y_test = data
     print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}, run dir {run_dir}')
-    print(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'test%', 'rate', 'MACs%', 'polar', 'sec', 'img/s'))
+    print(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'test%', 'rate', 'MACs%', 'polar', 'sec', 'img/s',
+                     'thrMACs%'))
+    steps_per_epoch = len(x_train) // batch_size
+    freeze_epoch = math.ceil(args.freeze_at * epochs)
     for epoch in range(start, epochs):
+        if not dense and epoch >= freeze_epoch and not any(g.frozen for g in gc._gates(model)):
+            gc.freeze_gates(model)
+            print(f'gated: gates frozen at their threshold decisions from epoch {epoch + 1}')
         model.train()
         t0, n, batches, stats, first = time.perf_counter(), 0, 0, 0, None
         sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync per step
-        for xb, yb in train_batches(x_train, y_train, batch_size, gen):
+        for i, (xb, yb) in enumerate(train_batches(x_train, y_train, batch_size, gen)):
+            step = epoch * steps_per_epoch + i
+            frac = step / (args.t_anneal * epochs * steps_per_epoch) if args.t_anneal > 0 else 1
+            t_now = None if dense else 1 - (1 - args.t) * min(1.0, frac)
+            if not dense and args.gate_warmup > 0:                  # the gate lr rises linearly at first
+                warm = min(1.0, (step + 1) / (args.gate_warmup * epochs * steps_per_epoch))
+                opt.param_groups[1]['lr'] = args.lr * args.gate_lr_mult * sched.lr_lambdas[1](epoch) * warm
+            pol_now = args.polarize * (step / (epochs * steps_per_epoch) if args.polarize_ramp else 1)
             with autocast():
                 out = step_model(xb)
                 logits, info = out if isinstance(out, tuple) else (out, None)
                 ce = F.cross_entropy(logits, yb)                # of the output each image takes
                 for exit_logits in getattr(info, 'exit_logits', [])[:-1]:
                     ce = ce + F.cross_entropy(exit_logits, yb)  # each exit learns to classify (5)
-                gl = gate_loss(info, args) if info is not None else torch.zeros((), device=device)
+                gl = gate_loss(info, args, t_now, pol_now) if info is not None else torch.zeros((), device=device)
                 loss = ce + args.loss_weight * gl
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -331,7 +391,7 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
                     test_macs=test_gates[1], seconds=seconds, images_per_s=n / seconds, first_loss=first.item())
         print(ROW.format(epoch + 1, f'{lr:.4f}', f'{last["ce"]:.3f}', f'{last["gate_loss"]:.4f}',
                          f'{last["train_acc"]:.2f}', f'{test_acc:.2f}', f'{rate:.3f}', f'{macs:.1f}',
-                         f'{polar:.2f}', f'{seconds:.1f}', f'{n / seconds:.0f}'), flush=True)
+                         f'{polar:.2f}', f'{seconds:.1f}', f'{n / seconds:.0f}', f'{test_gates[1]:.1f}'), flush=True)
         with open(run_dir / 'metrics.jsonl', 'a') as f:
             f.write(json.dumps(last) + '\n')
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
@@ -395,20 +455,18 @@ def main(argv=None):
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
     autocast = autocast_for(device)
     out = Path(args.out)
-    dense_dir, gated_dir = out / run_name(args, 'dense'), out / run_name(args, 'gated')
+    dense_dir = out / run_name(args, 'dense')
     dense_done = bool(args.init) or check_run_dir(dense_dir, args, args.dense_epochs, ('arch', 'seed', 'synthetic'),
                                                   reuse_finished=True)
-    gated = args.gating != 'none'
-    if gated:
-        check_run_dir(gated_dir, args, args.epochs, STRUCTURE)
-    ensure_writable([gated_dir] * gated + [dense_dir] * (not gated or not dense_done), out)
+    runs = [argparse.Namespace(**{**vars(args), 't': t}) for t in args.t]     # one gated run per target
+    for run in runs:
+        check_run_dir(out / run_name(run, 'gated'), run, run.epochs, STRUCTURE)
+    ensure_writable([out / run_name(run, 'gated') for run in runs] + [dense_dir] * (not runs or not dense_done), out)
     print('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     data = load_data(args, device)
-
-    if gated:                                                   # the gated net first: its checks are cheap
-        model = gc.set_relaxation(build(args, gated=True), soft=args.soft_gates)
-        n_modules = len(gc._gates(model))
+    if runs:                                                    # the gated net's checks are cheap: first
+        n_modules = len(gc._gates(build(args, gated=True)))
         if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
             raise UsageError(f'--targets must give one rate per gate module ({n_modules}), got {len(args.targets)}')
 
@@ -425,51 +483,72 @@ def main(argv=None):
     else:
         dense, _ = run_phase('dense', dense, data, args, dense_dir, device, autocast)
     base_acc = evaluate(dense, data[2], data[3], autocast)[0]
-    row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
-    if gated:
-        # 2. gated fine-tuning from the dense weights (4.1)
-        load_weights(model, dense.state_dict(), 'the dense baseline', gated=True)
-        model, last = run_phase('gated', model, data, args, gated_dir, device, autocast)
-        # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
+    if not runs:
+        row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
+        finish(row, dense_dir)
+        return [row]
+    return [fine_tune(run, out / run_name(run, 'gated'), dense, base_acc, data, device, autocast) for run in runs]
+
+
+def fine_tune(args, run_dir, dense, base_acc, data, device, autocast):
+    """2-4 for one target t: gated fine-tuning from the dense weights, BN recalibration,
+    evaluation, export. Returns the final row."""
+    torch.manual_seed(args.seed)
+    model = gc.set_sampling(build(args, gated=True), args.soft_gates, args.temperature,
+                            per_batch=args.gate_sample == 'batch')
+    load_weights(model, dense.state_dict(), 'the dense baseline', gated=True)
+    model, last = run_phase('gated', model, data, args, run_dir, device, autocast)
+    # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
+    gc.set_inference(model, 'threshold', args.tau)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    epochs_of_batches = (b for _ in itertools.count() for b in train_batches(*data[:2], args.batch_size, gen))
+    recal = (xb for xb, _ in itertools.islice(epochs_of_batches, args.recal_batches))
+    with autocast():
+        gc.recalibrate_bn(model, recal)
+    acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
+    row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc, granularity=args.granularity,
+               loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc, macs_percent=macs,
+               train_macs_percent=last['macs'] if last else math.nan, activation_rate=rate, polarized=polar,
+               epochs=last['epoch'] if last else 0)
+    for strategy in args.also:
+        if strategy == 'all_on':
+            gc.set_inference(model, 'all_on')
+            row['all_on_acc'] = evaluate(model, data[2], data[3], autocast)[0]
+        elif strategy == 'sample':
+            gc.set_inference(model, 'sample')
+            row['sample_acc'] = sum(evaluate(model, data[2], data[3], autocast)[0]
+                                    for _ in range(args.runs)) / args.runs
+        else:
+            with autocast():
+                probs = torch.cat([gc.ensemble_predict(model, xb, args.runs) for xb, _ in test_batches(*data[2:])])
+            row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
         gc.set_inference(model, 'threshold', args.tau)
-        gen = torch.Generator().manual_seed(args.seed + 2)
-        epochs_of_batches = (b for _ in itertools.count() for b in train_batches(*data[:2], args.batch_size, gen))
-        recal = (xb for xb, _ in itertools.islice(epochs_of_batches, args.recal_batches))
+    if args.gating == 'dynamic':                                # Fig. 4: which classes each gate runs on
         with autocast():
-            gc.recalibrate_bn(model, recal)
-        acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
-        row.update(granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
-                   macs_percent=macs, activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
-        for strategy in args.also:
-            if strategy == 'all_on':
-                gc.set_inference(model, 'all_on')
-                row['all_on_acc'] = evaluate(model, data[2], data[3], autocast)[0]
-            elif strategy == 'sample':
-                gc.set_inference(model, 'sample')
-                row['sample_acc'] = sum(evaluate(model, data[2], data[3], autocast)[0]
-                                        for _ in range(args.runs)) / args.runs
-            else:
-                with autocast():
-                    probs = torch.cat([gc.ensemble_predict(model, xb, args.runs) for xb, _ in test_batches(*data[2:])])
-                row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
-            gc.set_inference(model, 'threshold', args.tau)
-        if args.gating == 'dynamic':                            # Fig. 4: which classes each gate runs on
-            with autocast():
-                rates = gc.per_class_rates(model, test_batches(*data[2:]), 10)
-            write_class_rates(rates, CLASSES, gated_dir)
-        if isinstance(model, gc.DenseNetExits):                # Table 5: where images leave
-            with autocast():
-                row['table5'] = report = gc.exit_report(model, test_batches(*data[2:], size=500))
-            for e in report['exits']:
-                print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
-                      f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
-            print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every image to the "
-                  f"end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
-        pruned = export(model, dense, prepare(data[2][:1]), gated_dir, row)    # 4. the pruned network
-        if pruned is not None:
-            row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
-    finish(row, gated_dir if gated else dense_dir)
+            rates = gc.per_class_rates(model, test_batches(*data[2:]), 10)
+        write_class_rates(rates, CLASSES, run_dir)
+    if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
+        with autocast():
+            row['table5'] = report = gc.exit_report(model, test_batches(*data[2:], size=500))
+        for e in report['exits']:
+            print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
+                  f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
+        print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every image to the "
+              f"end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
+    pruned = export(model, dense, prepare(data[2][:1]), run_dir, row)    # 4. the pruned network
+    if pruned is not None:
+        row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
+    warn_if_missed(row)
+    finish(row, run_dir)
     return row
+
+
+def warn_if_missed(row, points=3):
+    """One line on stderr when the delivered net's MACs miss 100 t by more than `points`."""
+    if abs(row['macs_percent'] - 100 * row['t']) > points:
+        print(f"warning: the delivered net runs {row['macs_percent']:.1f}% of the dense MACs, more than {points} "
+              f"points from t = {row['t']:g} (training reached {row['train_macs_percent']:.1f}%; NOTES.md: "
+              f"polarization)", file=sys.stderr)
 
 
 def export(model, dense, x1, run_dir, row):

@@ -195,7 +195,8 @@ def main(argv=None):
         if distributed else model
     step_model = torch.compile(step_model) if args.compile else step_model
     log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), lr {args.lr} / 10 every {args.lr_step}')
-    log(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'top-1', 'rate', 'MACs%', 'polar', 'sec', 'img/s'))
+    log(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'top-1', 'rate', 'MACs%', 'polar', 'sec', 'img/s',
+                   'thrMACs%'))
     for epoch in range(start, args.epochs):
         model.train()
         train_loader.sampler.set_epoch(epoch)
@@ -219,12 +220,13 @@ def main(argv=None):
         ce, gl, correct = (sums / n).tolist()
         rate, macs, polar = averages(stats, batches)
         seconds = time.perf_counter() - t0
-        top1, top5, *_ = evaluate(model, val_loader, device, autocast, distributed)
+        top1, top5, _, test_macs, _ = evaluate(model, val_loader, device, autocast, distributed)
         last = dict(epoch=epoch + 1, lr=lr, ce=ce, gate_loss=gl, train_acc=100 * correct, top1=top1, top5=top5,
-                    rate=rate, macs=macs, polarized=polar, seconds=seconds, images_per_s=n * world / seconds)
+                    rate=rate, macs=macs, polarized=polar, test_macs=test_macs, seconds=seconds,
+                    images_per_s=n * world / seconds)
         log(ROW.format(epoch + 1, f'{lr:.4f}', f'{ce:.3f}', f'{gl:.4f}', f'{100 * correct:.2f}', f'{top1:.2f}',
-                       f'{rate:.3f}', f'{macs:.1f}', f'{polar:.2f}', f'{seconds:.1f}', f'{n * world / seconds:.0f}'),
-            flush=True)
+                       f'{rate:.3f}', f'{macs:.1f}', f'{polar:.2f}', f'{seconds:.1f}', f'{n * world / seconds:.0f}',
+                       f'{test_macs:.1f}'), flush=True)
         if master:
             with open(run_dir / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps(last) + '\n')
