@@ -42,7 +42,7 @@ __all__ = [
     'resnet110', 'gate_resnet', 'counted_macs', 'batch_activation_loss', 'flops_loss',
     'per_gate_loss', 'expected_activation_loss', 'param_groups', 'set_inference',
     'ensemble_predict', 'recalibrate_bn', 'ShortcutBlock', 'prune', 'SkipNet', 'DenseNetExits',
-    'ExitInfo', 'densenet_cifar', 'exit_report', 'set_sampling', 'freeze_gates', 'per_class_rates',
+    'ExitInfo', 'densenet_cifar', 'exit_report', 'set_sampling', 'per_class_rates', 'polarization_loss',
     'gate_probability',
 ]
 
@@ -514,6 +514,15 @@ def expected_activation_loss(p, t, batch_size):
     return (t - p.mean()) ** 2, (p * (1 - p)).sum() / (g * g * batch_size)
 
 
+def polarization_loss(info):
+    """Deviation (NOTES.md 20): mean over gates (and samples) of 4 p (1 - p): 1 at p = 1/2,
+    0 only when every gate is polarized. Property 1's Var(Q) has this shape, but weighs a
+    gate by (its MACs / MaxFLOPs)^2, which leaves gates that neither loss needs (p anywhere)
+    where they are; this term weighs every gate alike."""
+    p = torch.cat(info.p, 1)
+    return (4 * p * (1 - p)).mean()
+
+
 # ----------------------------------------------------------------------------- training
 
 def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0):
@@ -564,19 +573,6 @@ def set_sampling(model, soft=False, temperature=1.0, per_batch=False):
         g.soft, g.temperature = soft, temperature
         if isinstance(g, StaticGate):
             g.per_batch = per_batch
-    return model
-
-
-def freeze_gates(model):
-    """Fix every static gate at its threshold decision (Z = 1 iff p > tau) in training too,
-    and stop its logits from training: the weights then train for the very network that
-    threshold inference and prune() deliver (NOTES.md 18). Returns model."""
-    gates = _gates(model)
-    if not gates or not all(isinstance(g, StaticGate) for g in gates):
-        raise ValueError('freeze_gates needs static gates (gating="static")')
-    for g in gates:
-        g.frozen = True
-        g.logits.requires_grad_(False)
     return model
 
 

@@ -150,6 +150,23 @@ def test_soft_relaxation_stays_in_0_1_and_rounds_to_the_hard_sample(d):
     assert ((z > 0) & (z < 1)).any()                        # the gates train on soft values
 
 
+def test_per_batch_sampling_draws_one_decision_per_gate_for_the_whole_batch():
+    """set_sampling(per_batch=True): static gates share one draw across the batch (every row
+    equal), still with P(Z = 1) = p over batches (binomial bound); per sample by default."""
+    torch.manual_seed(3)
+    gate = gc.StaticGate(2000).train()
+    with torch.no_grad():
+        gate.logits.copy_(torch.tensor([0.0, math.log(0.3 / 0.7)]).expand(2000, 2))
+    z, _ = gate(torch.zeros(16, 1, 1, 1))
+    assert not (z == z[:1]).all()                           # per sample by default
+    gate.per_batch = True
+    z, _ = gate(torch.zeros(16, 1, 1, 1))
+    assert (z == z[:1]).all() and abs(z[0].mean().item() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / 2000)
+    model = gc.set_sampling(gc.resnet_cifar(8, gating='static'), per_batch=True, temperature=0.5)
+    assert all(g.per_batch and g.temperature == 0.5 for g in gc._gates(model))
+    assert 'per_batch=True' in repr(gc._gates(model)[0])     # the settings show in repr
+
+
 # ------------------------------------------------------------------- FLOPs (3.4)
 
 @pytest.mark.parametrize('depth', [20, 32, 44, 56, 110])
@@ -305,6 +322,9 @@ def test_losses_follow_their_equations():
     assert gc.batch_activation_loss(info, 0.5).item() == pytest.approx((0.5 - 4 / 6) ** 2)
     assert gc.flops_loss(info, 0.5).item() == pytest.approx((0.5 - 0.4) ** 2)
     assert gc.per_gate_loss(info, [0.5, 0.25]).item() == pytest.approx(((0.5 - 0.75) ** 2 + 0.25 ** 2) / 2)
+    p = [torch.tensor([[0.5, 0.0], [0.5, 1.0]]), torch.tensor([[0.1], [0.9]])]
+    info = gc.GateInfo(z, p, info.flops, 100)
+    assert gc.polarization_loss(info).item() == pytest.approx((1 + 0 + 1 + 0 + 0.36 + 0.36) / 6)
 
 
 @pytest.mark.parametrize('gating', ['static', 'dynamic'])
@@ -590,7 +610,6 @@ def test_exit_report_on_a_constructed_case():
     (lambda: gc.straight_through_gumbel(torch.zeros(3, 3)), 'logits'),
     (lambda: gc.straight_through_gumbel(torch.zeros(3, 2), temperature=0), 'temperature'),
     (lambda: gc.set_sampling(gc.resnet20(gating='static'), temperature=-1), 'temperature'),
-    (lambda: gc.freeze_gates(gc.resnet20(gating='dynamic')), 'freeze_gates'),
     (lambda: gc.set_inference(gc.resnet20(), 'vote'), 'strategy'),
     (lambda: gc.set_inference(gc.resnet20(), 'threshold', tau=1.0), 'tau'),
     (lambda: gc.set_inference(gc.resnet20(), 'threshold', tau=0.0), 'tau'),

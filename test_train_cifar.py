@@ -206,7 +206,7 @@ def test_default_recipe_polarizes_the_gates_and_delivers_t(tmp_path, t):
     hands over a net at t's MACs (within 3 points), with >= 90% of its gates polarized,
     whose pruned export is the thresholded net, at the dense accuracy."""
     write_stripes(tmp_path / 'data' / 'cifar-10-batches-py', n_train=1024, n_test=512)
-    assert train_cifar.cli(['--arch', 'resnet8', '--dense-epochs', '2', '--epochs', '6', '--batch-size', '64',
+    assert train_cifar.cli(['--arch', 'resnet8', '--dense-epochs', '2', '--epochs', '6', '--batch-size', '32',
                             '--dense-batch-size', '64', '--recal-batches', '8', '--device', 'cpu',
                             '--t', str(t), '--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)]) == 0
     row = json.loads((tmp_path / f'resnet8-static-channel-flops-t{t:g}-s0' / 'final.json').read_text())

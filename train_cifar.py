@@ -68,13 +68,8 @@ def parse_args(argv):
     a('--soft-gates', action='store_true', help='train with the soft Gumbel-softmax instead of straight-through (3.2)')
     a('--temperature', type=float, default=1.0, help='Gumbel-softmax temperature (3.2: fixed at 1)')
     a('--gate-sample', default='image', help='static gates draw once per image or once per batch')
-    a('--t-anneal', type=float, default=0.0, help='the target falls from 1 to t over this fraction of fine-tuning')
-    a('--freeze-at', type=float, default=1.0, help='static gates are fixed at their threshold decision after this '
-                                                    'fraction of fine-tuning (1: never)')
-    a('--gate-momentum', type=float, default=0.9, help='SGD momentum of the gate parameters')
-    a('--gate-warmup', type=float, default=0.0, help='the gate lr rises linearly over this fraction of fine-tuning')
-    a('--polarize', type=float, default=0.01, help='weight of an explicit polarization term mean 4p(1-p)')
-    a('--polarize-ramp', type=int, default=1, help='1: the polarization weight rises from 0 over fine-tuning')
+    a('--polarize', type=float, default=0.01, help='weight of the polarization term mean 4p(1-p), rising from 0 '
+                                                   'over fine-tuning (the paper: 0; NOTES.md: polarization)')
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
     a('--lr', type=float, default=0.1)
@@ -222,18 +217,17 @@ def build(args, gated):
     return model.to(args.device, memory_format=torch.channels_last)
 
 
-def gate_loss(info, args, t=None, polarize=None):
-    t = args.t if t is None else t
-    polarize = getattr(args, 'polarize', 0) if polarize is None else polarize
-    extra = 0
-    if polarize:
-        p = torch.cat(info.p, 1)
-        extra = polarize * (4 * p * (1 - p)).mean()
+def gate_loss(info, args, progress):
+    """The gate terms of the training loss at `progress` (0 -> 1) through fine-tuning:
+    loss weight x (L_FLOPs (3.4), Eq. (1) or the per-gate loss (2.1)), plus the polarization
+    term, its weight rising linearly from 0 (NOTES.md: polarization)."""
     if args.loss == 'flops':
-        return gc.flops_loss(info, t) + extra
-    if args.loss == 'batch':
-        return gc.batch_activation_loss(info, t) + extra
-    return gc.per_gate_loss(info, args.targets or [args.t] * len(info.z)) + extra
+        loss = gc.flops_loss(info, args.t)
+    elif args.loss == 'batch':
+        loss = gc.batch_activation_loss(info, args.t)
+    else:
+        loss = gc.per_gate_loss(info, args.targets or [args.t] * len(info.z))
+    return args.loss_weight * loss + args.polarize * progress * gc.polarization_loss(info)
 
 
 def gate_stats(info):
@@ -321,8 +315,6 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
     warmup = dense and DEPTHS[args.arch] >= 110                 # ResNet-110: lr 0.01 in epoch 0
     groups = gc.param_groups(model, args.lr, args.dense_weight_decay if dense else args.weight_decay,
                              args.gate_decay, args.gate_lr_mult)
-    if len(groups) > 1:
-        groups[1]['momentum'] = args.gate_momentum
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
     def weights_lr(e):
@@ -348,30 +340,20 @@ def run_phase(phase, model, data, args, run_dir, device, autocast):
     print(ROW.format('epoch', 'lr', 'CE', 'gate', 'train%', 'test%', 'rate', 'MACs%', 'polar', 'sec', 'img/s',
                      'thrMACs%'))
     steps_per_epoch = len(x_train) // batch_size
-    freeze_epoch = math.ceil(args.freeze_at * epochs)
     for epoch in range(start, epochs):
-        if not dense and epoch >= freeze_epoch and not any(g.frozen for g in gc._gates(model)):
-            gc.freeze_gates(model)
-            print(f'gated: gates frozen at their threshold decisions from epoch {epoch + 1}')
         model.train()
         t0, n, batches, stats, first = time.perf_counter(), 0, 0, 0, None
         sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync per step
         for i, (xb, yb) in enumerate(train_batches(x_train, y_train, batch_size, gen)):
-            step = epoch * steps_per_epoch + i
-            frac = step / (args.t_anneal * epochs * steps_per_epoch) if args.t_anneal > 0 else 1
-            t_now = None if dense else 1 - (1 - args.t) * min(1.0, frac)
-            if not dense and args.gate_warmup > 0:                  # the gate lr rises linearly at first
-                warm = min(1.0, (step + 1) / (args.gate_warmup * epochs * steps_per_epoch))
-                opt.param_groups[1]['lr'] = args.lr * args.gate_lr_mult * sched.lr_lambdas[1](epoch) * warm
-            pol_now = args.polarize * (step / (epochs * steps_per_epoch) if args.polarize_ramp else 1)
+            progress = (epoch * steps_per_epoch + i) / (epochs * steps_per_epoch)
             with autocast():
                 out = step_model(xb)
                 logits, info = out if isinstance(out, tuple) else (out, None)
                 ce = F.cross_entropy(logits, yb)                # of the output each image takes
                 for exit_logits in getattr(info, 'exit_logits', [])[:-1]:
                     ce = ce + F.cross_entropy(exit_logits, yb)  # each exit learns to classify (5)
-                gl = gate_loss(info, args, t_now, pol_now) if info is not None else torch.zeros((), device=device)
-                loss = ce + args.loss_weight * gl
+                gl = gate_loss(info, args, progress) if info is not None else torch.zeros((), device=device)
+                loss = ce + gl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

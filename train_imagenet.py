@@ -53,7 +53,9 @@ def parse_args(argv):
     a('--targets', type=float, nargs='+', help='per-gate loss: one rate per gate module (default: t each)')
     a('--aig-targets', action='store_true', help="per-gate loss with AIG's ResNet-50 list (layer gates)")
     a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
-    a('--loss-weight', type=float, default=1.0)
+    a('--loss-weight', type=float, default=1.0, help='weight of the gate loss (the paper: 1)')
+    a('--polarize', type=float, default=0.0, help='weight of the polarization term, rising from 0 (train_cifar.py '
+                                                  'uses 0.01; NOTES.md: polarization)')
     a('--gate-lr-mult', type=float, default=1.0, help='gate learning rate / base')
     a('--gate-init-p', type=float, default=gc.INIT_P)
     a('--gate-decay', type=float, default=20.0, help='gate weight decay = weight decay * this / |G| (4.1)')
@@ -202,14 +204,15 @@ def main(argv=None):
         train_loader.sampler.set_epoch(epoch)
         t0, n, stats, batches = time.perf_counter(), 0, 0, 0
         sums = torch.zeros(3, device=device)
-        for xb, yb in train_loader:
+        for i, (xb, yb) in enumerate(train_loader):
             xb = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             yb = yb.to(device, non_blocking=True)
             with autocast():
                 logits, info = step_model(xb)
                 ce = F.cross_entropy(logits, yb)
-                gl = gate_loss(info, args)                      # per replica, on its own batch
-                loss = ce + args.loss_weight * gl
+                progress = (epoch * len(train_loader) + i) / (args.epochs * len(train_loader))
+                gl = gate_loss(info, args, progress)            # per replica, on its own batch
+                loss = ce + gl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
