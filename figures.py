@@ -18,20 +18,31 @@ from pathlib import Path
 
 import torch
 
+import gumbel_channels as gc
+
 # The paper's points: (label, MACs % of the baseline, top-1 %). ImageNet GFLOPs are divided by
 # the paper's 4.028 baseline; Table 2 gives reductions, shown here as 100 - reduction.
 PAPER = {
     'resnet56': [('Ours ind t=.5 (Table 3)', 50, 93.31), ('AMC (Table 3)', 50, 91.9)],
     'resnet110': [('Ours dep t=.6 (Table 3)', 65, 94.36), ('AIG-110 t=.8 (Table 3)', 82, 94.24)],
-    'resnet50': [('Ours dep t=.5 (Table 1)', 100 * 2.21 / 4.028, 76.30),
-                 ('Ours dep t=.4 (Table 1)', 100 * 1.67 / 4.028, 75.19),
-                 ('Ours dep t=.3 (Table 1)', 100 * 1.94 / 4.028, 76.04),
-                 ('AIG t=.5 (Table 1)', 100 * 2.91 / 4.028, 75.58),
-                 ('AIG t=.7 (Table 1)', 100 * 3.26 / 4.028, 76.18),
-                 ('Ours ind t=.5 (Table 2)', 100 - 37.68, 76.20), ('Ours ind t=.4 (Table 2)', 100 - 43.39, 76.14),
-                 ('Ours ind t=.3 (Table 2)', 100 - 51.3, 75.56)],
-    'resnet18': [('Ours ind (Table 2)', 100 - 43.9, 68.88), ('Geom mix 30% (Table 2)', 100 - 41.8, 68.41)],
-    'resnet34': [('Ours ind (Table 2)', 100 - 51.1, 72.78), ('Geom mix 30% (Table 2)', 100 - 41.1, 72.63)],
+    'resnet50': [
+        ('Ours dep t=.5 (Table 1)', 100 * 2.21 / 4.028, 76.30),
+        ('Ours dep t=.4 (Table 1)', 100 * 1.67 / 4.028, 75.19),
+        ('Ours dep t=.3 (Table 1)', 100 * 1.94 / 4.028, 76.04),
+        ('AIG t=.5 (Table 1)', 100 * 2.91 / 4.028, 75.58),
+        ('AIG t=.7 (Table 1)', 100 * 3.26 / 4.028, 76.18),
+        ('Ours ind t=.5 (Table 2)', 100 - 37.68, 76.20),
+        ('Ours ind t=.4 (Table 2)', 100 - 43.39, 76.14),
+        ('Ours ind t=.3 (Table 2)', 100 - 51.3, 75.56),
+    ],
+    'resnet18': [
+        ('Ours ind (Table 2)', 100 - 43.9, 68.88),
+        ('Geom mix 30% (Table 2)', 100 - 41.8, 68.41),
+    ],
+    'resnet34': [
+        ('Ours ind (Table 2)', 100 - 51.1, 72.78),
+        ('Geom mix 30% (Table 2)', 100 - 41.1, 72.63),
+    ],
 }
 
 
@@ -50,21 +61,31 @@ def fig3(plt, arch, runs, out):
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     for label, macs, acc in PAPER.get(arch, []):
         ax.scatter(macs, acc, marker='x', color='gray')
-        ax.annotate(label, (macs, acc), fontsize=7, color='gray', xytext=(3, 3), textcoords='offset points')
+        ax.annotate(
+            label, (macs, acc), fontsize=7, color='gray', xytext=(3, 3), textcoords='offset points'
+        )
     series = {}                                     # one frontier per configuration, over its t
     for folder, row in runs:
         key = ' '.join(str(row.get(k)) for k in ('gating', 'granularity', 'loss') if row.get(k))
         series.setdefault(key, []).append(row)
     for key, rows in series.items():
         rows.sort(key=lambda r: r['macs_percent'])
-        line, = ax.plot([r['macs_percent'] for r in rows], [r['accuracy'] for r in rows], 'o-', label=key)
+        (line,) = ax.plot(
+            [r['macs_percent'] for r in rows], [r['accuracy'] for r in rows], 'o-', label=key
+        )
         for r in rows:
             if r.get('t') is not None:
                 ax.annotate(f"t={r['t']:g}", (r['macs_percent'], r['accuracy']), fontsize=7,
                             color=line.get_color(), xytext=(3, -10), textcoords='offset points')
     baseline = max(row['baseline'] for _, row in runs)
-    ax.scatter(100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})')
-    ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)', title=f'{arch}: our runs and the paper')
+    ax.scatter(
+        100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})'
+    )
+    ax.set(
+        xlabel='MACs, % of the dense baseline',
+        ylabel='top-1 accuracy (%)',
+        title=f'{arch}: our runs and the paper',
+    )
     ax.legend(fontsize=7)
     fig.savefig(out / f'fig3_{arch}.png')
     plt.close(fig)
@@ -75,7 +96,9 @@ def fig4(plt, folder, out):
         rows = list(csv.reader(f))
     gates, classes = rows[0][1:], [r[0] for r in rows[1:]]
     rates = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(gates) + 2), max(3, 0.3 * len(classes) + 1.5)), dpi=100)
+    fig, ax = plt.subplots(
+        figsize=(max(4, 0.35 * len(gates) + 2), max(3, 0.3 * len(classes) + 1.5)), dpi=100
+    )
     image = ax.imshow(rates.numpy(), aspect='auto', cmap='viridis', vmin=0, vmax=1)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set_xticks(range(len(gates)), gates, rotation=90, fontsize=7)
@@ -93,7 +116,7 @@ def polarization(plt, folder, out):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.hist(p.numpy(), bins=50, range=(0, 1))
     ax.set_yscale('log')
-    polar = ((p < 0.01) | (p > 0.99)).float().mean().item()
+    polar = gc.polarized(p).float().mean().item()
     ax.set(xlabel='on-probability p', ylabel='gates', title=f'{folder.name}: {polar:.1%} polarized')
     fig.savefig(out / f'polarization_{folder.name}.png')
     plt.close(fig)

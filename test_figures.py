@@ -14,11 +14,25 @@ def write_runs(root):
     static, dynamic = root / 'resnet56-static', root / 'resnet56-dynamic'
     static.mkdir(parents=True)
     dynamic.mkdir()
-    for folder, gating, acc, macs in ((static, 'static', 93.1, 51.0), (dynamic, 'dynamic', 93.5, 60.0)):
-        (folder / 'final.json').write_text(json.dumps(dict(arch='resnet56', gating=gating, gated_acc=acc,
-                                                           baseline_acc=93.9, macs_percent=macs)))
-    torch.save({'layer1.0.gate1.logits': torch.randn(16, 2) * 5, 'layer1.0.conv1.weight': torch.zeros(1)},
-               static / 'final.pt')
+    for folder, gating, acc, macs in (
+        (static, 'static', 93.1, 51.0),
+        (dynamic, 'dynamic', 93.5, 60.0),
+    ):
+        (folder / 'final.json').write_text(
+            json.dumps(
+                dict(
+                    arch='resnet56',
+                    gating=gating,
+                    gated_acc=acc,
+                    baseline_acc=93.9,
+                    macs_percent=macs,
+                )
+            )
+        )
+    torch.save(
+        {'layer1.0.gate1.logits': torch.randn(16, 2) * 5, 'layer1.0.conv1.weight': torch.zeros(1)},
+        static / 'final.pt',
+    )
     rates = np.random.default_rng(0).random((10, 4))
     lines = ['class,' + ','.join(f'gate{j}' for j in range(4))]
     lines += [f'c{i},' + ','.join(f'{r:.4f}' for r in row) for i, row in enumerate(rates)]
@@ -32,8 +46,11 @@ def test_figures_are_drawn(tmp_path):
     static, dynamic = write_runs(tmp_path)
     out = tmp_path / 'figs'
     assert figures.main([str(static), str(dynamic), '--out', str(out)]) == 0
-    for name, size in (('fig3_resnet56.png', (600, 450)), ('polarization_resnet56-static.png', (600, 400)),
-                       ('fig4_resnet56-dynamic.png', None)):
+    for name, size in (
+        ('fig3_resnet56.png', (600, 450)),
+        ('polarization_resnet56-static.png', (600, 400)),
+        ('fig4_resnet56-dynamic.png', None),
+    ):
         image = np.asarray(Image.open(out / name).convert('RGB'))
         assert size is None or image.shape[1::-1] == size
         assert image.std() > 10 and len(np.unique(image.reshape(-1, 3), axis=0)) > 20   # not blank

@@ -8,6 +8,7 @@ import torch
 
 import gumbel_channels as gc
 import train_cifar
+import train_common
 
 FAST = ['--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '1', '--batch-size', '16',
         '--dense-batch-size', '16', '--recal-batches', '2', '--device', 'cpu']
@@ -17,7 +18,11 @@ def write_cifar(folder, n_train=64, n_test=32, seed=0):
     """The CIFAR-10 python format: pickled dicts with b'data' (N, 3072) uint8 and b'labels'."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    for name, n in [('data_batch_1', n_train // 2), ('data_batch_2', n_train // 2), ('test_batch', n_test)]:
+    for name, n in [
+        ('data_batch_1', n_train // 2),
+        ('data_batch_2', n_train // 2),
+        ('test_batch', n_test),
+    ]:
         batch = {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                  b'labels': rng.integers(0, 10, n).tolist()}
         with open(folder / name, 'wb') as f:
@@ -45,7 +50,10 @@ def cifar(tmp_path_factory):
 def dense_ckpt(cifar, tmp_path_factory):
     """A dense resnet8 trained for one epoch by the script itself (its dense phase)."""
     out = tmp_path_factory.mktemp('dense')
-    assert train_cifar.cli(FAST + ['--gating', 'none', '--data-dir', str(cifar), '--out', str(out)]) == 0
+    assert (
+        train_cifar.cli(FAST + ['--gating', 'none', '--data-dir', str(cifar), '--out', str(out)])
+        == 0
+    )
     return out / 'dense-resnet8-s0' / 'last.pt'
 
 
@@ -67,22 +75,22 @@ def test_dense_phase_writes_a_loadable_checkpoint_and_metrics(dense_ckpt):
 
 def test_static_pipeline_end_to_end(cifar, dense_ckpt, tmp_path):
     """Dense -> gated fine-tuning -> recalibration -> evaluation -> final row and pruned export."""
-    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--t', '0.5', '--also', 'all_on', 'sample',
-               'ensemble', '--runs', '2') == 0
+    extra = '--t 0.5 --also all_on sample ensemble --runs 2'.split()
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), *extra) == 0
     run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
     row = json.loads((run_dir / 'final.json').read_text())
     for key in ('baseline_acc', 'gated_acc', 'macs_percent', 'activation_rate', 'polarized',
                 'pruned_macs_percent', 'pruned_acc', 'all_on_acc', 'sample_acc', 'ensemble_acc'):
         assert key in row
     (metrics,) = read_metrics(run_dir)
-    for key in ('epoch', 'lr', 'ce', 'gate_loss', 'train_acc', 'test_acc', 'rate', 'macs', 'polarized',
-                'seconds', 'images_per_s'):
-        assert key in metrics
+    keys = ('epoch lr ce gate_loss train_acc test_acc rate macs polarized '
+            'seconds images_per_s')
+    assert set(keys.split()) <= set(metrics)
     # the pruned export computes the thresholded net: its counted MACs are the analytic ones
     assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
     assert row['pruned_acc'] == row['gated_acc']
     pruned = torch.load(run_dir / 'pruned.pt', weights_only=False)
-    assert not gc._gates(pruned)
+    assert not gc.gates(pruned)
     assert torch.load(run_dir / 'last.pt', weights_only=True)['epoch'] == 1
 
 
@@ -93,13 +101,17 @@ def test_dynamic_layer_per_gate_pipeline(cifar, dense_ckpt, tmp_path):
     row = json.loads((run_dir / 'final.json').read_text())
     assert row['gating'] == 'dynamic' and 'pruned_acc' not in row
     table = (run_dir / 'gate_classes.csv').read_text().splitlines()          # Fig. 4's matrix
-    assert len(table) == 11 and table[1].startswith('airplane,') and len(table[0].split(',')) == 1 + 3
+    assert (
+        len(table) == 11 and table[1].startswith('airplane,') and len(table[0].split(',')) == 1 + 3
+    )
     assert len((run_dir / 'gate_classes.txt').read_text().splitlines()) == 3
 
 
 def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
     assert run(cifar, tmp_path, '--arch', 'densenet16', '--t', '0.5') == 0
-    row = json.loads((tmp_path / 'densenet16-dynamic-exit-flops-t0.5-s0' / 'final.json').read_text())
+    row = json.loads(
+        (tmp_path / 'densenet16-dynamic-exit-flops-t0.5-s0' / 'final.json').read_text()
+    )
     exits = row['table5']['exits']
     assert len(exits) == 3 and sum(e['share'] for e in exits) == pytest.approx(1)
     assert row['table5']['counted_macs'] == row['table5']['accounted_macs']
@@ -107,32 +119,26 @@ def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, monkeypatch):
-    """Two epochs in one go, or a crash right after epoch 1's checkpoint and --resume with the
-    same command: the same next-step loss."""
+    """Two epochs in one go, or a crash right after epoch 1's checkpoint (before its metrics
+    line) and --resume with the same command: the same next-step loss, and the lost line
+    restored from the checkpoint."""
     assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
-    save = train_cifar.save_atomic
+    save = train_common.save_atomic
 
     def crash_after_first_epoch(obj, path):
         save(obj, path)
         if path.name == 'last.pt' and obj.get('epoch') == 1:
             raise KeyboardInterrupt
-    monkeypatch.setattr(train_cifar, 'save_atomic', crash_after_first_epoch)
+    monkeypatch.setattr(train_common, 'save_atomic', crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2')
-    monkeypatch.setattr(train_cifar, 'save_atomic', save)
+    monkeypatch.setattr(train_common, 'save_atomic', save)
     assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
     name = 'resnet8-static-channel-flops-t0.5-s0'
     a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
-    assert [r['epoch'] for r in b] == [1, 2]
+    assert [r['epoch'] for r in b] == [1, 2] and b[0]['ce'] == a[0]['ce']
     assert b[1]['first_loss'] == a[1]['first_loss'] and b[1]['ce'] == a[1]['ce']
     assert b[1]['test_acc'] == a[1]['test_acc']
-
-
-def one_line_error(capsys, code):
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith('warning:')]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize('extra,words', [
@@ -141,41 +147,49 @@ def one_line_error(capsys, code):
     (['--loss', 'per-gate', '--targets', '0.5', '0.5'], '--targets'),
     (['--arch', 'densenet16', '--gating', 'static'], 'DenseNets'),
 ])
-def test_bad_arguments_give_one_line_errors(cifar, dense_ckpt, tmp_path, capsys, extra, words):
-    assert words in one_line_error(capsys, run(cifar, tmp_path, '--init', str(dense_ckpt), *extra))
+def test_bad_arguments_give_one_line_errors(
+    cifar, dense_ckpt, tmp_path, one_line_error, extra, words
+):
+    assert words in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt), *extra))
 
 
-def test_bad_checkpoints_and_folders_give_one_line_errors(cifar, dense_ckpt, tmp_path, capsys):
+def test_bad_checkpoints_and_folders_give_one_line_errors(
+    cifar, dense_ckpt, tmp_path, one_line_error
+):
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(b'not a checkpoint')
-    assert 'cannot read checkpoint' in one_line_error(capsys, run(cifar, tmp_path / 'o', '--init', str(corrupt)))
+    assert 'cannot read checkpoint' in one_line_error(
+        run(cifar, tmp_path / 'o', '--init', str(corrupt))
+    )
     wrong = tmp_path / 'resnet20.pt'
     torch.save({'model': gc.resnet20().state_dict()}, wrong)
-    assert 'does not fit' in one_line_error(capsys, run(cifar, tmp_path / 'o', '--init', str(wrong)))
+    assert 'does not fit' in one_line_error(run(cifar, tmp_path / 'o', '--init', str(wrong)))
     blocker = tmp_path / 'file'
     blocker.write_text('')
-    assert 'cannot write' in one_line_error(capsys, run(cifar, blocker / 'out', '--init', str(dense_ckpt)))
+    assert 'cannot write' in one_line_error(run(cifar, blocker / 'out', '--init', str(dense_ckpt)))
     empty = tmp_path / 'empty'
     (empty / 'cifar-10-batches-py').mkdir(parents=True)
     code = train_cifar.cli(FAST + ['--data-dir', str(empty), '--out', str(tmp_path / 'o2')])
-    assert 'data_batch_' in one_line_error(capsys, code)
+    assert 'data_batch_' in one_line_error(code)
 
 
-def test_missing_data_that_cannot_be_downloaded(tmp_path, capsys, monkeypatch):
+def test_missing_data_that_cannot_be_downloaded(tmp_path, one_line_error, monkeypatch):
     import torchvision
 
     def offline(*args, **kwargs):
         raise OSError('no network')
     monkeypatch.setattr(torchvision.datasets, 'CIFAR10', offline)
-    code = train_cifar.cli(FAST + ['--data-dir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'o')])
-    assert 'could not be downloaded' in one_line_error(capsys, code)
+    code = train_cifar.cli(
+        FAST + ['--data-dir', str(tmp_path / 'nothing'), '--out', str(tmp_path / 'o')]
+    )
+    assert 'could not be downloaded' in one_line_error(code)
 
 
-def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, capsys):
+def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, one_line_error):
     assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
     last = tmp_path / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
     before = last.read_bytes()
-    assert '--resume' in one_line_error(capsys, run(cifar, tmp_path, '--init', str(dense_ckpt)))
+    assert '--resume' in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)))
     assert last.read_bytes() == before
 
 
@@ -186,7 +200,7 @@ def test_reader_validates_the_cifar_format(tmp_path):
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.uint8 and yt.shape == (32,)
     with open(folder / 'test_batch', 'wb') as f:
         pickle.dump({b'data': np.zeros((4, 100), np.uint8), b'labels': [0] * 4}, f)
-    with pytest.raises(train_cifar.UsageError, match='3072'):
+    with pytest.raises(train_common.UsageError, match='3072'):
         train_cifar.read_cifar(folder)
 
 
@@ -206,12 +220,29 @@ def test_default_recipe_polarizes_the_gates_and_delivers_t(tmp_path, t):
     hands over a net at t's MACs (within 3 points), with >= 90% of its gates polarized,
     whose pruned export is the thresholded net, at the dense accuracy."""
     write_stripes(tmp_path / 'data' / 'cifar-10-batches-py', n_train=1024, n_test=512)
-    assert train_cifar.cli(['--arch', 'resnet8', '--dense-epochs', '2', '--epochs', '6', '--batch-size', '32',
-                            '--dense-batch-size', '64', '--recal-batches', '8', '--device', 'cpu',
-                            '--t', str(t), '--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)]) == 0
-    row = json.loads((tmp_path / f'resnet8-static-channel-flops-t{t:g}-s0' / 'final.json').read_text())
+    argv = ('--arch resnet8 --dense-epochs 2 --epochs 6 --batch-size 32 --dense-batch-size 64 '
+            '--recal-batches 8 --device cpu').split()
+    out = ['--t', str(t), '--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)]
+    assert train_cifar.cli(argv + out) == 0
+    row = json.loads(
+        (tmp_path / f'resnet8-static-channel-flops-t{t:g}-s0' / 'final.json').read_text()
+    )
     assert abs(row['macs_percent'] - 100 * t) <= 3 and row['polarized'] >= 0.9
     assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
     assert row['pruned_acc'] == row['gated_acc']
-    # 512 test images: a 1-point drop is 5 images; 3 binomial sigmas of a 95% classifier is ~3 points
+    # 512 test images: a 1-point drop is 5 images; 3 binomial sigmas of a 95% classifier
+    # is ~3 points
     assert row['gated_acc'] >= row['baseline_acc'] - 3 * 100 * (0.05 * 0.95 / 512) ** 0.5
+
+
+def test_per_class_rates_on_a_constructed_case():
+    """Fig. 4: a gate module's rate per class is the mean over that class's images of the
+    mean of Z over the module's channels."""
+    class Decisions(torch.nn.Module):                        # input rows are the decisions
+        def forward(self, x):
+            return None, gc.GateInfo([x[:, :2], x[:, 2:]], [], None, 1)
+    x = torch.tensor([[1.0, 0, 1], [1, 1, 0], [0, 0, 1], [1, 1, 1]])
+    y = torch.tensor([0, 0, 1, 1])
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    rates = train_common.per_class_rates(Decisions(), batches, num_classes=3)
+    assert torch.equal(rates, torch.tensor([[0.75, 0.5], [0.5, 1.0], [0.0, 0.0]]))

@@ -1,0 +1,267 @@
+"""Deployment of networks trained with gumbel_channels.py: turning gate decisions into
+skipped work.
+
+    prune(model)           static gates -> a plain ResNet with physically smaller convs and BNs
+    SkipNet(model)         dynamic gates -> batch-1 inference that runs only the on channels
+    early_exit(model, x)   DenseNet exits -> a batch split, images that leave skip later blocks
+    exit_report(model, b)  Table 5: exits taken, accuracies, MACs spent and wall time
+    counted_macs(model, x) MACs as torch.utils.flop_counter counts them
+
+Each computes what threshold inference computes in the masked network, and spends the
+MACs that its GateInfo.macs counts (both are tested).
+"""
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gumbel_channels as gc
+
+__all__ = ['counted_macs', 'ShortcutBlock', 'prune', 'SkipNet', 'early_exit', 'exit_report']
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def counted_macs(model, x):
+    """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them
+    (conv, mm, addmm; 2 FLOPs per MAC). The independent check of
+    GateInfo.macs and of what each export spends."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def _fold(conv, bn):
+    """conv then eval-mode BN as one conv: (weight * s, shift), s = gamma / sqrt(var + eps)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - bn.running_mean * scale
+
+
+def _folded(block):
+    """[(w1, b1), (w2, b2) (, (w3, b3))]: each conv of the block with its BN folded in."""
+    bns = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, gc.Bottleneck) else [])
+    return [_fold(c, bn) for c, bn in zip(gc._branch(block), bns)]
+
+
+def _pick(t, i, dim=0):
+    """t restricted to indices i along dim (None keeps all)."""
+    return t if i is None else t.index_select(dim, i)
+
+
+def _collapsed_branch(bias, on2=None, shift2=None, w3=None):
+    """(1, C_out, 1, 1): what a branch whose gate1 (or a Bottleneck's gate2) is all off still
+    adds, from folded parameters. The last conv sees zeros, so its BN leaves `bias`; in a
+    Bottleneck with only gate1 empty, conv3 (folded weight w3) also maps the constants
+    ReLU(bn2(0)) = ReLU(shift2) of gate2's on channels on2 (indices), at 1x1: n2 * C_out MACs."""
+    y = bias.view(1, -1, 1, 1)
+    if on2 is not None and len(on2):
+        y = y + F.conv2d(_pick(F.relu(shift2), on2).view(1, -1, 1, 1), _pick(w3, on2, 1))
+    return y
+
+
+class ShortcutBlock(nn.Module):
+    """An exported block whose branch no longer runs: ReLU(shortcut(x) + bias), bias (C_out,)
+    the constant its branch left (0 for an off layer gate). Returns (out, {}) like a block."""
+
+    def __init__(self, downsample, bias):
+        super().__init__()
+        self.downsample, self.relu = downsample, nn.ReLU(inplace=True)
+        self.register_buffer('bias', bias.detach().flatten().clone())
+
+    def forward(self, x):
+        return gc._residual(self, x, self.bias.view(1, -1, 1, 1), None), {}
+
+
+# ----------------------------------------------------------------------------- pruning (3.1, 3.3)
+
+def _threshold(gate):
+    """A static gate's threshold decisions (C,) bool: the gate's own rule."""
+    return gate.keep(gc.gate_probability(gate.logits))
+
+
+def _sliced_conv(conv, out=None, in_=None):
+    w = conv.weight if out is None else conv.weight[out]
+    w = w if in_ is None else w[:, in_]
+    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
+                    bias=False).to(w)
+    new.weight.copy_(w)
+    return new
+
+
+def _sliced_bn(bn, keep):
+    new = nn.BatchNorm2d(int(keep.sum()), bn.eps, bn.momentum).to(bn.weight)
+    for name in ('running_mean', 'running_var', 'weight', 'bias'):
+        getattr(new, name).copy_(getattr(bn, name)[keep])
+    return new
+
+
+def _drop_gates(block):
+    for name in ('gate', 'gate1', 'gate2'):
+        if name in block._modules:
+            delattr(block, name)
+    return block
+
+
+def _prune_block(block):
+    """The gate-free block that computes what `block` computes under threshold inference."""
+    bottleneck = isinstance(block, gc.Bottleneck)
+    if getattr(block, 'gate', None) is not None:                            # layer gate
+        if _threshold(block.gate).item():
+            return _drop_gates(block)
+        last_bn = block.bn3 if bottleneck else block.bn2
+        return ShortcutBlock(block.downsample, last_bn.bias.new_zeros(last_bn.num_features))
+    keep1 = _threshold(block.gate1)
+    keep2 = _threshold(block.gate2) if bottleneck else None
+    if not keep1.any() or (keep2 is not None and not keep2.any()):
+        folded = _folded(block)
+        on2 = None if keep2 is None else keep2.nonzero().flatten()
+        bias = _collapsed_branch(folded[-1][1], on2, folded[1][1], folded[-1][0])
+        return ShortcutBlock(block.downsample, bias)
+    block.conv1, block.bn1 = _sliced_conv(block.conv1, out=keep1), _sliced_bn(block.bn1, keep1)
+    if keep2 is None:
+        block.conv2 = _sliced_conv(block.conv2, in_=keep1)
+    else:
+        block.conv2 = _sliced_conv(block.conv2, keep2, keep1)
+        block.bn2, block.conv3 = _sliced_bn(block.bn2, keep2), _sliced_conv(block.conv3, in_=keep2)
+    return _drop_gates(block)
+
+
+@torch.no_grad()
+def prune(model):
+    """Physical pruning: a gate-free copy of a statically gated network with smaller convs
+    and BNs, computing what threshold inference (each gate's tau) computes, in evaluation
+    mode. Blocks whose branch empties keep the constant their last BN adds. Returns an
+    ordinary ResNet (logits only) in evaluation mode; `model` is left as it was."""
+    found = gc.gates(model)
+    if not found or not all(isinstance(g, gc.StaticGate) for g in found):
+        raise ValueError('model must have static gates (gating="static"); dynamic gates decide '
+                         'per input: use SkipNet')
+    model = copy.deepcopy(model).eval()
+    layers = [nn.Sequential(*[_prune_block(b) for b in getattr(model, f'layer{i}')])
+              for i in range(1, model.num_stages + 1)]
+    return gc.ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc).eval()
+
+
+# ----------------------------------------------------------------------------- skipping (1.1)
+
+class _SkipBlock(nn.Module):
+    """A gated block for one input at a time: its gates decide (as in the masked forward),
+    then its convs run on the sliced weights of the on channels only, BN folded in."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.bottleneck = isinstance(block, gc.Bottleneck)
+        self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
+        for name in ('gate', 'gate1', 'gate2', 'downsample'):
+            setattr(self, name, getattr(block, name, None))
+        for k, (w, b) in enumerate(_folded(block), 1):                     # w1, b1, w2, b2, ...
+            self.register_buffer(f'w{k}', w)
+            self.register_buffer(f'b{k}', b)
+
+    def forward(self, x):                                                   # x: (1, C, H, W)
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.gate is not None and self.gate(x)[0].item() == 0:          # layer gate off
+            return F.relu(identity)
+        i1, i2 = (g(x)[0][0].nonzero().flatten() if g is not None else None
+                  for g in (self.gate1, self.gate2))                        # on channels; None: all
+        if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
+            last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
+            return F.relu_(identity + _collapsed_branch(last[1], i2, self.b2, last[0]))
+        if self.bottleneck:
+            a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
+            w2 = _pick(_pick(self.w2, i2), i1, 1)
+            a = F.relu_(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
+            return F.relu_(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
+        a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
+        return F.relu_(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
+
+
+class SkipNet(nn.Module):
+    """Conditional computation that really skips work (dynamic gates, threshold inference):
+    for one input (1, 3, H, W), every block runs its convs on the sliced weights of the
+    channels its gates turn on, and an off layer gate skips its branch. Built from a gated
+    network in evaluation mode (a snapshot, BN folded into the convs: NOTES.md 16); returns
+    the logits of the masked forward, and spends the MACs GateInfo.macs counts."""
+
+    def __init__(self, model):
+        super().__init__()
+        if not gc.gates(model):
+            raise ValueError('model must be a gated network (gating="dynamic" or "static")')
+        model = copy.deepcopy(model).eval()
+        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        self.blocks = nn.ModuleList(_SkipBlock(b) for b in model.blocks())
+        self.avgpool, self.fc = model.avgpool, model.fc
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, x):
+        if x.shape[0] != 1:
+            raise ValueError(f'x must hold one input (batch size 1), got batch size {x.shape[0]}')
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# ----------------------------------------------------------------------------- early exits (5)
+
+@torch.no_grad()
+def early_exit(model, x, use_exits=True):
+    """Inference of a DenseNetExits in evaluation mode that splits the batch: images leaving
+    at exit k (their gate's threshold decision) are not run through later blocks. Returns
+    (logits, exit index per image, len(exits) for the final classifier). use_exits=False
+    runs every image to the end."""
+    if model.training:
+        raise ValueError('model must be in evaluation mode (model.eval()) for early_exit')
+    x = model.conv1(x)
+    n_exits = len(model.exits) if use_exits else 0
+    rows = torch.arange(len(x), device=x.device)            # which images are still running
+    logits = x.new_zeros(len(x), model.fc.out_features)
+    taken = torch.full((len(x),), n_exits, dtype=torch.long, device=x.device)
+    for k in range(3):
+        x = model.stage(k, x)
+        if k >= n_exits:
+            continue
+        out, z, _ = model.exits[k](x)
+        leave = z[:, 0] > 0
+        logits[rows[leave]], taken[rows[leave]] = out[leave].to(logits.dtype), k
+        rows, x = rows[~leave], x[~leave]
+        if len(rows) == 0:
+            return logits, taken
+    logits[rows] = model.head(x).to(logits.dtype)
+    return logits, taken
+
+
+@torch.no_grad()
+def exit_report(model, batches):
+    """Table 5 for an early-exit network, over (images, labels) batches, in evaluation mode
+    (restored after). Per exit (the final classifier last): the share of images that leave
+    there, its classifier's accuracy on all images and on the images it took. Also the MACs
+    that the batch split spends (FlopCounterMode / 2) beside the accounting's, and its wall
+    time beside running every image to the end."""
+    counts, n, macs, seconds = 0, 0, torch.zeros(3, dtype=torch.float64), torch.zeros(2)
+    with gc.evaluation(model):
+        for x, y in batches:
+            _, info = model(x)
+            _, taken = early_exit(model, x)
+            counts = counts + torch.tensor([[(taken == k).sum(), (logits.argmax(1) == y).sum(),
+                                             ((logits.argmax(1) == y) & (taken == k)).sum()]
+                                            for k, logits in enumerate(info.exit_logits)])
+            macs += torch.tensor([counted_macs(lambda t: early_exit(model, t), x),
+                                  info.macs.sum().item(), info.max_macs * len(x)],
+                                 dtype=torch.float64)
+            for i, use_exits in enumerate((True, False)):
+                t0 = time.perf_counter()
+                early_exit(model, x, use_exits)
+                seconds[i] += time.perf_counter() - t0
+            n += len(x)
+    exits = [dict(exit=k, share=took / n, acc_all=hit / n,
+                  acc_taken=hit_taken / took if took else math.nan)
+             for k, (took, hit, hit_taken) in enumerate(counts.tolist())]
+    return dict(exits=exits, counted_macs=macs[0].item(), accounted_macs=macs[1].item(),
+                full_macs=macs[2].item(), seconds=seconds[0].item(),
+                seconds_to_the_end=seconds[1].item())

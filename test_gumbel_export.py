@@ -1,0 +1,236 @@
+"""Tests of gumbel_export.py: each export computes what threshold inference computes in the
+masked network, and spends the MACs that GateInfo.macs counts."""
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import gumbel_channels as gc
+import gumbel_export as ge
+
+
+# ------------------------------------------------------------------- export: real speed
+
+ARCHS = {                                         # name: (builder(gating, granularity), input size)
+    'resnet20': (lambda g, k: gc.resnet20(gating=g, granularity=k), 32),
+    'resnet56': (lambda g, k: gc.resnet56(gating=g, granularity=k), 32),
+    'tv-resnet18': (lambda g, k: gc.gate_resnet(torchvision.models.resnet18(), g, k), 64),
+    'tv-resnet50': (lambda g, k: gc.gate_resnet(torchvision.models.resnet50(), g, k), 64),
+}
+# Exported nets change no arithmetic but the order of float32 sums inside convs (off
+# channels add exact zeros). Reordering a K-term sum moves it by ~sqrt(K) u |terms|
+# (K <= 9 * 512, u = 6e-8): ~4e-6 relative per layer, < 3e-5 over 56 layers. With logits
+# below 10 (asserted), 1e-4 absolute holds.
+EXPORT_ATOL = 1e-4
+
+
+def randomize_bn(model):
+    """BN statistics and affine parameters away from (0, 1): a collapsed branch's constant is
+    not 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1)
+                m.bias.normal_(0, 0.5)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+
+
+def cycle_gates(model, set_off, set_on, set_random):
+    """Gate k (in network order) is all off when k % 5 == 0, all on when k % 5 == 1, else
+    random: every block kind occurs (emptied BasicBlocks, off layer gates, and Bottlenecks
+    with gate1 or gate2 empty)."""
+    for k, g in enumerate(gc.gates(model)):
+        (set_off, set_on, set_random, set_random, set_random)[k % 5](g)
+
+
+def static_config(model):
+    def put(g, on):
+        g.logits.copy_(torch.stack([torch.zeros(g.channels), torch.where(on, 3.0, -3.0)], 1))
+    with torch.no_grad():
+        cycle_gates(model, lambda g: put(g, torch.zeros(g.channels, dtype=torch.bool)),
+                    lambda g: put(g, torch.ones(g.channels, dtype=torch.bool)),
+                    lambda g: put(g, torch.rand(g.channels) < 0.5))
+
+
+def dynamic_config(model):
+    def put(g, off, on):
+        torch.nn.init.normal_(g.fc2.weight, std=1.0)
+        g.fc2.bias.view(-1, 2).copy_(torch.tensor([off, on]))
+    with torch.no_grad():
+        cycle_gates(
+            model,
+            lambda g: put(g, 20.0, 0.0),
+            lambda g: put(g, 0.0, 20.0),
+            lambda g: put(g, 0.0, 0.0),
+        )
+
+
+def configured(arch, gating, granularity, batch):
+    """A gated net with random BN statistics and cycled gate decisions, in evaluation mode,
+    an input batch, and its masked forward (logits, info)."""
+    torch.manual_seed(0)
+    build, size = ARCHS[arch]
+    model = build(gating, granularity)
+    randomize_bn(model)
+    (static_config if gating == 'static' else dynamic_config)(model)
+    model.eval()
+    x = torch.randn(batch, 3, size, size)
+    logits, info = model(x)
+    assert logits.abs().max() < 10                          # the premise of EXPORT_ATOL
+    return model, x, logits, info
+
+
+@pytest.mark.parametrize('granularity', ['channel', 'layer'])
+@pytest.mark.parametrize('arch', list(ARCHS))
+def test_prune_computes_the_thresholded_network(arch, granularity):
+    """prune: smaller convs, same function as threshold inference, and FlopCounterMode / 2
+    of the pruned net equals info.macs of the gated net."""
+    model, x, logits, info = configured(arch, 'static', granularity, 2)
+    pruned = ge.prune(model)
+    assert not gc.gates(pruned) and not isinstance(pruned(x), tuple)
+    assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL
+    assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item() < info.max_macs
+    assert any(isinstance(b, ge.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
+    if granularity == 'channel' and arch == 'tv-resnet50':  # both Bottleneck halves
+        halves = [(ge._threshold(b.gate1).any().item(), ge._threshold(b.gate2).any().item())
+                  for b in model.blocks()]
+        assert (False, True) in halves and (True, False) in halves
+
+
+def test_pruned_net_saves_loads_compiles_and_exports():
+    model, x, _, _ = configured('resnet20', 'static', 'channel', 2)
+    pruned = ge.prune(model)
+    expected = pruned(x)
+    buf = io.BytesIO()
+    torch.save(pruned, buf)                                 # the whole module (needs this file)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), expected)
+    program = torch.export.export(pruned, (x,))             # a graph that needs no Python code
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    buf.seek(0)
+    torch.testing.assert_close(
+        torch.export.load(buf).module()(x), expected, rtol=0, atol=EXPORT_ATOL
+    )
+    torch.testing.assert_close(
+        torch.compile(pruned, backend='aot_eager')(x), expected, rtol=0, atol=EXPORT_ATOL
+    )
+
+
+@pytest.mark.parametrize('granularity', ['channel', 'layer'])
+@pytest.mark.parametrize('arch', ['resnet20', 'tv-resnet50'])
+def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granularity):
+    """SkipNet runs only the on channels per input: same logits as the masked forward, and
+    its FlopCounterMode / 2 equals that input's info.macs."""
+    model, x, logits, info = configured(arch, 'dynamic', granularity, 3)
+    skip = ge.SkipNet(model)
+    for i in range(len(x)):
+        assert (skip(x[i:i + 1]) - logits[i]).abs().max() <= EXPORT_ATOL
+        assert ge.counted_macs(skip, x[i:i + 1]) == info.macs[i].item() < info.max_macs
+
+
+def test_benchmark_smoke_mode_runs():
+    out = subprocess.run(
+        [sys.executable, 'benchmark.py', '--smoke'],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=__file__.rsplit('/', 1)[0] or '.',
+    )
+    assert out.returncode == 0, out.stderr
+    for row in (
+        'train step, static',
+        'infer pruned 30% CL',
+        'ResNet-8 32px SkipNet CL',
+        'tv-ResNet-18 64px SkipNet',
+    ):
+        assert row in out.stdout
+
+
+# ------------------------------------------------------------------- early exits (5, Table 5)
+
+def spread_exits(model, x):
+    """Center each exit gate on this batch, so that about half the images still running leave."""
+    model.eval()
+    with torch.no_grad():
+        h = model.conv1(x)
+        for k, e in enumerate(model.exits):
+            h = model.stage(k, h)
+            torch.nn.init.normal_(e.gate.fc2.weight)
+            e.gate.fc2.bias.zero_()
+            logits = e.gate.fc2(F.relu(e.gate.bn(e.gate.fc1(h.mean((2, 3))))))
+            e.gate.fc2.bias[1] = -(logits[:, 1] - logits[:, 0]).median() + 1e-3
+    return model
+
+
+def test_early_exit_split_equals_the_masked_computation_and_its_macs():
+    """Images that leave at exit k skip the later blocks; the logits equal the training graph's
+    mixture, and FlopCounterMode / 2 of the split run equals the per-image accounting."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 32, 32)
+    model = spread_exits(gc.densenet_cifar(depth=40), x)
+    logits, info = model(x)
+    split, taken = ge.early_exit(model, x)
+    assert set(taken.tolist()) == {0, 1, 2}
+    assert (split - logits).abs().max() <= EXPORT_ATOL
+    assert ge.counted_macs(lambda t: ge.early_exit(model, t), x) == info.macs.sum().item()
+    assert ge.counted_macs(gc.densenet_cifar(depth=40, exits=False).eval(), x[:1]) == info.max_macs
+    for k in range(3):                                       # image by image, exit by exit
+        i = (taken == k).nonzero()[0, 0]
+        assert ge.counted_macs(lambda t: ge.early_exit(model, t), x[i:i + 1]) == info.macs[i].item()
+
+
+class FixedExit(torch.nn.Module):
+    """A stand-in exit gate with given decisions, for the whole batch (masked pass) and for
+    the images still running (split pass), told apart by their number."""
+    def __init__(self, *decisions):
+        super().__init__()
+        self.z = {len(z): torch.tensor(z)[:, None] for z in decisions}
+
+    def forward(self, x):
+        return self.z[len(x)], self.z[len(x)]
+
+
+def test_exit_report_on_a_constructed_case():
+    """Exits forced to [0, 0, 1, 2, 2, 2], labels chosen so that every number is known."""
+    torch.manual_seed(0)
+    model = gc.densenet_cifar(depth=16).eval()
+    model.exits[0].gate = FixedExit([1.0, 1, 0, 0, 0, 0])
+    model.exits[1].gate = FixedExit(
+        [1.0, 1, 1, 0, 0, 0], [1.0, 0, 0, 0]
+    )  # images 2..5 reach exit 1
+    x = torch.randn(6, 3, 32, 32)
+    heads = model(x)[1].exit_logits
+    pred = [h.argmax(1) for h in heads]
+    y = torch.stack(
+        [
+            pred[0][0],
+            (pred[0][1] + 1) % 10,
+            pred[1][2],
+            pred[2][3],
+            pred[2][4],
+            (pred[2][5] + 1) % 10,
+        ]
+    )  # right, wrong | right | right, right, wrong
+    report = ge.exit_report(model, [(x, y)])
+    shares = [e['share'] for e in report['exits']]
+    assert shares == pytest.approx([2 / 6, 1 / 6, 3 / 6])
+    assert [e['acc_taken'] for e in report['exits']] == pytest.approx([1 / 2, 1, 2 / 3])
+    for e, p in zip(report['exits'], pred):
+        assert e['acc_all'] == pytest.approx((p == y).float().mean().item())
+
+
+@pytest.mark.parametrize('call,name', [
+    (lambda: ge.prune(gc.resnet20()), 'model'),
+    (lambda: ge.prune(gc.resnet20(gating='dynamic')), 'model'),
+    (lambda: ge.SkipNet(gc.resnet20()), 'model'),
+    (lambda: ge.SkipNet(gc.resnet20(gating='dynamic'))(torch.zeros(2, 3, 32, 32)), 'x'),
+])
+def test_bad_input_raises_value_error_naming_the_argument(call, name):
+    with pytest.raises(ValueError, match=rf'^{name}\b'):
+        call()
