@@ -166,6 +166,8 @@ def main():
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     args = ap.parse_args()
+    if args.repeats < 1 or args.threads < 1:
+        raise SystemExit('error: --repeats and --threads must be >= 1')
     if args.macs:
         return macs_table()
     torch.set_num_threads(args.threads)

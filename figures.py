@@ -46,14 +46,22 @@ PAPER = {
 }
 
 
+class BadInput(Exception):
+    """A run folder or file these figures cannot use: one line, exit status 2."""
+
+
 def read_run(folder):
     folder = Path(folder)
     try:
         row = json.loads((folder / 'final.json').read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f'error: {folder} holds no readable final.json ({type(e).__name__})')
+        raise BadInput(f'{folder} holds no readable final.json ({type(e).__name__})') from None
+    if not isinstance(row, dict) or 'arch' not in row:
+        raise BadInput(f'{folder}/final.json is not the final row of a run')
     row['accuracy'] = row.get('gated_acc', row.get('top1'))
     row['baseline'] = row.get('baseline_acc', row.get('baseline_top1'))
+    if row['baseline'] is None:
+        raise BadInput(f'{folder}/final.json has no baseline accuracy')
     return folder, row
 
 
@@ -66,6 +74,8 @@ def fig3(plt, arch, runs, out):
         )
     series = {}                                     # one frontier per configuration, over its t
     for folder, row in runs:
+        if row.get('macs_percent') is None or row['accuracy'] is None:
+            continue                                # a dense baseline's folder: the star only
         key = ' '.join(str(row.get(k)) for k in ('gating', 'granularity', 'loss') if row.get(k))
         series.setdefault(key, []).append(row)
     for key, rows in series.items():
@@ -92,10 +102,15 @@ def fig3(plt, arch, runs, out):
 
 
 def fig4(plt, folder, out):
-    with open(folder / 'gate_classes.csv') as f:
-        rows = list(csv.reader(f))
-    gates, classes = rows[0][1:], [r[0] for r in rows[1:]]
-    rates = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+    try:
+        with open(folder / 'gate_classes.csv') as f:
+            rows = list(csv.reader(f))
+        gates, classes = rows[0][1:], [r[0] for r in rows[1:]]
+        rates = torch.tensor([[float(v) for v in r[1:]] for r in rows[1:]])
+        assert rates.ndim == 2 and rates.numel() and rates.shape[1] == len(gates)
+    except Exception as e:
+        raise BadInput(f'{folder}/gate_classes.csv is not a class-by-gate table '
+                       f'({type(e).__name__})') from None
     fig, ax = plt.subplots(
         figsize=(max(4, 0.35 * len(gates) + 2), max(3, 0.3 * len(classes) + 1.5)), dpi=100
     )
@@ -110,9 +125,13 @@ def fig4(plt, folder, out):
 
 
 def polarization(plt, folder, out):
-    state = torch.load(folder / 'final.pt', map_location='cpu', weights_only=True)
-    logits = [v for k, v in state.items() if k.endswith('.logits')]           # static gates: (C, 2)
-    p = torch.sigmoid(torch.cat([l[:, 1] - l[:, 0] for l in logits]))
+    try:
+        state = torch.load(folder / 'final.pt', map_location='cpu', weights_only=True)
+        logits = [v for k, v in state.items() if k.endswith('.logits')]       # static gates: (C, 2)
+        p = gc.gate_probability(torch.cat(logits))
+    except Exception as e:
+        raise BadInput(f'{folder}/final.pt holds no static gate logits ({type(e).__name__})') \
+            from None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.hist(p.numpy(), bins=50, range=(0, 1))
     ax.set_yscale('log')
@@ -135,15 +154,23 @@ def main(argv=None):
         print('error: figures.py needs matplotlib: pip install matplotlib', file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [read_run(f) for f in args.runs]
-    for arch in sorted({row['arch'] for _, row in runs}):
-        fig3(plt, arch, [r for r in runs if r[1]['arch'] == arch], out)
-    for folder, row in runs:
-        if (folder / 'gate_classes.csv').exists():
-            fig4(plt, folder, out)
-        if row.get('gating') == 'static' and (folder / 'final.pt').exists():
-            polarization(plt, folder, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        runs = [read_run(f) for f in args.runs]
+        for arch in sorted({row['arch'] for _, row in runs}):
+            fig3(plt, arch, [r for r in runs if r[1]['arch'] == arch], out)
+        for folder, row in runs:
+            if (folder / 'gate_classes.csv').exists():
+                fig4(plt, folder, out)
+            if row.get('gating') == 'static' and (folder / 'final.pt').exists():
+                polarization(plt, folder, out)
+    except BadInput as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    except OSError as e:                            # --out a file, a full disk
+        print(f'error: {e.strerror or e}' + (f' ({e.filename})' if e.filename else ''),
+              file=sys.stderr)
+        return 1
     print(f'figures written to {out}')
     return 0
 

@@ -61,3 +61,22 @@ def test_without_matplotlib_it_says_how_to_install(tmp_path, monkeypatch, capsys
     monkeypatch.setitem(sys.modules, 'matplotlib', None)        # import matplotlib now fails
     assert figures.main([str(static), '--out', str(tmp_path / 'f')]) == 2
     assert 'pip install matplotlib' in capsys.readouterr().err
+
+
+def test_bad_run_folders_give_one_line_errors(tmp_path, one_line_error):
+    pytest.importorskip('matplotlib')
+    static, dynamic = write_runs(tmp_path)
+    dense = tmp_path / 'dense-resnet56-s0'                  # a baseline's row: the star only
+    dense.mkdir()
+    (dense / 'final.json').write_text(json.dumps(dict(arch='resnet56', baseline_acc=93.9)))
+    assert figures.main([str(static), str(dense), '--out', str(tmp_path / 'a')]) == 0
+    (static / 'final.pt').write_bytes(b'not a checkpoint')
+    assert 'final.pt' in one_line_error(figures.main([str(static), '--out', str(tmp_path / 'b')]))
+    (dynamic / 'gate_classes.csv').write_text('')
+    assert 'gate_classes.csv' in one_line_error(
+        figures.main([str(dynamic), '--out', str(tmp_path / 'c')]))
+    (tmp_path / 'file').write_text('')
+    assert 'exists' in one_line_error(
+        figures.main([str(dense), '--out', str(tmp_path / 'file')]), status=1)
+    code = figures.main([str(tmp_path), '--out', str(tmp_path / 'd')])
+    assert 'final.json' in one_line_error(code)

@@ -118,21 +118,26 @@ def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
     assert 'exit 2:' in capsys.readouterr().out
 
 
+def crash_after_epoch_1(monkeypatch, cifar, out, *extra):
+    """A 2-epoch run killed right after epoch 1's checkpoint, before its metrics line."""
+    save = train_common.save_atomic
+
+    def crash(obj, path):
+        save(obj, path)
+        if path.name == 'last.pt' and obj.get('epoch') == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_common, 'save_atomic', crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cifar, out, *extra, '--epochs', '2')
+    monkeypatch.setattr(train_common, 'save_atomic', save)
+
+
 def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, monkeypatch):
     """Two epochs in one go, or a crash right after epoch 1's checkpoint (before its metrics
     line) and --resume with the same command: the same next-step loss, and the lost line
     restored from the checkpoint."""
     assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
-    save = train_common.save_atomic
-
-    def crash_after_first_epoch(obj, path):
-        save(obj, path)
-        if path.name == 'last.pt' and obj.get('epoch') == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train_common, 'save_atomic', crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2')
-    monkeypatch.setattr(train_common, 'save_atomic', save)
+    crash_after_epoch_1(monkeypatch, cifar, tmp_path / 'b', '--init', str(dense_ckpt))
     assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
     name = 'resnet8-static-channel-flops-t0.5-s0'
     a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
@@ -146,6 +151,14 @@ def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, monkeypatch):
     (['--gating', 'none', '--t', '0.5'], '--gating none'), (['--gating', 'soft'], '--gating'),
     (['--loss', 'per-gate', '--targets', '0.5', '0.5'], '--targets'),
     (['--arch', 'densenet16', '--gating', 'static'], 'DenseNets'),
+    (['--batch-size', '0'], '--batch-size'), (['--epochs', '-1'], '--epochs'),
+    (['--recal-batches', '0'], '--recal-batches'), (['--runs', '0'], '--runs'),
+    (['--loss', 'per-gate', '--targets', '1.5'], '--targets'), (['--lr', '0'], '--lr'),
+    (['--gate-init-p', '1'], '--gate-init-p'), (['--lr', 'nan'], '--lr'),
+    (['--device', 'cuda:99'], '--device'), (['--device', 'bogus'], '--device'),
+    (['--gating', 'none'], '--gating none'), (['--also', 'vote'], '--also'),
+    (['--gate-sample', 'pixel'], '--gate-sample'), (['--epochs', 'two'], '--epochs'),
+    (['--milestones', '0'], '--milestones'), (['--batch-size', '65'], 'fewer than one batch'),
 ])
 def test_bad_arguments_give_one_line_errors(
     cifar, dense_ckpt, tmp_path, one_line_error, extra, words
@@ -246,3 +259,104 @@ def test_per_class_rates_on_a_constructed_case():
     batches = [(x[:2], y[:2]), (x[2:], y[2:])]
     rates = train_common.per_class_rates(Decisions(), batches, num_classes=3)
     assert torch.equal(rates, torch.tensor([[0.75, 0.5], [0.5, 1.0], [0.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+class Payload:
+    """A pickled object that runs a shell command when unpickled by the general unpickler."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_a_malicious_cifar_batch_runs_no_code(tmp_path, one_line_error):
+    folder = tmp_path / 'data' / 'cifar-10-batches-py'
+    write_cifar(folder)
+    marker = tmp_path / 'pwned'
+    with open(folder / 'data_batch_1', 'wb') as f:
+        pickle.dump({b'data': Payload(marker), b'labels': [0]}, f)
+    code = train_cifar.cli(FAST + ['--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)])
+    assert 'data_batch_1' in one_line_error(code) and not marker.exists()
+
+
+@pytest.mark.parametrize('content', [b'', b'garbage', pickle.dumps({b'labels': [1]}),
+                                     pickle.dumps({b'data': np.zeros((2, 3072), np.float32),
+                                                   b'labels': [0, 1]})])
+def test_corrupt_cifar_batches_give_one_line_naming_the_file(tmp_path, one_line_error, content):
+    folder = tmp_path / 'data' / 'cifar-10-batches-py'
+    write_cifar(folder)
+    (folder / 'test_batch').write_bytes(content)
+    code = train_cifar.cli(FAST + ['--data-dir', str(tmp_path / 'data'), '--out', str(tmp_path)])
+    assert 'test_batch' in one_line_error(code)
+
+
+def test_only_the_official_batch_files_are_read(tmp_path):
+    folder = tmp_path / 'cifar-10-batches-py'
+    write_cifar(folder)
+    (folder / 'data_batch_1.bak').write_bytes(b'not a batch')
+    x, y, x_test, _ = train_cifar.read_cifar(folder)
+    assert len(x) == len(y) == 64 and len(x_test) == 32
+
+
+def test_a_diverged_run_stops_and_exports_nothing(cifar, dense_ckpt, tmp_path, one_line_error):
+    code = run(cifar, tmp_path, '--init', str(dense_ckpt), '--lr', '1e30', '--epochs', '2')
+    assert 'not finite' in one_line_error(code, status=1)
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    assert not any((run_dir / f).exists() for f in ('final.json', 'final.pt', 'pruned.pt'))
+
+
+def test_one_epoch_trains_at_the_base_lr(dense_ckpt):
+    assert train_cifar.steps_at(1, (1, 2), (3, 4)) == []
+    assert read_metrics(dense_ckpt.parent)[0]['lr'] == 0.1
+
+
+def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error):
+    """Re-evaluating with other settings, resuming with another lr, --gating none on a finished
+    baseline: each refused in one line, and every finished file keeps its bytes."""
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    gated = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    before = {f: f.read_bytes() for f in gated.iterdir() if f.is_file() and f.name != '.lock'}
+    assert 'final.json' in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt),
+                                               '--resume', '--tau', '0.4'))
+    assert {f: f.read_bytes() for f in before} == before
+    dense_out = dense_ckpt.parent.parent
+    files = {f: f.read_bytes() for f in dense_ckpt.parent.iterdir() if f.name != '.lock'}
+    assert 'finished' in one_line_error(run(cifar, dense_out, '--gating', 'none'))
+    assert 'finished' in one_line_error(run(cifar, dense_out, '--gating', 'none', '--resume'))
+    error = one_line_error(run(cifar, dense_out, '--dense-epochs', '2'))   # how to reuse it
+    assert '--dense-epochs 1 -> 2' in error and '--init' in error
+    assert {f: f.read_bytes() for f in files} == files
+
+
+def test_a_resume_must_train_what_the_run_started(cifar, dense_ckpt, tmp_path, one_line_error,
+                                                  monkeypatch):
+    crash_after_epoch_1(monkeypatch, cifar, tmp_path, '--init', str(dense_ckpt))
+    error = one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt), '--epochs', '2',
+                               '--resume', '--lr', '0.05'))
+    assert '--lr 0.1 -> 0.05' in error
+
+
+def test_a_run_folder_in_use_is_refused(cifar, dense_ckpt, tmp_path, one_line_error):
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    run_dir.mkdir()
+    with train_common.locked([run_dir]):
+        assert 'in use' in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)))
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0     # the lock is released
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(cifar, dense_ckpt, tmp_path,
+                                                              one_line_error, monkeypatch):
+    def full(obj, f, *args, **kwargs):
+        with open(f, 'wb') as fh:
+            fh.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(train_common.torch, 'save', full)
+    error = one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)), status=1)
+    assert 'No space left on device' in error and '.pt' in error
+    assert not list(tmp_path.rglob('*.tmp'))
+

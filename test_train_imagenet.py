@@ -89,6 +89,11 @@ def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
         (['--aig-targets'], '--aig-targets'),
         (['--targets', '0.5'], '--targets'),
         (['--batch-size', '0'], '--batch-size'),
+        (['--lr-step', '0'], '--lr-step'),
+        (['--workers', '-1'], '--workers'),
+        (['--epochs', '0'], '--epochs'),
+        (['--device', 'cuda:99'], '--device'),
+        (['--batch-size', '16'], 'fewer than one batch'),
     ],
 )
 def test_bad_arguments_give_one_line_errors(imagenet, tmp_path, one_line_error, extra, words):
@@ -102,7 +107,7 @@ def test_bad_folders_give_one_line_errors(imagenet, tmp_path, one_line_error):
     (mismatch / 'val' / 'cat').rename(mismatch / 'val' / 'dog')
     (mismatch / 'val' / 'extra').mkdir()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(mismatch / 'val' / 'extra' / '0.jpg')
-    assert 'classes' in one_line_error(run(mismatch, tmp_path / 'o'))
+    assert 'class folders' in one_line_error(run(mismatch, tmp_path / 'o'))
     assert run(imagenet, tmp_path / 'done') == 0
     last = tmp_path / 'done' / RUN / 'last.pt'
     before = last.read_bytes()
@@ -117,3 +122,29 @@ def test_aig_targets_follow_the_paper():
     assert (
         len(targets) == 16 and targets.count(0.4) == 7 and targets[2] == 0.8 and targets[14] == 0.7
     )
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path, capsys):
+    data = tmp_path / 'data'
+    write_imagefolder(data)
+    (data / 'train' / 'ant' / 'empty.jpg').write_bytes(b'')
+    jpeg = (data / 'train' / 'bee' / '0.jpg').read_bytes()
+    (data / 'train' / 'bee' / 'cut.jpg').write_bytes(jpeg[:50])                 # truncated
+    assert run(data, tmp_path / 'o', '--batch-size', '14') == 0
+    assert 'unreadable' in capsys.readouterr().err
+    assert metrics(tmp_path / 'o' / RUN)[0]['unreadable_images'] == 2
+
+
+def test_an_empty_class_folder_and_missing_weights_are_one_line(tmp_path, one_line_error,
+                                                                monkeypatch):
+    data = tmp_path / 'data'
+    write_imagefolder(data)
+    (data / 'train' / 'dog').mkdir()
+    assert 'dog' in one_line_error(run(data, tmp_path / 'o'))
+    (data / 'train' / 'dog').rmdir()
+
+    def offline(*args, **kwargs):
+        raise OSError('no route to host')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    assert '--pretrained' in one_line_error(run(data, tmp_path / 'o', '--pretrained'))
+

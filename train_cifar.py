@@ -14,7 +14,6 @@ import argparse
 import itertools
 import json
 import math
-import pickle
 import sys
 from pathlib import Path
 
@@ -33,6 +32,8 @@ DEPTHS = {
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
+DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
+FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'also', 'runs')
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
@@ -43,112 +44,111 @@ def steps_at(epochs, *fractions):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a('--arch', default='resnet56', help=f'one of {", ".join(DEPTHS)}')
-    a('--gating', help="static (pruning; ResNet default), dynamic (conditional computation; "
-                        "the DenseNets' early exits), none (the dense baseline only) (3.2, 5)")
-    a('--granularity', help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
-    a('--loss', default='flops', help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
-    a('--t', type=float, nargs='+',
-      help='target rate(s) t in (0, 1], each a run from one dense baseline (default 0.5)')
-    a('--targets', type=float, nargs='+',
-      help='per-gate loss: one rate per gate module (default: t for each)')
+    a('--arch', default='resnet56', choices=list(DEPTHS))
+    a('--gating', choices=('static', 'dynamic', 'none'),
+      help="static (pruning; ResNet default), dynamic (conditional computation; the DenseNets' "
+           "early exits), none (the dense baseline only) (3.2, 5)")
+    a('--granularity', choices=gc.GRANULARITIES,
+      help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
+    a('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
+      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
+    a('--t', type=float, nargs='+', help='target rate(s), one run each (default 0.5)')
+    a('--targets', type=float, nargs='+', help='per-gate loss: a rate per gate module (default t)')
     a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
-    a('--loss-weight', type=float, default=20.0,
-      help='weight of the gate loss (the paper: 1; NOTES.md: polarization)')
-    a('--gate-lr-mult', type=float, default=1000.0,
-      help='gate learning rate / base (the paper: 1; NOTES.md: polarization)')
+    a('--loss-weight', type=float, default=20.0, help='gate loss weight (the paper: 1; NOTES 18)')
+    a('--gate-lr-mult', type=float, default=1000.0, help='gate lr / lr (the paper: 1; NOTES 18)')
     a('--gate-init-p', type=float, default=gc.INIT_P,
       help='initial on-probability of the gates (DenseNet exits: 1 - this is the p of leaving)')
     a('--gate-lr-decay', action='store_true', help='the gate lr follows --milestones too (the '
       'paper); by default it stays constant so the gates can finish polarizing')
-    a('--gate-decay', type=float, default=20.0,
-      help='gate weight decay = weight decay * this / |G| / gate lr mult (3.2, 4.1)')
-    a('--soft-gates', action='store_true',
-      help='train with the soft Gumbel-softmax instead of straight-through (3.2)')
+    a('--gate-decay', type=float, default=20.0, help='gate decay: weight decay * this / |G| (3.2)')
+    a('--soft-gates', action='store_true', help='soft Gumbel-softmax, not straight-through (3.2)')
     a('--temperature', type=float, default=1.0, help='Gumbel-softmax temperature (3.2: fixed at 1)')
-    a('--gate-sample', default='image', help='static gates draw once per image or once per batch')
+    a('--gate-sample', default='image', choices=('image', 'batch'),
+      help='static gates draw once per image or once per batch')
     a('--polarize', type=float, default=0.01, help='weight of the polarization term mean '
       '4p(1-p), rising from 0 over fine-tuning (the paper: 0; NOTES.md: polarization)')
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
     a('--lr', type=float, default=0.1)
-    a('--milestones', type=int, nargs='+',
-      help='lr / 10 at these epochs (4.1; default 40%% and 70%% of --epochs)')
+    a('--milestones', type=int, nargs='+', help='lr / 10 at these epochs (default 40%%, 70%%)')
     a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay (official code)')
-    a('--dense-epochs', type=int, default=200,
-      help='dense baseline epochs; lr / 10 at 50%% and 75%%')
+    a('--dense-epochs', type=int, default=200, help='dense baseline epochs; lr / 10 at 50%%, 75%%')
     a('--dense-batch-size', type=int, default=128)
     a('--dense-weight-decay', type=float, default=1e-4)
     a('--init', help='dense checkpoint (or state_dict) to fine-tune from instead of training one')
-    a('--recal-batches', type=int, default=200,
-      help='BN recalibration batches before the final evaluation (4.1)')
-    a('--also', nargs='*', default=[], help='more evaluations: all_on, sample, ensemble (3.3)')
+    a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
+    a('--also', nargs='*', default=[], choices=('all_on', 'sample', 'ensemble'),
+      help='more evaluations (3.3)')
     a('--runs', type=int, default=8, help='stochastic runs for --also sample / ensemble')
     a('--data-dir', default='data', help='holds cifar-10-batches-py (downloaded there when absent)')
-    a('--synthetic', action='store_true',
-      help='5,000 + 1,000 generated images of 10 stripe orientations: the whole method offline')
+    a('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
     a('--out', default='runs', help='runs are written in subfolders of this folder')
-    a('--resume', action='store_true',
-      help="continue this configuration's unfinished run from last.pt")
+    a('--resume', action='store_true', help="continue this configuration's unfinished run")
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    if args.arch not in DEPTHS:
-        raise UsageError(f'--arch must be one of {", ".join(DEPTHS)}, got {args.arch!r}')
+    common.check_args(args, dict(
+        epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1, milestones=common.AT_LEAST_1,
+        dense_epochs=common.AT_LEAST_1, dense_batch_size=common.AT_LEAST_1,
+        recal_batches=common.AT_LEAST_1, runs=common.AT_LEAST_1, lr=common.POSITIVE,
+        gate_lr_mult=common.POSITIVE, temperature=common.POSITIVE, tau=common.OPEN_UNIT,
+        gate_init_p=common.OPEN_UNIT, targets=common.UNIT, loss_weight=common.NON_NEGATIVE,
+        polarize=common.NON_NEGATIVE, gate_decay=common.NON_NEGATIVE,
+        weight_decay=common.NON_NEGATIVE, dense_weight_decay=common.NON_NEGATIVE,
+        t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
+    common.device_for(args.device)
     if args.arch.startswith('densenet'):  # early exits (5): data-dependent gates
         if args.gating not in (None, 'dynamic', 'none') or args.granularity is not None:
             raise UsageError('the DenseNets have early-exit gates: --gating dynamic (or none), '
                              'no --granularity')
         args.gating, args.granularity = args.gating or 'dynamic', 'exit'
     args.gating, args.granularity = args.gating or 'static', args.granularity or 'channel'
-    for name, allowed in (('gating', ('static', 'dynamic', 'none')),
-                          ('granularity', (*gc.GRANULARITIES, 'exit')),
-                          ('loss', ('flops', 'batch', 'per-gate'))):
-        if getattr(args, name) not in allowed:
-            raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
-                             f'got {getattr(args, name)!r}')
-    if args.gating == 'none' and args.t is not None:
-        raise UsageError('--t sets the target rate of gates; --gating none trains only the '
-                         'dense baseline')
+    if args.gating == 'none' and (args.t is not None or args.init):
+        raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
+                         '--init would replace what it trains')
     args.t = [] if args.gating == 'none' else args.t or [0.5]
     args.milestones = args.milestones or steps_at(args.epochs, (2, 5), (7, 10))
-    if not all(0 < t <= 1 for t in args.t) or len(set(args.t)) != len(args.t):
-        raise UsageError(f'--t must be distinct rates in (0, 1], got {args.t}')
-    if not 0 < args.tau < 1:
-        raise UsageError(f'--tau must be in (0, 1), got {args.tau}')
-    if set(args.also) - {'all_on', 'sample', 'ensemble'}:
-        raise UsageError(f'--also takes all_on, sample, ensemble; got {args.also}')
+    if len(set(args.t)) != len(args.t):
+        raise UsageError(f'--t must be distinct rates, got {args.t}')
     return args
 
 
 # ----------------------------------------------------------------------------- data
 
+def read_batch(path):
+    """One CIFAR-10 python batch -> uint8 (N, 3, 32, 32), int64 (N,); any fault is one line."""
+    try:
+        with open(path, 'rb') as f:
+            batch = common.ArraysOnly(f, encoding='bytes').load()
+        x, y = batch[b'data'], batch[b'labels']
+        y = torch.tensor(y, dtype=torch.int64)
+    except Exception as e:                                  # corrupt, truncated, not CIFAR
+        raise UsageError(f'{path}: not a CIFAR-10 python batch ({type(e).__name__}: '
+                         f'{str(e)[:120]})') from None
+    if getattr(x, 'dtype', None) != 'uint8' or x.ndim != 2 or x.shape[1] != 3072 \
+            or y.shape != (len(x),):
+        raise UsageError(f'{path}: expected uint8 data (N, 3072) with N labels')
+    if len(y) and (y.min() < 0 or y.max() > 9):
+        raise UsageError(f'{path}: labels must lie in 0..9')
+    return torch.from_numpy(x.copy()).view(-1, 3, 32, 32), y
+
+
 def read_cifar(folder):
-    """CIFAR-10 python batches (data_batch_*, test_batch) -> uint8 (N, 3, 32, 32), int64 (N,)."""
+    """CIFAR-10's python batches data_batch_1..5 (those present) and test_batch, and no
+    other file -> uint8 (N, 3, 32, 32), int64 (N,) for train, then for test."""
     folder = Path(folder)
-    train_files = sorted(folder.glob('data_batch_*'))
+    train_files = [folder / f'data_batch_{k}' for k in range(1, 6)
+                   if (folder / f'data_batch_{k}').is_file()]
     if not train_files or not (folder / 'test_batch').is_file():
         raise FileNotFoundError(folder)
-
-    def read(files):
-        xs, ys = [], []
-        for f in files:
-            with open(f, 'rb') as fh:
-                batch = pickle.load(fh, encoding='bytes')       # the official format is pickle
-            x, y = batch[b'data'], batch[b'labels']
-            if x.dtype.name != 'uint8' or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
-                raise UsageError(f'{f}: expected uint8 data (N, 3072) with N labels')
-            xs.append(torch.from_numpy(x).view(-1, 3, 32, 32))
-            ys.append(torch.tensor(y, dtype=torch.int64))
-        x, y = torch.cat(xs), torch.cat(ys)
-        if y.min() < 0 or y.max() > 9:
-            raise UsageError(f'{folder}: labels must lie in 0..9')
-        return x, y
-    return (*read(train_files), *read([folder / 'test_batch']))
+    train = [read_batch(f) for f in train_files]
+    x_test, y_test = read_batch(folder / 'test_batch')
+    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test
 
 
 def stripes(n, seed):
@@ -189,7 +189,7 @@ def load_data(args, device):
     try:
         return [d.to(device) for d in read_cifar(folder)]
     except FileNotFoundError:
-        raise UsageError(f'{folder} holds no data_batch_* and test_batch files') from None
+        raise UsageError(f'{folder} holds no data_batch_1..5 and test_batch files') from None
 
 
 def augment(x, gen):
@@ -282,7 +282,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     for epoch in range(start, epochs):
         m = common.train_epoch(model, step_model, train_batches(x_train, y_train, batch_size, gen),
                                opt, args, autocast,
-                               lambda i: (epoch * steps + i) / (epochs * steps))
+                               lambda i: (epoch * steps + i) / (epochs * steps), epoch + 1,
+                               steps)
         lr = opt.param_groups[0]['lr']
         sched.step()
         test_acc, test_rate, test_macs, _ = evaluate(model, x_test, y_test, autocast)
@@ -310,19 +311,32 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    autocast = common.autocast_for(device)
     out = Path(args.out)
     dense_dir = out / run_name(args, 'dense')
-    dense_done = bool(args.init) or common.check_run_dir(
-        dense_dir, args, args.dense_epochs, ('arch', 'seed', 'synthetic'), reuse_finished=True)
     runs = [argparse.Namespace(**{**vars(args), 't': t}) for t in args.t]  # one run per target
+    dense_done = bool(args.init) or common.check_run_dir(
+        dense_dir, args, 'dense_epochs', ('arch', 'seed', 'synthetic'), DENSE_SETTINGS,
+        reuse_finished=bool(runs))
     for run in runs:
-        common.check_run_dir(out / run_name(run, 'gated'), run, run.epochs, STRUCTURE)
+        common.check_run_dir(out / run_name(run, 'gated'), run, 'epochs', STRUCTURE,
+                             [k for k in vars(run) if k not in FREE])
     dirs = [out / run_name(run, 'gated') for run in runs]
-    common.ensure_writable(dirs + [dense_dir] * (not runs or not dense_done), out)
+    dirs += [dense_dir] * (not runs or not dense_done)
+    common.ensure_writable(dirs, out)
+    with common.locked(dirs):
+        return pipeline(args, runs, dense_dir, dense_done, device)
+
+
+def pipeline(args, runs, dense_dir, dense_done, device):
+    """1. the dense baseline, then 2-4 (fine_tune) for each target."""
     print('args:', json.dumps(vars(args)))
+    autocast = common.autocast_for(device)
     torch.manual_seed(args.seed)
     data = load_data(args, device)
+    sizes = [args.batch_size] * bool(runs) + [args.dense_batch_size] * (not dense_done)
+    if len(data[0]) < max(sizes, default=0):
+        raise UsageError(f'the training set has {len(data[0])} images, fewer than one batch '
+                         f'({max(sizes)}): lower --batch-size / --dense-batch-size')
     if runs:  # the gated net's checks are cheap: first
         n_modules = len(gc.gates(build(args, gated=True)))
         if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
@@ -334,6 +348,9 @@ def main(argv=None):
     baseline = build(args, gated=False)
     if args.init:
         state = common.load_checkpoint(args.init)
+        if not isinstance(state, dict):
+            raise UsageError(f'--init {args.init} holds a {type(state).__name__}, not a '
+                             'checkpoint or state_dict')
         common.load_weights(baseline, state.get('model', state), args.init, gated=False)
         print(f'dense: weights from {args.init}')
     elif dense_done:
@@ -347,10 +364,8 @@ def main(argv=None):
         row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
         common.finish(row, dense_dir)
         return [row]
-    return [
-        fine_tune(run, out / run_name(run, 'gated'), baseline, base_acc, data, autocast)
-        for run in runs
-    ]
+    return [fine_tune(run, Path(args.out) / run_name(run, 'gated'), baseline, base_acc, data,
+                      autocast) for run in runs]
 
 
 def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
@@ -367,42 +382,37 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     epochs_of_batches = (b for _ in itertools.count()
                          for b in train_batches(*data[:2], args.batch_size, gen))
     recal = (xb for xb, _ in itertools.islice(epochs_of_batches, args.recal_batches))
-    with autocast():
+    with common.stage(f'BN recalibration over {args.recal_batches} batches'), autocast():
         gc.recalibrate_bn(model, recal)
-    acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
+    with common.stage(f'evaluation at threshold {args.tau}'):
+        acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
                activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
-    for strategy in args.also:
-        if strategy == 'all_on':
-            gc.set_inference(model, 'all_on')
-            row['all_on_acc'] = evaluate(model, data[2], data[3], autocast)[0]
-        elif strategy == 'sample':
-            gc.set_inference(model, 'sample')
-            row['sample_acc'] = sum(evaluate(model, data[2], data[3], autocast)[0]
-                                    for _ in range(args.runs)) / args.runs
-        else:
-            with autocast():
-                probs = torch.cat([gc.ensemble_predict(model, xb, args.runs)
-                                   for xb, _ in test_batches(*data[2:])])
-            row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
-        gc.set_inference(model, 'threshold', args.tau)
+    for strategy in args.also:                                  # 3.3's other strategies
+        with gc.evaluation(model, 'all_on' if strategy == 'all_on' else 'sample'):
+            if strategy == 'ensemble':
+                with autocast():
+                    probs = torch.cat([gc.ensemble_predict(model, xb, args.runs)
+                                       for xb, _ in test_batches(*data[2:])])
+                row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
+            else:
+                accs = [evaluate(model, data[2], data[3], autocast)[0]
+                        for _ in range(args.runs if strategy == 'sample' else 1)]
+                row[f'{strategy}_acc'] = sum(accs) / len(accs)
     if args.gating == 'dynamic':  # Fig. 4: which classes each gate runs on
         with autocast():
             rates = common.per_class_rates(model, test_batches(*data[2:]), 10)
         common.write_class_rates(rates, CLASSES, run_dir)
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
-            row['table5'] = report = ge.exit_report(model, test_batches(*data[2:], size=500))
-        for e in report['exits']:
-            print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
-                  f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
-        print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
-              f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
-    pruned = common.export(model, baseline, prepare(data[2][:1]), run_dir, row)  # 4. pruned net
-    if pruned is not None:
-        row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
+            row['table5'] = ge.exit_report(model, test_batches(*data[2:], size=500))
+        common.print_exit_report(row['table5'])
+    with common.stage('export'):                                # 4. the pruned network
+        pruned = common.export(model, baseline, prepare(data[2][:1]), run_dir, row)
+        if pruned is not None:
+            row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
     common.warn_if_missed(row)
     common.finish(row, run_dir)
     return row

@@ -3,9 +3,13 @@ folders, atomic checkpoints and exact resume, the training epoch, the gate terms
 loss, logging rows, and the files a finished run leaves. The method itself is in
 gumbel_channels.py; nothing here is specific to a data set.
 """
+import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
+import pickle
 import sys
 import time
 
@@ -24,14 +28,64 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit status 2, nothing overwritten."""
 
 
+class RunError(Exception):
+    """A run that cannot go on (a diverged loss, a failed write): one line, exit status 1;
+    the last good checkpoint is kept and nothing is exported."""
+
+
 def run_cli(main, argv=None):
-    """Run main(argv) with bad input reported as one line on stderr and exit status 2."""
+    """Run main(argv); bad input (exit status 2), a run that cannot go on and a failed read
+    or write (exit status 1) are reported as one line on stderr, without a traceback."""
     try:
         main(argv)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    except OSError as e:                                    # disk full, permissions, I/O
+        where = f' ({e.filename})' if e.filename else ''
+        print(f'error: {e.strerror or e}{where}', file=sys.stderr)
+        return 1
     return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as UsageError: one line, no usage dump."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def check_args(args, rules):
+    """Before any work: {dest: (test, what)} -> UsageError naming the first flag whose value
+    (each value, for a list) fails its test; None (not given) passes."""
+    for name, (test, what) in rules.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not test(v):
+                raise UsageError(f'--{name.replace("_", "-")} must be {what}, got {value}')
+
+
+AT_LEAST_1 = (lambda v: v >= 1, '>= 1')
+POSITIVE = (lambda v: v > 0 and math.isfinite(v), '> 0')
+NON_NEGATIVE = (lambda v: v >= 0 and math.isfinite(v), '>= 0')
+OPEN_UNIT = (lambda v: 0 < v < 1, 'in (0, 1)')
+UNIT = (lambda v: 0 <= v <= 1, 'in [0, 1]')
+
+
+def device_for(name):
+    """torch.device(name), refusing one this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'--device {name!r} is not a device (cpu, cuda, cuda:1, ...)') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: no CUDA GPU is available here (use --device cpu)')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f'--device {name}: this machine has {torch.cuda.device_count()} GPU(s)')
+    return device
 
 
 def autocast_for(device):
@@ -39,6 +93,20 @@ def autocast_for(device):
     if device.type == 'cuda':
         return lambda: torch.autocast('cuda', torch.bfloat16)
     return lambda: torch.autocast('cpu', enabled=False)
+
+
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing that can run
+    code (CIFAR-10's batches need no other class): the data files of a download or a
+    colleague are never read with the general unpickler."""
+    ALLOWED = {('numpy._core.multiarray', '_reconstruct'), ('numpy._core.numeric', '_frombuffer'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        module = module.replace('numpy.core.', 'numpy._core.')  # numpy 1.x names
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        return super().find_class(module, name)
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -55,9 +123,35 @@ def ensure_writable(dirs, out):
 
 
 def save_atomic(obj, path):
-    tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save(obj, path) (or the text obj) through a temporary file: path is either the
+    old file or the new one, and a failed write leaves no temporary file behind."""
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                    # torch.save wraps some OSErrors
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:120]
+        raise RunError(f'cannot write {path}: {reason}') from None
+
+
+@contextlib.contextmanager
+def locked(dirs):
+    """Hold an exclusive lock on each run folder for the with-block: a second run on one of
+    them stops with a one-line error instead of interleaving its files."""
+    with contextlib.ExitStack() as stack:
+        for d in dirs:
+            f = stack.enter_context(open(d / '.lock', 'a+'))
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f'{d} is in use by another run; wait for it, or choose '
+                                 'another --out') from None
+            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        yield
 
 
 def load_checkpoint(path):
@@ -81,23 +175,51 @@ def load_weights(model, state, source, gated):
                          f'unexpected {unexpected[:3]}')
 
 
-def check_run_dir(run_dir, args, epochs, keys, reuse_finished=False):
-    """True when the run in run_dir finished already. Refuses a run written by another
-    configuration (keys differ), and any run not asked to --resume, except a finished one
-    when reuse_finished (a dense baseline)."""
+def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finished=False):
+    """True when the run in run_dir finished training (getattr(args, epochs_key) epochs).
+    Refuses a run of another structure (a key of `structure` differs); any run not asked to
+    --resume, except a finished one when reuse_finished (a dense baseline: then its training
+    `settings` must match, and the message says how to reuse it); a resume with other
+    training `settings` than the run started with; and a finished run's results
+    (final.json), which are never overwritten."""
     path = run_dir / 'last.pt'
     if not path.exists():
         return False
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or any(ckpt.get('args', {}).get(k) != getattr(args, k)
-                                         for k in keys):
-        raise UsageError(f'{path} was not written by this configuration ({", ".join(keys)} differ)')
-    done = ckpt['epoch'] >= epochs
-    if not args.resume and not (done and reuse_finished):
-        state = 'a finished' if done else f'an unfinished (epoch {ckpt["epoch"]} of {epochs})'
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('epoch'), int)
+            and isinstance(ckpt.get('args'), dict)):
+        raise UsageError(f'{path} is not a checkpoint of this script')
+    saved = ckpt['args']
+    changed = [k for k in structure if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError(f'{path} was not written by this configuration '
+                         f'({_diff(saved, args, changed)})')
+    changed = [k for k in settings if saved.get(k) != getattr(args, k)]
+    if reuse_finished and ckpt['epoch'] >= saved.get(epochs_key, math.inf):
+        if changed:
+            raise UsageError(f'{run_dir} holds a finished baseline trained with other settings '
+                             f'({_diff(saved, args, changed)}): pass the same ones to reuse it, '
+                             f'or --init {path}, or choose another --out')
+        return True
+    done = ckpt['epoch'] >= getattr(args, epochs_key)
+    if not args.resume:
+        state = 'a finished' if done else f'an unfinished (epoch {ckpt["epoch"]} of ' \
+                                          f'{getattr(args, epochs_key)})'
         raise UsageError(f'{run_dir} holds {state} run: pass --resume to continue it, '
                          'or choose another --out')
+    if done and (run_dir / 'final.json').exists():
+        raise UsageError(f'{run_dir} holds a finished run whose results (final.json) are kept; '
+                         'to train or evaluate it again, choose another --out')
+    if changed:
+        raise UsageError('--resume must train what the run started with '
+                         f'({_diff(saved, args, changed)}): pass the same settings, or '
+                         'choose another --out')
     return done
+
+
+def _diff(saved, args, keys):
+    return ', '.join(f'--{k.replace("_", "-")} {saved.get(k)} -> {getattr(args, k)}'
+                     for k in keys[:3])
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -136,7 +258,18 @@ def _sync_metrics(path, last):
     kept = [r for r in rows if r.get('epoch', 0) <= last['epoch']]
     if not kept or kept[-1].get('epoch') != last['epoch']:
         kept.append(last)
-    path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+    save_atomic(''.join(to_json(r) + '\n' for r in kept), path)
+
+
+def to_json(obj, indent=None):
+    """Strict JSON (RFC 8259): a NaN or infinite float becomes null."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
 def record_epoch(run_dir, ckpt, metrics, improved):
@@ -146,7 +279,7 @@ def record_epoch(run_dir, ckpt, metrics, improved):
         save_atomic(ckpt, run_dir / 'best.pt')
     save_atomic(ckpt, run_dir / 'last.pt')
     with open(run_dir / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps(metrics) + '\n')
+        f.write(to_json(metrics) + '\n')
 
 
 # ----------------------------------------------------------------------------- the epoch
@@ -177,15 +310,54 @@ def averages(stats, batches):
     return (stats / batches).tolist() if batches else [math.nan] * 3
 
 
-def train_epoch(model, step_model, batches, opt, args, autocast, progress):
-    """One epoch: loss = CE of the output each image takes (+ every exit classifier's CE for
-    an early-exit net, 5) + gate_loss. `progress(i)` is the share of training done at step i.
+CHECK_EVERY = 20          # steps between checks for a non-finite loss (each check syncs)
+PROGRESS_SECONDS = 20     # seconds between status lines within an epoch
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+@contextlib.contextmanager
+def stage(label, log=print):
+    """'label ...' before a long step of the pipeline, and its time after."""
+    t0 = time.perf_counter()
+    log(f'{label} ...', flush=True)
+    yield
+    log(f'{label}: done in {time.perf_counter() - t0:.1f} s', flush=True)
+
+
+def _stop_if_diverged(bad, epoch):
+    step = int(bad)
+    if step >= 0:
+        raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
+                       'diverged (try a lower --lr); the last good checkpoint is kept and '
+                       'nothing is exported')
+
+
+def train_epoch(model, step_model, batches, opt, args, autocast, progress, epoch, steps,
+                log=print):
+    """One epoch of `steps` batches: loss = CE of the output each image takes (+ every exit
+    classifier's CE for an early-exit net, 5) + gate_loss. `progress(i)` is the share of
+    training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
+    PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within CHECK_EVERY
+    steps, naming the step where it began; nothing of this epoch is saved. Under torchrun the
+    statistics are averaged over all processes.
     Returns dict(ce, gate_loss, train_acc, rate, macs, polarized, images, seconds, first_loss)."""
     model.train()
     device = next(model.parameters()).device
     t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
     sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
+    bad = torch.full((), -1, device=device)                 # the first step with a bad loss
+    shown = t0
     for i, (xb, yb) in enumerate(batches):
+        if i % CHECK_EVERY == 0:
+            _stop_if_diverged(bad, epoch)
+        if time.perf_counter() - shown > PROGRESS_SECONDS and i < steps:
+            shown, spent = time.perf_counter(), time.perf_counter() - t0
+            log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
+                f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / i)}', flush=True)
         with autocast():
             logits, info = gc.split_output(step_model(xb))
             ce = F.cross_entropy(logits, yb)
@@ -194,6 +366,7 @@ def train_epoch(model, step_model, batches, opt, args, autocast, progress):
             gl = torch.zeros((), device=device) if info is None else gate_loss(info, args,
                                                                                  progress(i))
             loss = ce + gl
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), i, bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,6 +376,15 @@ def train_epoch(model, step_model, batches, opt, args, autocast, progress):
         n += len(yb)
         if info is not None:
             stats, gated = stats + gate_stats(info), gated + 1
+    if n == 0:
+        raise RunError(f'epoch {epoch} had no training batch: the data set is smaller than '
+                       'the batch')
+    _stop_if_diverged(bad, epoch)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        totals = torch.cat([sums.double(), torch.tensor([n, gated], device=device).double(),
+                            torch.as_tensor(stats, device=device).double().expand(3)])
+        torch.distributed.all_reduce(totals)                # every rank's images count
+        sums, n, gated, stats = totals[:3], int(totals[3]), int(totals[4]), totals[5:]
     ce, gl, correct = (sums / n).tolist()
     rate, macs, polar = averages(stats, gated)
     return dict(ce=ce, gate_loss=gl, train_acc=100 * correct, rate=rate, macs=macs,
@@ -239,14 +421,14 @@ def write_class_rates(rates, names, run_dir):
     header = 'class,' + ','.join(f'gate{j}' for j in range(rates.shape[1]))
     rows = [f'{name},' + ','.join(f'{r:.4f}' for r in row)
             for name, row in zip(names, rates.tolist())]
-    (run_dir / 'gate_classes.csv').write_text('\n'.join([header, *rows]) + '\n')
+    save_atomic('\n'.join([header, *rows]) + '\n', run_dir / 'gate_classes.csv')
     lines = []
     for j, col in enumerate(rates.T):
         hi, lo = col.argmax().item(), col.argmin().item()
         lines.append(f'gate{j}: mean {col.mean():.3f}, specialization '
                      f'{col.std(unbiased=False):.3f}, most {names[hi]} ({col[hi]:.2f}), '
                      f'least {names[lo]} ({col[lo]:.2f})')
-    (run_dir / 'gate_classes.txt').write_text('\n'.join(lines) + '\n')
+    save_atomic('\n'.join(lines) + '\n', run_dir / 'gate_classes.txt')
 
 
 def export(model, baseline, x1, run_dir, row):
@@ -258,8 +440,17 @@ def export(model, baseline, x1, run_dir, row):
     pruned = ge.prune(model)
     dense_macs = ge.counted_macs(baseline.eval(), x1)
     row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x1) / dense_macs
-    torch.save(pruned, run_dir / 'pruned.pt')
+    save_atomic(pruned, run_dir / 'pruned.pt')
     return pruned
+
+
+def print_exit_report(report):
+    """Table 5 from gumbel_export.exit_report, one line per exit."""
+    for e in report['exits']:
+        print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
+              f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
+    print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
+          f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
 
 
 def warn_if_missed(row, points=3):
@@ -271,6 +462,8 @@ def warn_if_missed(row, points=3):
 
 
 def finish(row, run_dir):
-    (run_dir / 'final.json').write_text(json.dumps(row, indent=1))
+    save_atomic(to_json(row, indent=1), run_dir / 'final.json')
     print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
-                              for k, v in row.items()))
+                              for k, v in row.items() if not isinstance(v, dict)))
+    files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock')
+    print(f'written to {run_dir}: {", ".join(files)}')

@@ -35,6 +35,8 @@ WEIGHTS = {
     'resnet50': 'ResNet50_Weights',
 }
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed')
+FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'workers',
+        'sync_bn', 'epochs')    # StepLR does not depend on --epochs: a resume may extend a run
 
 
 def aig_targets(t):
@@ -44,16 +46,18 @@ def aig_targets(t):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.splitlines()[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a('--arch', default='resnet50', help='resnet18, resnet34 or resnet50')
+    a('--arch', default='resnet50', choices=list(WEIGHTS))
     a('--pretrained', action='store_true',
       help="start from torchvision's IMAGENET1K_V1 weights (4.1)")
-    a('--gating', default='dynamic',
+    a('--gating', default='dynamic', choices=('static', 'dynamic'),
       help='static (pruning, Table 2) or dynamic (conditional, Table 1)')
-    a('--granularity', default='channel', help='channel (filter) or layer (Table 4)')
-    a('--loss', default='flops', help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
+    a('--granularity', default='channel', choices=gc.GRANULARITIES,
+      help='channel (filter) or layer (Table 4)')
+    a('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
+      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
     a('--t', type=float, default=0.5, help='target rate in (0, 1]')
     a('--targets', type=float, nargs='+',
       help='per-gate loss: one rate per gate module (default: t each)')
@@ -84,23 +88,46 @@ def parse_args(argv):
     a('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
     a('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    if args.arch not in WEIGHTS:
-        raise UsageError(f'--arch must be one of {", ".join(WEIGHTS)}, got {args.arch!r}')
-    for name, allowed in (('gating', ('static', 'dynamic')), ('granularity', gc.GRANULARITIES),
-                          ('loss', ('flops', 'batch', 'per-gate'))):
-        if getattr(args, name) not in allowed:
-            raise UsageError(f'--{name} must be one of {", ".join(allowed)}, '
-                             f'got {getattr(args, name)!r}')
-    if not 0 < args.t <= 1:
-        raise UsageError(f'--t must be in (0, 1], got {args.t}')
-    if not 0 < args.tau < 1:
-        raise UsageError(f'--tau must be in (0, 1), got {args.tau}')
+    common.check_args(args, dict(
+        epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1, lr_step=common.AT_LEAST_1,
+        recal_batches=common.AT_LEAST_1, crop_size=common.AT_LEAST_1, lr=common.POSITIVE,
+        gate_lr_mult=common.POSITIVE, tau=common.OPEN_UNIT, gate_init_p=common.OPEN_UNIT,
+        targets=common.UNIT, loss_weight=common.NON_NEGATIVE, polarize=common.NON_NEGATIVE,
+        gate_decay=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
+        workers=(lambda v: v >= 0, '>= 0'), t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
+    common.device_for(args.device)
     if args.aig_targets:
         if (args.arch, args.granularity, args.loss) != ('resnet50', 'layer', 'per-gate'):
             raise UsageError('--aig-targets needs --arch resnet50 --granularity layer '
                              '--loss per-gate')
         args.targets = aig_targets(args.t)
     return args
+
+
+class Tolerant(torchvision.datasets.ImageFolder):
+    """ImageFolder that yields None for an image it cannot read (corrupt, truncated, empty),
+    so that one bad file costs one image, not the run; an empty class folder is an error."""
+
+    def __init__(self, root, transform):
+        try:
+            super().__init__(root, transform)
+        except (FileNotFoundError, OSError) as e:          # no class folder, or an empty one
+            raise UsageError(f'{root}: {str(e).splitlines()[0][:160]}') from None
+
+    def __getitem__(self, i):
+        try:
+            return super().__getitem__(i)
+        except Exception:                                   # PIL raises several kinds
+            return None
+
+
+def collate_readable(batch):
+    """Stacks the readable images -> (images, labels, unreadable count)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        raise common.RunError('a whole batch of images was unreadable: check --data-dir')
+    x, y = torch.utils.data.default_collate(good)
+    return x, y, len(batch) - len(good)
 
 
 def loaders(args, world, rank):
@@ -111,21 +138,25 @@ def loaders(args, world, rank):
             raise UsageError(f'{root / split} is missing: --data-dir must hold train/ and val/ '
                              '(ImageFolder layout)')
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    train = torchvision.datasets.ImageFolder(root / 'train', transforms.Compose([
+    train = Tolerant(root / 'train', transforms.Compose([
         transforms.RandomResizedCrop(args.crop_size), transforms.RandomHorizontalFlip(),
         transforms.ToTensor(), normalize]))
-    val = torchvision.datasets.ImageFolder(root / 'val', transforms.Compose([
+    val = Tolerant(root / 'val', transforms.Compose([
         transforms.Resize(args.crop_size * 8 // 7), transforms.CenterCrop(args.crop_size),
         transforms.ToTensor(), normalize]))
     if train.classes != val.classes:
-        raise UsageError(f'train/ has {len(train.classes)} classes and val/ '
-                         f'{len(val.classes)}: they must match')
+        differ = sorted(set(train.classes) ^ set(val.classes))[:3]
+        raise UsageError(f'train/ and val/ must have the same class folders ({len(train.classes)}'
+                         f' and {len(val.classes)}; in one only: {", ".join(differ)})')
     if args.batch_size < world or args.batch_size % world:
         raise UsageError(f'--batch-size {args.batch_size} must divide over {world} processes')
+    if len(train) // world < args.batch_size // world:
+        raise UsageError(f'train/ has {len(train)} images, fewer than one batch of '
+                         f'{args.batch_size // world} for each of {world} process(es)')
     sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed,
                                                   drop_last=True)
     kw = dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'),
-              persistent_workers=args.workers > 0)
+              persistent_workers=args.workers > 0, collate_fn=collate_readable)
     train_loader = torch.utils.data.DataLoader(train, args.batch_size // world, sampler=sampler,
                                                drop_last=True, **kw)
     val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))  # exact, no padding
@@ -138,7 +169,7 @@ def evaluate(model, loader, device, autocast, distributed):
     """(top-1 %, top-5 %, rate, MACs %, polarized) over the whole validation set, all processes."""
     model.eval()
     sums, stats, batches = torch.zeros(3, device=device), 0, 0
-    for x, y in loader:
+    for x, y, _ in loader:                              # unreadable images left out
         x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = y.to(device)
         with autocast():
@@ -181,8 +212,13 @@ def dense_network(args, classes, device):
     """torchvision's network for --arch, with IMAGENET1K_V1 weights when --pretrained."""
     weights = getattr(torchvision.models, WEIGHTS[args.arch]).IMAGENET1K_V1 \
         if args.pretrained else None
-    dense = getattr(torchvision.models, args.arch)(weights=weights,
-                                                   num_classes=1000 if weights else classes)
+    try:
+        dense = getattr(torchvision.models, args.arch)(weights=weights,
+                                                       num_classes=1000 if weights else classes)
+    except Exception as e:                                  # offline, or a broken cache
+        raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
+                         f'{str(e)[:100]}): put them in the torch hub cache, or drop '
+                         '--pretrained') from None
     if dense.fc.out_features != classes:
         raise UsageError(f'the pretrained classifier has {dense.fc.out_features} classes, '
                          f'the data {classes}')
@@ -195,9 +231,16 @@ def main(argv=None):
     autocast = common.autocast_for(device)
     run_dir = Path(args.out) / (f'imagenet-{args.arch}-{args.gating}-{args.granularity}-'
                                 f'{args.loss}-t{args.t:g}-s{args.seed}')
-    common.check_run_dir(run_dir, args, args.epochs, STRUCTURE)
+    common.check_run_dir(run_dir, args, 'epochs', STRUCTURE,
+                         [k for k in vars(args) if k not in FREE])
     if rank == 0:
         common.ensure_writable([run_dir], args.out)
+    with common.locked([run_dir] if rank == 0 else []):
+        return pipeline(args, run_dir, device, autocast, rank, world, distributed, log)
+
+
+def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
+    """The baseline's accuracy, gated training (4.1), BN recalibration, evaluation, export."""
     log('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     train_loader, val_loader, names = loaders(args, world, rank)
@@ -214,15 +257,16 @@ def main(argv=None):
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)
     batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
-    with autocast():
+    with common.stage(f'BN recalibration over {args.recal_batches} batches', log), autocast():
         gc.recalibrate_bn(model, (x.contiguous(memory_format=torch.channels_last)
-                                  for x, _ in itertools.islice(batches, args.recal_batches)))
+                                  for x, _, _ in itertools.islice(batches, args.recal_batches)))
     if distributed:                                             # one set of BN statistics for all
         for buf in model.buffers():
             if buf.is_floating_point():
                 dist.all_reduce(buf)
                 buf /= world
-    top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
+    with common.stage(f'evaluation at threshold {args.tau}', log):
+        top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
     row = dict(arch=args.arch, gating=args.gating, granularity=args.granularity, loss=args.loss,
                t=args.t, tau=args.tau, baseline_top1=base_top1, baseline_top5=base_top5,
                top1=top1, top5=top5, macs_percent=macs,
@@ -231,14 +275,16 @@ def main(argv=None):
     if rank == 0:
         if args.gating == 'dynamic':  # Fig. 4, over the whole validation set
             full = torch.utils.data.DataLoader(val_loader.dataset.dataset, 100,
-                                               num_workers=args.workers)
+                                               num_workers=args.workers,
+                                               collate_fn=collate_readable)
             with autocast():
                 batches = ((x.to(device).contiguous(memory_format=torch.channels_last), y)
-                           for x, y in full)
+                           for x, y, _ in full)
                 rates = common.per_class_rates(model, batches, len(names))
             common.write_class_rates(rates, names, run_dir)
         x1 = torch.zeros(1, 3, args.crop_size, args.crop_size, device=device)
-        common.export(model, baseline, x1, run_dir, row)
+        with common.stage('export'):
+            common.export(model, baseline, x1, run_dir, row)
         common.warn_if_missed(row)
         common.finish(row, run_dir)
     return row
@@ -247,7 +293,8 @@ def main(argv=None):
 def train(model, args, run_dir, data, device, autocast, processes):
     """The 100 epochs of 4.1, with checkpoints (rank 0) and exact resume; -> the last metrics."""
     (train_loader, val_loader), (rank, world) = data, processes
-    distributed, log = world > 1 or dist.is_initialized(), print if rank == 0 else (lambda *a: None)
+    distributed = world > 1 or dist.is_initialized()
+    log = print if rank == 0 else (lambda *a, **k: None)
     groups = gc.param_groups(model, args.lr, args.weight_decay, args.gate_decay, args.gate_lr_mult)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, 0.1)
@@ -264,10 +311,20 @@ def train(model, args, run_dir, data, device, autocast, processes):
     steps = len(train_loader)
     for epoch in range(start, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        batches = ((x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                    y.to(device, non_blocking=True)) for x, y in train_loader)
-        m = common.train_epoch(model, step_model, batches, opt, args, autocast,   # gate loss
-                               lambda i: (epoch * steps + i) / (args.epochs * steps))  # per replica
+        unreadable = []
+
+        def batches():
+            for x, y, bad in train_loader:
+                unreadable.append(bad)
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                yield x, y.to(device, non_blocking=True)
+        m = common.train_epoch(model, step_model, batches(), opt, args, autocast,   # gate loss
+                               lambda i: (epoch * steps + i) / (args.epochs * steps),
+                               epoch + 1, steps, log)                     # per replica
+        m['unreadable_images'] = sum(unreadable)
+        if m['unreadable_images']:
+            print(f'warning: epoch {epoch + 1}: skipped {sum(unreadable)} unreadable training '
+                  f'images (process {rank})', file=sys.stderr)
         lr = opt.param_groups[0]['lr']
         sched.step()
         top1, top5, _, test_macs, _ = evaluate(model, val_loader, device, autocast, distributed)
