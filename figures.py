@@ -58,8 +58,7 @@ def read_run(folder):
         raise BadInput(f'{folder} holds no readable final.json ({type(e).__name__})') from None
     if not isinstance(row, dict) or 'arch' not in row:
         raise BadInput(f'{folder}/final.json is not the final row of a run')
-    row['accuracy'] = row.get('gated_acc', row.get('top1'))
-    row['baseline'] = row.get('baseline_acc', row.get('baseline_top1'))
+    row['accuracy'], row['baseline'] = row.get('gated_acc'), row.get('baseline_acc')
     if row['baseline'] is None:
         raise BadInput(f'{folder}/final.json has no baseline accuracy')
     return folder, row
@@ -67,11 +66,10 @@ def read_run(folder):
 
 def fig3(plt, arch, runs, out):
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    for label, macs, acc in PAPER.get(arch, []):
-        ax.scatter(macs, acc, marker='x', color='gray')
-        ax.annotate(
-            label, (macs, acc), fontsize=7, color='gray', xytext=(3, 3), textcoords='offset points'
-        )
+    markers = 'xP^vsD<>'
+    for k, (label, macs, acc) in enumerate(PAPER.get(arch, [])):   # in the legend: no overlaps
+        ax.scatter(macs, acc, marker=markers[k % len(markers)], color='gray',
+                   label=f'paper: {label}')
     series = {}                                     # one frontier per configuration, over its t
     for folder, row in runs:
         if row.get('macs_percent') is None or row['accuracy'] is None:
@@ -91,14 +89,20 @@ def fig3(plt, arch, runs, out):
     ax.scatter(
         100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})'
     )
-    ax.set(
-        xlabel='MACs, % of the dense baseline',
-        ylabel='top-1 accuracy (%)',
-        title=f'{arch}: our runs and the paper',
-    )
+    ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)',
+           title=f'{arch}: our runs' + (' and the paper' if arch in PAPER else ''))
+    ax.margins(x=0.08, y=0.15)
     ax.legend(fontsize=7)
-    fig.savefig(out / f'fig3_{arch}.png')
+    fig.tight_layout()
+    return save(fig, out / f'fig3_{arch}.png')
+
+
+def save(fig, path):
+    fig.savefig(path)
+    fig.canvas.figure.clear()
+    import matplotlib.pyplot as plt                 # imported by main already
     plt.close(fig)
+    return path
 
 
 def fig4(plt, folder, out):
@@ -111,20 +115,24 @@ def fig4(plt, folder, out):
     except Exception as e:
         raise BadInput(f'{folder}/gate_classes.csv is not a class-by-gate table '
                        f'({type(e).__name__})') from None
-    fig, ax = plt.subplots(
-        figsize=(max(4, 0.35 * len(gates) + 2), max(3, 0.3 * len(classes) + 1.5)), dpi=100
-    )
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(gates) + 3), max(3.5, 0.3 * len(classes)
+                                                                           + 2.5)), dpi=100)
     image = ax.imshow(rates.numpy(), aspect='auto', cmap='viridis', vmin=0, vmax=1)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xticks(range(len(gates)), gates, rotation=90, fontsize=7)
-    ax.set(title=f'{folder.name}: activation rate per class', xlabel='gate', ylabel='class')
-    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(len(gates)), gates, rotation=90, fontsize=6)
+    ax.set(title=f'{short(folder)}: activation rate per class (Fig. 4)', xlabel='gate module',
+           ylabel='class')
+    fig.colorbar(image, ax=ax, label='activation rate (mean Z)')
     fig.tight_layout()
-    fig.savefig(out / f'fig4_{folder.name}.png')
-    plt.close(fig)
+    return save(fig, out / f'fig4_{folder.name}.png')
 
 
-def polarization(plt, folder, out):
+def short(folder):
+    """A run folder's name without the parts every run shares (seed 0, L_FLOPs)."""
+    return folder.name.replace('-flops', '').replace('-s0', '')
+
+
+def polarization(plt, folder, out, tau=0.5):
     try:
         state = torch.load(folder / 'final.pt', map_location='cpu', weights_only=True)
         logits = [v for k, v in state.items() if k.endswith('.logits')]       # static gates: (C, 2)
@@ -135,10 +143,14 @@ def polarization(plt, folder, out):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.hist(p.numpy(), bins=50, range=(0, 1))
     ax.set_yscale('log')
+    ax.axvline(tau, color='black', linestyle='--', label=f'threshold tau = {tau:g}: on iff p > tau')
     polar = gc.polarized(p).float().mean().item()
-    ax.set(xlabel='on-probability p', ylabel='gates', title=f'{folder.name}: {polar:.1%} polarized')
-    fig.savefig(out / f'polarization_{folder.name}.png')
-    plt.close(fig)
+    ax.set(xlabel='on-probability p', ylabel='gates (log scale)',
+           title=f'{short(folder)}: {polar:.1%} of {p.numel()} gates polarized\n'
+                 f'(p < {gc.POLAR:g} or p > {1 - gc.POLAR:g})')
+    ax.legend(fontsize=7, loc='upper center')
+    fig.tight_layout()
+    return save(fig, out / f'polarization_{folder.name}.png')
 
 
 def main(argv=None):
@@ -157,13 +169,13 @@ def main(argv=None):
     try:
         out.mkdir(parents=True, exist_ok=True)
         runs = [read_run(f) for f in args.runs]
-        for arch in sorted({row['arch'] for _, row in runs}):
-            fig3(plt, arch, [r for r in runs if r[1]['arch'] == arch], out)
+        written = [fig3(plt, arch, [r for r in runs if r[1]['arch'] == arch], out)
+                   for arch in sorted({row['arch'] for _, row in runs})]
         for folder, row in runs:
             if (folder / 'gate_classes.csv').exists():
-                fig4(plt, folder, out)
+                written.append(fig4(plt, folder, out))
             if row.get('gating') == 'static' and (folder / 'final.pt').exists():
-                polarization(plt, folder, out)
+                written.append(polarization(plt, folder, out, row.get('tau') or 0.5))
     except BadInput as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -171,7 +183,7 @@ def main(argv=None):
         print(f'error: {e.strerror or e}' + (f' ({e.filename})' if e.filename else ''),
               file=sys.stderr)
         return 1
-    print(f'figures written to {out}')
+    print('\n'.join(f'wrote {path}' for path in written))
     return 0
 
 

@@ -1,11 +1,15 @@
 """train_cifar.py end to end on CPU, on a tiny CIFAR-format folder that the tests write."""
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import cifar_data
 import gumbel_channels as gc
 import train_cifar
 import train_common
@@ -30,9 +34,9 @@ def write_cifar(folder, n_train=64, n_test=32, seed=0):
 
 
 def write_stripes(folder, n_train, n_test):
-    """The learnable synthetic task (train_cifar.stripes) in the CIFAR-10 python format."""
+    """The learnable synthetic task (cifar_data.stripes) in the CIFAR-10 python format."""
     folder.mkdir(parents=True)
-    x, y = train_cifar.stripes(n_train + n_test, seed=3)
+    x, y = cifar_data.stripes(n_train + n_test, seed=3)
     x = x.reshape(len(x), 3072).numpy()
     for name, rows in [('data_batch_1', slice(0, n_train)), ('test_batch', slice(n_train, None))]:
         with open(folder / name, 'wb') as f:
@@ -209,12 +213,12 @@ def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, one_l
 def test_reader_validates_the_cifar_format(tmp_path):
     folder = tmp_path / 'cifar-10-batches-py'
     write_cifar(folder)
-    x, y, xt, yt = train_cifar.read_cifar(folder)
+    x, y, xt, yt = cifar_data.read_cifar(folder)
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.uint8 and yt.shape == (32,)
     with open(folder / 'test_batch', 'wb') as f:
         pickle.dump({b'data': np.zeros((4, 100), np.uint8), b'labels': [0] * 4}, f)
     with pytest.raises(train_common.UsageError, match='3072'):
-        train_cifar.read_cifar(folder)
+        cifar_data.read_cifar(folder)
 
 
 def test_augmentation_crops_and_flips_on_the_device():
@@ -299,7 +303,7 @@ def test_only_the_official_batch_files_are_read(tmp_path):
     folder = tmp_path / 'cifar-10-batches-py'
     write_cifar(folder)
     (folder / 'data_batch_1.bak').write_bytes(b'not a batch')
-    x, y, x_test, _ = train_cifar.read_cifar(folder)
+    x, y, x_test, _ = cifar_data.read_cifar(folder)
     assert len(x) == len(y) == 64 and len(x_test) == 32
 
 
@@ -360,3 +364,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(cifar, dense_ckpt,
     assert 'No space left on device' in error and '.pt' in error
     assert not list(tmp_path.rglob('*.tmp'))
 
+
+
+def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dense_ckpt, tmp_path,
+                                                                      one_line_error):
+    """--evaluate re-evaluates a finished run into files named by its settings (the finished
+    files keep their bytes); pruned.pt2 loads in a fresh Python outside the repository and
+    runs batch 1 and 64."""
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    before = {f: f.read_bytes() for f in run_dir.iterdir() if f.name != '.lock'}
+    again = ['--init', str(dense_ckpt), '--evaluate', '--tau', '0.4', '--also', 'all_on']
+    assert run(cifar, tmp_path, *again) == 0
+    assert {f: f.read_bytes() for f in before} == before
+    row = json.loads((run_dir / 'final-tau0.4-recal2-all_on.json').read_text())
+    assert row['tau'] == 0.4 and 'all_on_acc' in row
+    assert (run_dir / 'pruned-tau0.4-recal2-all_on.pt2').exists()
+    assert json.loads((run_dir / 'args.json').read_text())['t'] == 0.5
+    assert 'already' in one_line_error(run(cifar, tmp_path, *again))
+    code = ("import torch; m = torch.export.load('pruned.pt2').module(); "
+            "print(tuple(m(torch.randn(1, 3, 32, 32)).shape), "
+            "tuple(m(torch.randn(64, 3, 32, 32)).shape))")
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    out = subprocess.run([sys.executable, '-c', code], cwd=run_dir, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and '(1, 10) (64, 10)' in out.stdout, out.stderr

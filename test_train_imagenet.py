@@ -48,7 +48,7 @@ def metrics(run_dir):
 def test_single_process_run(imagenet, tmp_path):
     assert run(imagenet, tmp_path) == 0
     row = json.loads((tmp_path / RUN / 'final.json').read_text())
-    keys = ('baseline_top1 top1 top5 macs_percent activation_rate '
+    keys = ('baseline_acc gated_acc gated_top5 pruned_acc macs_percent activation_rate '
             'pruned_macs_percent')
     assert set(keys.split()) <= set(row)
     assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
     assert len(metrics(run_dir)) == 1                       # one row per epoch: rank 0 alone wrote
     assert out.stdout.count('final:') == 1                  # and alone logged
     row = json.loads((run_dir / 'final.json').read_text())
-    assert 0 <= row['top1'] <= 100 and 'pruned_macs_percent' not in row
+    assert 0 <= row['gated_acc'] <= 100 and 'pruned_macs_percent' not in row
 
 
 @pytest.mark.parametrize(
@@ -147,4 +147,13 @@ def test_an_empty_class_folder_and_missing_weights_are_one_line(tmp_path, one_li
         raise OSError('no route to host')
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
     assert '--pretrained' in one_line_error(run(data, tmp_path / 'o', '--pretrained'))
+
+
+def test_synthetic_mode_runs_without_data(tmp_path):
+    """--synthetic: random ImageFolder-shaped data, no files needed; strict JSON results."""
+    assert train_imagenet.cli(FAST + ['--synthetic', '--batch-size', '64', '--out',
+                                      str(tmp_path)]) == 0
+    run_dir = tmp_path / 'imagenet-resnet18-dynamic-channel-flops-t0.5-s0'
+    row = json.loads((run_dir / 'final.json').read_text())
+    assert row['epochs'] == 1 and 0 <= row['gated_acc'] <= 100
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cifar_data
 import gumbel_channels as gc
 import gumbel_export as ge
 import train_common as common
@@ -33,7 +34,8 @@ MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
 DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
-FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'also', 'runs')
+FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'also', 'runs',
+        'evaluate')
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
@@ -88,6 +90,8 @@ def parse_args(argv):
     a('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
     a('--out', default='runs', help='runs are written in subfolders of this folder')
     a('--resume', action='store_true', help="continue this configuration's unfinished run")
+    a('--evaluate', action='store_true', help='re-evaluate the finished run(s) of this command '
+      'with --tau/--recal-batches/--also; results go to new files named by those settings')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a('--compile', action='store_true', help='torch.compile the model')
     a('--seed', type=int, default=0)
@@ -119,78 +123,6 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------- data
-
-def read_batch(path):
-    """One CIFAR-10 python batch -> uint8 (N, 3, 32, 32), int64 (N,); any fault is one line."""
-    try:
-        with open(path, 'rb') as f:
-            batch = common.ArraysOnly(f, encoding='bytes').load()
-        x, y = batch[b'data'], batch[b'labels']
-        y = torch.tensor(y, dtype=torch.int64)
-    except Exception as e:                                  # corrupt, truncated, not CIFAR
-        raise UsageError(f'{path}: not a CIFAR-10 python batch ({type(e).__name__}: '
-                         f'{str(e)[:120]})') from None
-    if getattr(x, 'dtype', None) != 'uint8' or x.ndim != 2 or x.shape[1] != 3072 \
-            or y.shape != (len(x),):
-        raise UsageError(f'{path}: expected uint8 data (N, 3072) with N labels')
-    if len(y) and (y.min() < 0 or y.max() > 9):
-        raise UsageError(f'{path}: labels must lie in 0..9')
-    return torch.from_numpy(x.copy()).view(-1, 3, 32, 32), y
-
-
-def read_cifar(folder):
-    """CIFAR-10's python batches data_batch_1..5 (those present) and test_batch, and no
-    other file -> uint8 (N, 3, 32, 32), int64 (N,) for train, then for test."""
-    folder = Path(folder)
-    train_files = [folder / f'data_batch_{k}' for k in range(1, 6)
-                   if (folder / f'data_batch_{k}').is_file()]
-    if not train_files or not (folder / 'test_batch').is_file():
-        raise FileNotFoundError(folder)
-    train = [read_batch(f) for f in train_files]
-    x_test, y_test = read_batch(folder / 'test_batch')
-    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test
-
-
-def stripes(n, seed):
-    """A learnable offline stand-in for CIFAR-10: (uint8 (n, 3, 32, 32), int64 (n,)). Class k
-    is a sinusoidal grating with unsigned orientation 22.5 * (k % 5) degrees (mirrored at
-    random, so horizontal flips keep the class) and period 4 or 8 px (k < 5 or not), with
-    random phase, contrast and colour under Gaussian noise: a few channels suffice."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 10, (n,), generator=g)
-    mirror = torch.randint(0, 2, (n,), generator=g) * 2 - 1
-    theta = mirror * (y % 5) * math.pi / 8
-    period = 4 + 4 * (y // 5) + torch.rand(n, generator=g) - 0.5
-    phase = 2 * math.pi * torch.rand(n, generator=g)
-    r = torch.arange(32.0)
-    cos, sin = torch.cos(theta).view(n, 1, 1), torch.sin(theta).view(n, 1, 1)
-    proj = r.view(1, 32, 1) * cos + r.view(1, 1, 32) * sin
-    wave = torch.sin(2 * math.pi * proj / period.view(n, 1, 1) + phase.view(n, 1, 1))  # (n, 32, 32)
-    sign = torch.sign(torch.randn(n, 3, 1, 1, generator=g))
-    colour = (20 + 60 * torch.rand(n, 3, 1, 1, generator=g)) * sign
-    x = 128 + colour * wave[:, None] + 30 * torch.randn(n, 3, 32, 32, generator=g)
-    return x.round().clamp(0, 255).to(torch.uint8), y
-
-
-def load_data(args, device):
-    """(x_train, y_train, x_test, y_test) on `device`, images uint8."""
-    if args.synthetic:
-        return [d.to(device) for d in (*stripes(5_000, seed=1234), *stripes(1_000, seed=4321))]
-    folder = Path(args.data_dir) / 'cifar-10-batches-py'
-    if not folder.is_dir():
-        try:
-            import torchvision
-            torchvision.datasets.CIFAR10(args.data_dir, download=True)
-        except Exception as e:                                   # offline, or no permission
-            raise UsageError(f'CIFAR-10 is not in {folder} and could not be downloaded '
-                             f'({type(e).__name__}). Put the python version '
-                             '(cifar-10-python.tar.gz, extracted) there, or pass --synthetic'
-                             ) from None
-    try:
-        return [d.to(device) for d in read_cifar(folder)]
-    except FileNotFoundError:
-        raise UsageError(f'{folder} holds no data_batch_1..5 and test_batch files') from None
-
 
 def augment(x, gen):
     """Random crop (zero padding 4) and horizontal flip of uint8 (B, 3, 32, 32), on x's device."""
@@ -273,6 +205,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
         start, best, last = common.resume(run_dir, model, opt, sched, gen)
         print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
+    common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
     step_model = torch.compile(model) if args.compile else model
     x_train, y_train, x_test, y_test = data
     print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}, '
@@ -322,6 +255,10 @@ def main(argv=None):
                              [k for k in vars(run) if k not in FREE])
     dirs = [out / run_name(run, 'gated') for run in runs]
     dirs += [dense_dir] * (not runs or not dense_done)
+    for d in dirs if args.evaluate else []:
+        if (d / f'final{tag(args)}.json').exists():
+            raise UsageError(f'{d} was evaluated with these settings already '
+                             f'(final{tag(args)}.json): change --tau, --recal-batches or --also')
     common.ensure_writable(dirs, out)
     with common.locked(dirs):
         return pipeline(args, runs, dense_dir, dense_done, device)
@@ -332,7 +269,7 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     print('args:', json.dumps(vars(args)))
     autocast = common.autocast_for(device)
     torch.manual_seed(args.seed)
-    data = load_data(args, device)
+    data = cifar_data.load(args.data_dir, args.synthetic, device)
     sizes = [args.batch_size] * bool(runs) + [args.dense_batch_size] * (not dense_done)
     if len(data[0]) < max(sizes, default=0):
         raise UsageError(f'the training set has {len(data[0])} images, fewer than one batch '
@@ -375,7 +312,12 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     model = gc.set_sampling(build(args, gated=True), args.soft_gates, args.temperature,
                             per_batch=args.gate_sample == 'batch')
     common.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
-    model, last = run_phase('gated', model, data, args, run_dir, autocast)
+    if args.evaluate:                                           # the trained, unrecalibrated net
+        ckpt = common.load_checkpoint(run_dir / 'last.pt')
+        common.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
+        last = ckpt['metrics']
+    else:
+        model, last = run_phase('gated', model, data, args, run_dir, autocast)
     # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
     gc.set_inference(model, 'threshold', args.tau)
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -404,18 +346,25 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     if args.gating == 'dynamic':  # Fig. 4: which classes each gate runs on
         with autocast():
             rates = common.per_class_rates(model, test_batches(*data[2:]), 10)
-        common.write_class_rates(rates, CLASSES, run_dir)
+        common.write_class_rates(rates, CLASSES, common.gate_names(model), run_dir, tag(args))
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
             row['table5'] = ge.exit_report(model, test_batches(*data[2:], size=500))
         common.print_exit_report(row['table5'])
     with common.stage('export'):                                # 4. the pruned network
-        pruned = common.export(model, baseline, prepare(data[2][:1]), run_dir, row)
+        pruned = common.export(model, baseline, prepare(data[2][:2]), run_dir, row, tag(args))
         if pruned is not None:
             row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
     common.warn_if_missed(row)
-    common.finish(row, run_dir)
+    common.finish(row, run_dir, tag(args))
     return row
+
+
+def tag(args):
+    """'' for the files of a training run; for --evaluate, the settings that name its files."""
+    if not args.evaluate:
+        return ''
+    return f'-tau{args.tau:g}-recal{args.recal_batches}' + ''.join(f'-{s}' for s in args.also)
 
 
 def cli(argv=None):

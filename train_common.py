@@ -88,11 +88,18 @@ def device_for(name):
     return device
 
 
-def autocast_for(device):
-    """The precision context: bf16 autocast on CUDA (no loss scaling needed), float32 elsewhere."""
-    if device.type == 'cuda':
-        return lambda: torch.autocast('cuda', torch.bfloat16)
-    return lambda: torch.autocast('cpu', enabled=False)
+def autocast_for(device, amp='bf16'):
+    """The precision context: autocast on CUDA in bf16 (no loss scaling needed) or fp16 (the
+    caller scales the loss: grad_scaler_for), float32 with amp 'off' and on the CPU."""
+    if device.type == 'cuda' and amp != 'off':
+        dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
+        return lambda: torch.autocast('cuda', dtype)
+    return lambda: torch.autocast(device.type, enabled=False)
+
+
+def grad_scaler_for(device, amp):
+    """A GradScaler for fp16 on CUDA, else None (bf16 and float32 need no loss scaling)."""
+    return torch.amp.GradScaler('cuda') if device.type == 'cuda' and amp == 'fp16' else None
 
 
 class ArraysOnly(pickle.Unpickler):
@@ -182,8 +189,10 @@ def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finis
     `settings` must match, and the message says how to reuse it); a resume with other
     training `settings` than the run started with; and a finished run's results
     (final.json), which are never overwritten."""
-    path = run_dir / 'last.pt'
+    path, evaluate = run_dir / 'last.pt', getattr(args, 'evaluate', False)
     if not path.exists():
+        if evaluate:
+            raise UsageError(f'--evaluate: {run_dir} holds no run of this command')
         return False
     ckpt = load_checkpoint(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('epoch'), int)
@@ -195,6 +204,11 @@ def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finis
         raise UsageError(f'{path} was not written by this configuration '
                          f'({_diff(saved, args, changed)})')
     changed = [k for k in settings if saved.get(k) != getattr(args, k)]
+    if evaluate and not reuse_finished:
+        if changed or ckpt['epoch'] < getattr(args, epochs_key):
+            raise UsageError(f'--evaluate needs the finished run of this command in {run_dir}'
+                             + (f' ({_diff(saved, args, changed)})' if changed else ''))
+        return True
     if reuse_finished and ckpt['epoch'] >= saved.get(epochs_key, math.inf):
         if changed:
             raise UsageError(f'{run_dir} holds a finished baseline trained with other settings '
@@ -209,7 +223,8 @@ def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finis
                          'or choose another --out')
     if done and (run_dir / 'final.json').exists():
         raise UsageError(f'{run_dir} holds a finished run whose results (final.json) are kept; '
-                         'to train or evaluate it again, choose another --out')
+                         'to evaluate it with other settings add --evaluate, to train it again '
+                         'choose another --out')
     if changed:
         raise UsageError('--resume must train what the run started with '
                          f'({_diff(saved, args, changed)}): pass the same settings, or '
@@ -224,7 +239,7 @@ def _diff(saved, args, keys):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None):
+def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=None):
     """Everything an exact resume needs: weights, optimizer, scheduler, epoch, best accuracy,
     args, the last metrics and every RNG state (torch, CUDA, the data generator)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() \
@@ -232,10 +247,11 @@ def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None):
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                 epoch=epoch, best_acc=best, args=vars(args), metrics=metrics,
                 rng=dict(torch=torch.get_rng_state(), cuda=cuda,
-                         data=None if gen is None else gen.get_state()))
+                         data=None if gen is None else gen.get_state()),
+                scaler=None if scaler is None else scaler.state_dict())
 
 
-def resume(run_dir, model, opt, sched, gen=None):
+def resume(run_dir, model, opt, sched, gen=None, scaler=None):
     """Restore what checkpoint() saved in run_dir/last.pt; returns (epoch, best, metrics)."""
     ckpt = load_checkpoint(run_dir / 'last.pt')
     load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
@@ -246,6 +262,8 @@ def resume(run_dir, model, opt, sched, gen=None):
         torch.cuda.set_rng_state(ckpt['rng']['cuda'])
     if gen is not None:
         gen.set_state(ckpt['rng']['data'])
+    if scaler is not None and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
     _sync_metrics(run_dir / 'metrics.jsonl', ckpt['metrics'])
     return ckpt['epoch'], ckpt['best_acc'], ckpt['metrics']
 
@@ -337,7 +355,7 @@ def _stop_if_diverged(bad, epoch):
 
 
 def train_epoch(model, step_model, batches, opt, args, autocast, progress, epoch, steps,
-                log=print):
+                log=print, scaler=None):
     """One epoch of `steps` batches: loss = CE of the output each image takes (+ every exit
     classifier's CE for an early-exit net, 5) + gate_loss. `progress(i)` is the share of
     training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
@@ -368,8 +386,13 @@ def train_epoch(model, step_model, batches, opt, args, autocast, progress, epoch
             loss = ce + gl
         bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), i, bad)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:                                               # fp16: scale, unscale, skip infs
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         first = loss.detach() if first is None else first
         sums += torch.stack([ce.detach() * len(yb), gl.detach() * len(yb),
                              (logits.argmax(1) == yb).sum()])
@@ -414,33 +437,51 @@ def per_class_rates(model, batches, num_classes):
     return sums / counts.clamp(min=1)
 
 
-def write_class_rates(rates, names, run_dir):
-    """Fig. 4: per-class activation rates (classes, gate modules) as gate_classes.csv, and per
-    gate the classes it runs on most and least and its specialization (the standard deviation
-    of its per-class rates around its mean) in gate_classes.txt."""
-    header = 'class,' + ','.join(f'gate{j}' for j in range(rates.shape[1]))
+def gate_names(model):
+    """Each gate module's name in the network (layer1.0.gate1, ...), in GateInfo order."""
+    found = {id(g) for g in gc.gates(model)}
+    return [name for name, m in model.named_modules() if id(m) in found]
+
+
+def write_class_rates(rates, names, gates, run_dir, tag=''):
+    """Fig. 4: per-class activation rates (classes, gate modules named `gates`) as
+    gate_classes.csv, and per gate the classes it runs on most and least and its
+    specialization (the standard deviation of its per-class rates around its mean) in
+    gate_classes.txt."""
+    header = 'class,' + ','.join(gates)
     rows = [f'{name},' + ','.join(f'{r:.4f}' for r in row)
             for name, row in zip(names, rates.tolist())]
-    save_atomic('\n'.join([header, *rows]) + '\n', run_dir / 'gate_classes.csv')
+    save_atomic('\n'.join([header, *rows]) + '\n', run_dir / f'gate_classes{tag}.csv')
     lines = []
-    for j, col in enumerate(rates.T):
+    for gate, col in zip(gates, rates.T):
         hi, lo = col.argmax().item(), col.argmin().item()
-        lines.append(f'gate{j}: mean {col.mean():.3f}, specialization '
+        lines.append(f'{gate}: mean {col.mean():.3f}, specialization '
                      f'{col.std(unbiased=False):.3f}, most {names[hi]} ({col[hi]:.2f}), '
                      f'least {names[lo]} ({col[lo]:.2f})')
-    save_atomic('\n'.join(lines) + '\n', run_dir / 'gate_classes.txt')
+    save_atomic('\n'.join(lines) + '\n', run_dir / f'gate_classes{tag}.txt')
 
 
-def export(model, baseline, x1, run_dir, row):
-    """Save the final gated weights; for static gates also the physically pruned network
-    (pruned.pt), whose FlopCounterMode MACs % of the dense net goes into row. Returns it."""
-    save_atomic(model.state_dict(), run_dir / 'final.pt')
+def export(model, baseline, x, run_dir, row, tag=''):
+    """Save the final gated weights (final.pt); for static gates also the physically pruned
+    network, as a module (pruned.pt) and as a torch.export program with a dynamic batch
+    (pruned.pt2, loadable without this repository). Its FlopCounterMode MACs % of the dense
+    net goes into row. x: an example batch of at least 2 inputs. Returns the pruned net."""
+    save_atomic(model.state_dict(), run_dir / f'final{tag}.pt')
     if not all(isinstance(g, gc.StaticGate) for g in gc.gates(model)):
         return None
     pruned = ge.prune(model)
-    dense_macs = ge.counted_macs(baseline.eval(), x1)
-    row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x1) / dense_macs
-    save_atomic(pruned, run_dir / 'pruned.pt')
+    dense_macs = ge.counted_macs(baseline.eval(), x[:1])
+    row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x[:1]) / dense_macs
+    save_atomic(pruned, run_dir / f'pruned{tag}.pt')
+    batch = torch.export.Dim('batch', min=1, max=65536)
+    program = torch.export.export(pruned, (x,), dynamic_shapes=({0: batch},))
+    tmp = run_dir / f'pruned{tag}.tmp.pt2'                   # torch.export wants .pt2
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, run_dir / f'pruned{tag}.pt2')
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f'cannot write {run_dir / f"pruned{tag}.pt2"}: {e.strerror}') from None
     return pruned
 
 
@@ -461,8 +502,8 @@ def warn_if_missed(row, points=3):
               f"{row['train_macs_percent']:.1f}%; NOTES.md: polarization)", file=sys.stderr)
 
 
-def finish(row, run_dir):
-    save_atomic(to_json(row, indent=1), run_dir / 'final.json')
+def finish(row, run_dir, tag=''):
+    save_atomic(to_json(row, indent=1), run_dir / f'final{tag}.json')
     print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
                               for k, v in row.items() if not isinstance(v, dict)))
     files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock')

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
 import gumbel_channels as gc
+import gumbel_export as ge
 import train_common as common
 from train_common import UsageError
 
@@ -79,8 +80,13 @@ def parse_args(argv):
     a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
     a('--crop-size', type=int, default=224,
       help='training crop; validation resizes to 8/7 of it, then crops')
-    a('--workers', type=int, default=8, help='DataLoader workers per process')
+    a('--workers', type=int, default=min(8, os.cpu_count() or 1),
+      help='DataLoader workers per process')
     a('--data-dir', default='imagenet', help='holds train/ and val/ in ImageFolder layout')
+    a('--synthetic', action='store_true', help='random images (1,024 train, 256 val, 10 '
+      'classes) instead of --data-dir: the whole pipeline without ImageNet')
+    a('--amp', default='bf16', choices=('bf16', 'fp16', 'off'),
+      help='CUDA autocast precision (fp16 with loss scaling); float32 on the CPU')
     a('--out', default='runs')
     a('--resume', action='store_true')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -133,17 +139,24 @@ def collate_readable(batch):
 def loaders(args, world, rank):
     """ImageFolder train/val loaders; each process reads its own shard."""
     root = Path(args.data_dir)
-    for split in ('train', 'val'):
+    for split in () if args.synthetic else ('train', 'val'):
         if not (root / split).is_dir():
             raise UsageError(f'{root / split} is missing: --data-dir must hold train/ and val/ '
                              '(ImageFolder layout)')
     normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    train = Tolerant(root / 'train', transforms.Compose([
+    augment = transforms.Compose([
         transforms.RandomResizedCrop(args.crop_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalize]))
-    val = Tolerant(root / 'val', transforms.Compose([
+        transforms.ToTensor(), normalize])
+    center = transforms.Compose([
         transforms.Resize(args.crop_size * 8 // 7), transforms.CenterCrop(args.crop_size),
-        transforms.ToTensor(), normalize]))
+        transforms.ToTensor(), normalize])
+    if args.synthetic:
+        size = (3, args.crop_size * 8 // 7, args.crop_size * 8 // 7)
+        train = torchvision.datasets.FakeData(1024, size, 10, augment, random_offset=0)
+        val = torchvision.datasets.FakeData(256, size, 10, center, random_offset=1024)
+        train.classes = val.classes = [f'class{k}' for k in range(10)]
+    else:
+        train, val = Tolerant(root / 'train', augment), Tolerant(root / 'val', center)
     if train.classes != val.classes:
         differ = sorted(set(train.classes) ^ set(val.classes))[:3]
         raise UsageError(f'train/ and val/ must have the same class folders ({len(train.classes)}'
@@ -228,7 +241,7 @@ def dense_network(args, classes, device):
 def main(argv=None):
     args = parse_args(argv)
     device, rank, world, distributed, log = setup(args)
-    autocast = common.autocast_for(device)
+    autocast = common.autocast_for(device, args.amp)
     run_dir = Path(args.out) / (f'imagenet-{args.arch}-{args.gating}-{args.granularity}-'
                                 f'{args.loss}-t{args.t:g}-s{args.seed}')
     common.check_run_dir(run_dir, args, 'epochs', STRUCTURE,
@@ -267,11 +280,14 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                 buf /= world
     with common.stage(f'evaluation at threshold {args.tau}', log):
         top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
-    row = dict(arch=args.arch, gating=args.gating, granularity=args.granularity, loss=args.loss,
-               t=args.t, tau=args.tau, baseline_top1=base_top1, baseline_top5=base_top5,
-               top1=top1, top5=top5, macs_percent=macs,
+    row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_top1,   # CIFAR's keys, and
+               granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau,
+               gated_acc=top1, macs_percent=macs,                         # top-5 beside top-1
                train_macs_percent=last['macs'] if last else float('nan'), activation_rate=rate,
-               polarized=polar, epochs=last['epoch'] if last else 0)
+               polarized=polar, epochs=last['epoch'] if last else 0, baseline_top5=base_top5,
+               gated_top5=top5)
+    if args.gating == 'static':                                 # every rank: a shared evaluation
+        row['pruned_acc'] = evaluate(ge.prune(model), val_loader, device, autocast, distributed)[0]
     if rank == 0:
         if args.gating == 'dynamic':  # Fig. 4, over the whole validation set
             full = torch.utils.data.DataLoader(val_loader.dataset.dataset, 100,
@@ -281,10 +297,10 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                 batches = ((x.to(device).contiguous(memory_format=torch.channels_last), y)
                            for x, y, _ in full)
                 rates = common.per_class_rates(model, batches, len(names))
-            common.write_class_rates(rates, names, run_dir)
-        x1 = torch.zeros(1, 3, args.crop_size, args.crop_size, device=device)
+            common.write_class_rates(rates, names, common.gate_names(model), run_dir)
+        x2 = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
         with common.stage('export'):
-            common.export(model, baseline, x1, run_dir, row)
+            common.export(model, baseline, x2, run_dir, row)
         common.warn_if_missed(row)
         common.finish(row, run_dir)
     return row
@@ -296,12 +312,15 @@ def train(model, args, run_dir, data, device, autocast, processes):
     distributed = world > 1 or dist.is_initialized()
     log = print if rank == 0 else (lambda *a, **k: None)
     groups = gc.param_groups(model, args.lr, args.weight_decay, args.gate_decay, args.gate_lr_mult)
+    scaler = common.grad_scaler_for(device, args.amp)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, 0.1)
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
-        start, best, last = common.resume(run_dir, model, opt, sched)
+        start, best, last = common.resume(run_dir, model, opt, sched, scaler=scaler)
         log(f'resumed from {run_dir / "last.pt"} after epoch {start}')
+    if rank == 0:
+        common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
     ids = [device] if device.type == 'cuda' else None
     step_model = DistributedDataParallel(model, device_ids=ids) if distributed else model
     step_model = torch.compile(step_model) if args.compile else step_model
@@ -320,7 +339,7 @@ def train(model, args, run_dir, data, device, autocast, processes):
                 yield x, y.to(device, non_blocking=True)
         m = common.train_epoch(model, step_model, batches(), opt, args, autocast,   # gate loss
                                lambda i: (epoch * steps + i) / (args.epochs * steps),
-                               epoch + 1, steps, log)                     # per replica
+                               epoch + 1, steps, log, scaler)             # per replica
         m['unreadable_images'] = sum(unreadable)
         if m['unreadable_images']:
             print(f'warning: epoch {epoch + 1}: skipped {sum(unreadable)} unreadable training '
@@ -332,7 +351,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
                     test_macs=test_macs, images_per_s=m['images'] * world / m['seconds'])
         if rank == 0:
             common.print_row(epoch + 1, lr, m, top1, test_macs, last['images_per_s'])
-            ckpt = common.checkpoint(model, opt, sched, epoch + 1, max(best, top1), args, last)
+            ckpt = common.checkpoint(model, opt, sched, epoch + 1, max(best, top1), args, last,
+                                     scaler=scaler)
             common.record_epoch(run_dir, ckpt, last, improved=top1 > best)
         best = max(best, top1)
     return last
