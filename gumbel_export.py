@@ -2,6 +2,7 @@
 skipped work.
 
     prune(model)           static gates -> a plain ResNet with physically smaller convs and BNs
+    deploy(net, x)         a pruned (or dense) net in its fastest inference form
     SkipNet(model)         dynamic gates -> batch-1 inference that runs only the on channels
     early_exit(model, x)   DenseNet exits -> a batch split, images that leave skip later blocks
     exit_report(model, b)  Table 5: exits taken, accuracies, MACs spent and wall time
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 
 import gumbel_channels as gc
 
-__all__ = ['counted_macs', 'ShortcutBlock', 'prune', 'SkipNet', 'early_exit', 'exit_report']
+__all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
+           'fold_bn', 'deploy', 'SkipNet',
+           'early_exit', 'exit_report']
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -131,6 +134,28 @@ def _prune_block(block):
 
 
 @torch.no_grad()
+def round_gates(model, lanes=16):
+    """A copy of a statically gated network whose every channel gate keeps a multiple of
+    `lanes` channels under threshold inference (or none, or all): the off channels with the
+    highest p are turned on until the count is rounded up. oneDNN pads a conv's output
+    channels to its vector width (16 float32 on AVX-512), so widths on it are what a pruned
+    net's speed can follow. The net changes (more channels): recalibrate BN and evaluate."""
+    if lanes < 1:
+        raise ValueError(f'lanes must be >= 1, got {lanes!r}')
+    model = copy.deepcopy(model)
+    for g in gc.gates(model):
+        if not isinstance(g, gc.StaticGate) or g.channels == 1:
+            continue
+        p = gc.gate_probability(g.logits)
+        on = g.keep(p)
+        want = min(g.channels, -(-int(on.sum()) // lanes) * lanes)
+        extra = (p.masked_fill(on, -1)).argsort(descending=True)[:want - int(on.sum())]
+        margin = math.log(g.tau / (1 - g.tau)) + 4.0                   # p well above tau
+        g.logits[extra] = torch.tensor([0.0, margin], dtype=g.logits.dtype)
+    return model
+
+
+@torch.no_grad()
 def prune(model):
     """Physical pruning: a gate-free copy of a statically gated network with smaller convs
     and BNs, computing what threshold inference (each gate's tau) computes, in evaluation
@@ -146,28 +171,149 @@ def prune(model):
     return gc.ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc).eval()
 
 
+# ----------------------------------------------------------------------------- fastest form
+
+def _folded_conv(conv, bn):
+    """One Conv2d (with bias) computing bn(conv(x)) of an eval-mode BN."""
+    w, b = _fold(conv, bn)
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, bias=True).to(w)
+    new.weight.copy_(w)
+    new.bias.copy_(b if conv.bias is None else b + conv.bias * bn.weight
+                   / torch.sqrt(bn.running_var + bn.eps))
+    return new
+
+
+@torch.no_grad()
+def fold_bn(net):
+    """A copy of a gate-free network (pruned, or dense: ours or torchvision's) in evaluation
+    mode with every BatchNorm that follows a conv folded into it: each module's (convK, bnK)
+    pair becomes a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
+    net = copy.deepcopy(net).eval()
+    for m in list(net.modules()):
+        for k in ('', '1', '2', '3'):
+            conv, bn = getattr(m, f'conv{k}', None), getattr(m, f'bn{k}', None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(m, f'conv{k}', _folded_conv(conv, bn))
+                setattr(m, f'bn{k}', nn.Identity())
+        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d) \
+                and isinstance(m[1], nn.BatchNorm2d):
+            m[0], m[1] = _folded_conv(m[0], m[1]), nn.Identity()
+    return net
+
+
+class _Deployed(nn.Module):
+    """Runs `net` without autograd on channels_last inputs."""
+
+    def __init__(self, net, compiled=None):
+        super().__init__()
+        self.net, self.compiled = net, compiled
+
+    @torch.no_grad()
+    def forward(self, x):
+        net = self.net if self.compiled is None else self.compiled
+        return net(x.contiguous(memory_format=torch.channels_last))
+
+
+BACKENDS = ('inductor', 'eager')
+
+
+def deploy(net, example_input, backend='inductor'):
+    """The fastest inference form of a gate-free network (a pruned net, or a dense one to
+    compare with): BN folded into the convs, channels_last, and with backend 'inductor'
+    torch.compile with inductor's freezing (weights as constants), compiled now on
+    example_input. backend 'eager' stops before compiling. Returns a module that computes
+    what `net` computes in evaluation mode, without autograd."""
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    if gc.gates(net):
+        raise ValueError('net must be gate-free: prune(model) a static one first '
+                         '(dynamic gates: SkipNet)')
+    folded = fold_bn(net).to(memory_format=torch.channels_last)
+    if backend == 'eager':
+        return _Deployed(folded)
+    deployed = _Deployed(folded, torch.compile(folded, options={'freezing': True}))
+    deployed(example_input)                                 # compile now, not on first use
+    return deployed
+
+
+def vector_lanes():
+    """float32 lanes of this CPU's widest vector unit that PyTorch uses (AVX-512: 16, AVX2: 8)."""
+    return {'AVX512': 16, 'AVX2': 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
+
+
+def lane_macs(net, x, lanes=16):
+    """MACs of one forward of a gate-free `net` on x (per input) with every conv's output
+    channels rounded up to a multiple of `lanes`, the vector width oneDNN pads them to
+    (16 float32 on AVX-512): the MACs the CPU really spends."""
+    total = []
+
+    def hook(m, inputs, out):
+        c_out = -(-m.out_channels // lanes) * lanes
+        total.append(out.shape[-2] * out.shape[-1] * m.kernel_size[0] * m.kernel_size[1]
+                     * m.in_channels // m.groups * c_out)
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            net(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    linear = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear))
+    return sum(total) + linear
+
+
 # ----------------------------------------------------------------------------- skipping (1.1)
 
+class _LeanGate(nn.Module):
+    """A gate's threshold decision for one input, with as little work as it allows. Static:
+    the on channels, fixed. Dynamic: BN folded into the first linear map, and one difference
+    of logits per channel instead of two logits, d = w1 - w0, compared with logit(tau):
+    p > tau iff d > logit(tau) (equal decisions, up to rounding at the threshold itself)."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.static = isinstance(gate, gc.StaticGate)
+        if self.static:
+            self.register_buffer('on', _threshold(gate).nonzero().flatten())
+            return
+        bn, fc2 = gate.bn, gate.fc2
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        w, b = fc2.weight.view(gate.channels, 2, -1), fc2.bias.view(gate.channels, 2)
+        self.register_buffer('w1t', (gate.fc1.weight * scale[:, None]).t().contiguous())
+        self.register_buffer('b1', bn.bias - bn.running_mean * scale)
+        self.register_buffer('wdt', (w[:, 1] - w[:, 0]).t().contiguous())
+        self.register_buffer('bd', b[:, 1] - b[:, 0] - math.log(gate.tau / (1 - gate.tau)))
+
+    def forward(self, x):                                   # -> indices of the on channels
+        if self.static:
+            return self.on
+        pooled = x.view(1, x.shape[1], -1).sum(2)           # the mean's 1/HW: in the product
+        h = F.relu_(torch.addmm(self.b1, pooled, self.w1t, alpha=1 / x[0, 0].numel()))
+        return (torch.addmm(self.bd, h, self.wdt)[0] > 0).nonzero().flatten()
+
+
 class _SkipBlock(nn.Module):
-    """A gated block for one input at a time: its gates decide (as in the masked forward),
-    then its convs run on the sliced weights of the on channels only, BN folded in."""
+    """A gated block for one input at a time: its gates decide (threshold inference), then
+    its convs run on the sliced weights of the on channels only, BN folded in."""
 
     def __init__(self, block):
         super().__init__()
         self.bottleneck = isinstance(block, gc.Bottleneck)
         self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
-        for name in ('gate', 'gate1', 'gate2', 'downsample'):
-            setattr(self, name, getattr(block, name, None))
+        self.downsample = block.downsample
+        for name in ('gate', 'gate1', 'gate2'):
+            g = getattr(block, name, None)
+            setattr(self, name, None if g is None else _LeanGate(g))
         for k, (w, b) in enumerate(_folded(block), 1):                     # w1, b1, w2, b2, ...
             self.register_buffer(f'w{k}', w)
             self.register_buffer(f'b{k}', b)
 
     def forward(self, x):                                                   # x: (1, C, H, W)
         identity = x if self.downsample is None else self.downsample(x)
-        if self.gate is not None and self.gate(x)[0].item() == 0:          # layer gate off
+        if self.gate is not None and len(self.gate(x)) == 0:               # layer gate off
             return F.relu(identity)
-        i1, i2 = (g(x)[0][0].nonzero().flatten() if g is not None else None
-                  for g in (self.gate1, self.gate2))                        # on channels; None: all
+        i1, i2 = (None if g is None else g(x) for g in (self.gate1, self.gate2))  # None: all
         if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
             last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
             return F.relu_(identity + _collapsed_branch(last[1], i2, self.b2, last[0]))
@@ -184,8 +330,9 @@ class SkipNet(nn.Module):
     """Conditional computation that really skips work (dynamic gates, threshold inference):
     for one input (1, 3, H, W), every block runs its convs on the sliced weights of the
     channels its gates turn on, and an off layer gate skips its branch. Built from a gated
-    network in evaluation mode (a snapshot, BN folded into the convs: NOTES.md 16); returns
-    the logits of the masked forward, and spends the MACs GateInfo.macs counts."""
+    network in evaluation mode (a snapshot, BN folded into the convs and the gates: NOTES.md
+    16); returns the logits of the masked forward, and spends the MACs GateInfo.macs counts
+    less hidden x C per dynamic gate (one logit difference per channel instead of two)."""
 
     def __init__(self, model):
         super().__init__()

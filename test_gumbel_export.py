@@ -1,6 +1,7 @@
 """Tests of gumbel_export.py: each export computes what threshold inference computes in the
 masked network, and spends the MACs that GateInfo.macs counts."""
 import io
+import json
 import subprocess
 import sys
 
@@ -125,31 +126,71 @@ def test_pruned_net_saves_loads_compiles_and_exports():
 @pytest.mark.parametrize('granularity', ['channel', 'layer'])
 @pytest.mark.parametrize('arch', ['resnet20', 'tv-resnet50'])
 def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granularity):
-    """SkipNet runs only the on channels per input: same logits as the masked forward, and
-    its FlopCounterMode / 2 equals that input's info.macs."""
+    """SkipNet runs only the on channels per input: the masked forward's decisions and
+    logits, and its FlopCounterMode / 2 is that input's info.macs less the hidden x C MACs
+    each lean gate saves (one logit difference per channel instead of two)."""
     model, x, logits, info = configured(arch, 'dynamic', granularity, 3)
     skip = ge.SkipNet(model)
+    saved = sum(g.fc1.out_features * g.channels for g in gc.gates(model))
     for i in range(len(x)):
         assert (skip(x[i:i + 1]) - logits[i]).abs().max() <= EXPORT_ATOL
-        assert ge.counted_macs(skip, x[i:i + 1]) == info.macs[i].item() < info.max_macs
+        assert ge.counted_macs(skip, x[i:i + 1]) == info.macs[i].item() - saved < info.max_macs
+        decisions = iter(z[i].nonzero().flatten() for z in info.z)
+        with torch.inference_mode():
+            h = skip.stem(x[i:i + 1])
+            for block in skip.blocks:
+                for gate in (block.gate1, block.gate2, block.gate):
+                    if gate is not None:                    # random logits: none at tau
+                        assert torch.equal(gate(h), next(decisions))
+                h = block(h)
 
 
-def test_benchmark_smoke_mode_runs():
-    out = subprocess.run(
-        [sys.executable, 'benchmark.py', '--smoke'],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=__file__.rsplit('/', 1)[0] or '.',
-    )
+@pytest.mark.parametrize('arch', ['resnet20', 'tv-resnet18'])
+def test_fold_bn_and_deploy_eager_compute_what_the_net_computes(arch):
+    """BN folded into the convs, channels_last: same logits (float32 rounding only), for a
+    pruned net and for the dense one it is compared with."""
+    model, x, logits, _ = configured(arch, 'static', 'channel', 4)
+    pruned = ge.prune(model)
+    dense = ARCHS[arch][0](None, 'channel').eval()
+    randomize_bn(dense)
+    for net, ref in ((pruned, logits), (dense, dense(x))):
+        deployed = ge.deploy(net, x, 'eager')
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+        assert (deployed(x) - ref).abs().max() <= EXPORT_ATOL
+
+
+def test_deploy_inductor_compiles_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = gc.resnet_cifar(8, gating='static').eval()
+    randomize_bn(model)
+    static_config(model)
+    pruned, x = ge.prune(model), torch.randn(4, 3, 32, 32)
+    deployed = ge.deploy(pruned, x)                         # inductor with freezing
+    assert (deployed(x) - pruned(x)).abs().max() <= EXPORT_ATOL
+
+
+def test_round_gates_keeps_widths_on_the_lanes_and_every_on_channel():
+    model, _, _, _ = configured('resnet56', 'static', 'channel', 1)
+    rounded = ge.round_gates(model, 8)
+    for g, r in zip(gc.gates(model), gc.gates(rounded)):
+        before, after = ge._threshold(g), ge._threshold(r)
+        assert (after | ~before).all()                      # every on channel stays on
+        assert int(after.sum()) in {0, g.channels} | set(range(8, 65, 8))
+        if before.any():                                    # rounded up, not further
+            assert int(after.sum()) == min(g.channels, -(-int(before.sum()) // 8) * 8)
+
+
+def test_benchmark_smoke_mode_runs(tmp_path):
+    command = [sys.executable, 'benchmark.py', '--smoke', '--json', str(tmp_path / 'b.json')]
+    out = subprocess.run(command,
+                         capture_output=True, text=True, timeout=300,
+                         cwd=__file__.rsplit('/', 1)[0] or '.')
     assert out.returncode == 0, out.stderr
-    for row in (
-        'train step, static',
-        'infer pruned 30% CL',
-        'ResNet-8 32px SkipNet CL',
-        'tv-ResNet-18 64px SkipNet',
-    ):
-        assert row in out.stdout
+    for name in ('train step, static', 'infer pruned 30% [folded CL]', 'ResNet-8 32px SkipNet',
+                 'tv-ResNet-18 64px SkipNet', 'MALLOC_MMAP_THRESHOLD_=33554432'):
+        assert name in out.stdout
+    rows = json.loads((tmp_path / 'b.json').read_text())['rows']
+    assert {r['row'] for r in rows} >= {'infer pruned 50% [eager]', 'infer dense [folded CL]'}
 
 
 # ------------------------------------------------------------------- early exits (5, Table 5)
@@ -230,6 +271,8 @@ def test_exit_report_on_a_constructed_case():
     (lambda: ge.prune(gc.resnet20(gating='dynamic')), 'model'),
     (lambda: ge.SkipNet(gc.resnet20()), 'model'),
     (lambda: ge.SkipNet(gc.resnet20(gating='dynamic'))(torch.zeros(2, 3, 32, 32)), 'x'),
+    (lambda: ge.deploy(gc.resnet20(gating='static'), torch.zeros(2, 3, 32, 32)), 'net'),
+    (lambda: ge.deploy(gc.resnet20(), torch.zeros(2, 3, 32, 32), 'tvm'), 'backend'),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf'^{name}\b'):

@@ -35,7 +35,7 @@ STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
 DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
 FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'also', 'runs',
-        'evaluate')
+        'evaluate', 'round_to')
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
@@ -90,6 +90,8 @@ def parse_args(argv):
     a('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
     a('--out', default='runs', help='runs are written in subfolders of this folder')
     a('--resume', action='store_true', help="continue this configuration's unfinished run")
+    a('--round-to', type=int, default=0, help='keep each gate\'s channel count a multiple of '
+      'this before export (16: AVX-512 float32; 0: off; NOTES.md: speed)')
     a('--evaluate', action='store_true', help='re-evaluate the finished run(s) of this command '
       'with --tau/--recal-batches/--also; results go to new files named by those settings')
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -102,6 +104,7 @@ def parse_args(argv):
         recal_batches=common.AT_LEAST_1, runs=common.AT_LEAST_1, lr=common.POSITIVE,
         gate_lr_mult=common.POSITIVE, temperature=common.POSITIVE, tau=common.OPEN_UNIT,
         gate_init_p=common.OPEN_UNIT, targets=common.UNIT, loss_weight=common.NON_NEGATIVE,
+        round_to=common.NON_NEGATIVE,
         polarize=common.NON_NEGATIVE, gate_decay=common.NON_NEGATIVE,
         weight_decay=common.NON_NEGATIVE, dense_weight_decay=common.NON_NEGATIVE,
         t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
@@ -320,6 +323,8 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
         model, last = run_phase('gated', model, data, args, run_dir, autocast)
     # 3. BN recalibration under threshold inference, then the evaluation (3.3, 4.1)
     gc.set_inference(model, 'threshold', args.tau)
+    if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
+        model = ge.round_gates(model, args.round_to)
     gen = torch.Generator().manual_seed(args.seed + 2)
     epochs_of_batches = (b for _ in itertools.count()
                          for b in train_batches(*data[:2], args.batch_size, gen))
@@ -331,7 +336,8 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
-               activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0)
+               activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0,
+               round_to=args.round_to)
     for strategy in args.also:                                  # 3.3's other strategies
         with gc.evaluation(model, 'all_on' if strategy == 'all_on' else 'sample'):
             if strategy == 'ensemble':
@@ -364,7 +370,8 @@ def tag(args):
     """'' for the files of a training run; for --evaluate, the settings that name its files."""
     if not args.evaluate:
         return ''
-    return f'-tau{args.tau:g}-recal{args.recal_batches}' + ''.join(f'-{s}' for s in args.also)
+    return (f'-tau{args.tau:g}-recal{args.recal_batches}' + ''.join(f'-{s}' for s in args.also)
+            + (f'-round{args.round_to}' if args.round_to > 1 else ''))
 
 
 def cli(argv=None):

@@ -463,9 +463,10 @@ def write_class_rates(rates, names, gates, run_dir, tag=''):
 
 def export(model, baseline, x, run_dir, row, tag=''):
     """Save the final gated weights (final.pt); for static gates also the physically pruned
-    network, as a module (pruned.pt) and as a torch.export program with a dynamic batch
-    (pruned.pt2, loadable without this repository). Its FlopCounterMode MACs % of the dense
-    net goes into row. x: an example batch of at least 2 inputs. Returns the pruned net."""
+    network, as a module (pruned.pt) and, BN folded into its convs, as a torch.export program
+    with a dynamic batch (pruned.pt2, loadable without this repository). Its FlopCounterMode
+    MACs % of the dense net goes into row. x: an example batch of at least 2 inputs.
+    Returns the pruned net."""
     save_atomic(model.state_dict(), run_dir / f'final{tag}.pt')
     if not all(isinstance(g, gc.StaticGate) for g in gc.gates(model)):
         return None
@@ -474,7 +475,7 @@ def export(model, baseline, x, run_dir, row, tag=''):
     row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x[:1]) / dense_macs
     save_atomic(pruned, run_dir / f'pruned{tag}.pt')
     batch = torch.export.Dim('batch', min=1, max=65536)
-    program = torch.export.export(pruned, (x,), dynamic_shapes=({0: batch},))
+    program = torch.export.export(ge.fold_bn(pruned), (x,), dynamic_shapes=({0: batch},))
     tmp = run_dir / f'pruned{tag}.tmp.pt2'                   # torch.export wants .pt2
     try:
         torch.export.save(program, tmp)
