@@ -57,19 +57,13 @@ def _at_least_float(x):
 def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
     """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2); hard=False returns the
     soft relaxation itself, in (0, 1), which the paper found to train worse (3.2).
-
-    logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0).
-    Returns Z in {0., 1.} of shape (...), at least float32. Forward: the hard sample
-    Z = [w1 + g1 > w0 + g0]; backward: the gradient of the soft sample
-    softmax((w + g) / T)[..., 1] = sigmoid((w1 - w0 + g1 - g0) / T), T the temperature (the
-    paper fixes T = 1).
-
-    g1 - g0 of two independent Gumbel(0, 1) variables is Logistic(0, 1), drawn here as
-    log(U) - log(1 - U) from one U = torch.rand(logits.shape[:-1], generator=generator):
-    the same distribution as F.gumbel_softmax(hard=True)[..., 1] with half the noise.
-    Unlike F.gumbel_softmax, the forward value is exactly 0 or 1 (hard + (soft - soft), not
-    hard - soft + soft, which rounds).
-    """
+    logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0). Returns Z in
+    {0., 1.} of shape (...), at least float32. Forward: the hard sample Z = [w1 + g1 > w0 +
+    g0]; backward: the gradient of the soft sample sigmoid((w1 - w0 + g1 - g0) / T), T the
+    temperature (the paper fixes T = 1). g1 - g0 of two Gumbel(0, 1) variables is
+    Logistic(0, 1), drawn as log(U) - log(1 - U) from one U = torch.rand(logits.shape[:-1]):
+    F.gumbel_softmax(hard=True)[..., 1]'s distribution with half the noise, and a forward
+    value of exactly 0 or 1 (hard + (soft - soft), not hard - soft + soft, which rounds)."""
     if logits.shape[-1] != 2:
         raise ValueError('logits must have last dimension 2 (off, on), '
                          f'got shape {tuple(logits.shape)}')
@@ -134,12 +128,9 @@ class _Gate(nn.Module):
 
 
 class StaticGate(_Gate):
-    """Data-independent gates (pruning, 3.2): two free logits per channel.
-
-    forward(x) -> (z, p), each (B, C): decisions (sampled per sample, or with per_batch one
-    draw for the whole batch: NOTES.md 17) and on-probabilities. x is only read for its
-    batch size.
-    """
+    """Data-independent gates (pruning, 3.2): two free logits per channel. forward(x) ->
+    (z, p), each (B, C): decisions (drawn per sample, or with per_batch once for the whole
+    batch: NOTES.md 17) and on-probabilities; x is only read for its batch size."""
 
     def __init__(self, channels, init_p=INIT_P):
         super().__init__(channels)
@@ -155,13 +146,10 @@ class StaticGate(_Gate):
 
 
 class DynamicGate(_Gate):
-    """Data-dependent gates (conditional computation, 3.2):
-    global average pool -> 1-d conv -> BN -> ReLU -> 1-d conv -> two logits per channel.
-    The 1-d convs have kernel 1 on the pooled (C_in,) vector, i.e. they are linear maps,
-    and are written as such (same function and MACs, no im2col: NOTES.md 5).
-
-    forward(x: (B, C_in, H, W)) -> (z, p), each (B, channels).
-    """
+    """Data-dependent gates (conditional computation, 3.2): global average pool -> 1-d conv
+    -> BN -> ReLU -> 1-d conv -> two logits per channel. The 1-d convs have kernel 1 on the
+    pooled (C_in,) vector: linear maps, written as such (NOTES.md 5).
+    forward(x: (B, C_in, H, W)) -> (z, p), each (B, channels)."""
 
     def __init__(self, in_channels, channels, hidden=16, init_p=INIT_P):
         super().__init__(channels)
@@ -190,9 +178,8 @@ def gates(model):
 
 
 # ----------------------------------------------------------------------------- FLOPs(Z)
-# The paper's FLOPs are multiply-accumulates of conv and linear layers (3.4, REFERENCE.md).
-# Counts are per sample: ints without gates, (B,) float64 tensors given decisions Z (float64
-# keeps them exact: NOTES.md 7).
+# The paper's FLOPs are conv and linear multiply-accumulates (3.4), per sample: ints without
+# gates, (B,) float64 tensors given decisions Z (float64 keeps them exact: NOTES.md 7).
 
 def _out_hw(m, hw):
     """Spatial size after a Conv2d, MaxPool2d or Identity on an input of size hw."""
@@ -298,12 +285,9 @@ def _conv3x3(cin, cout, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, plus shortcut, ReLU.
-
-    granularity 'channel': gate1 on conv1's output channels; 'layer': one gate that keeps
-    or drops the whole residual branch (then the block is its shortcut, ReLU applied).
-    forward(x) -> (out, {gate name: (z, p)}).
-    """
+    """3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, plus shortcut, ReLU. granularity
+    'channel': gate1 on conv1's output channels; 'layer': one gate that keeps or drops the
+    whole branch (the block is then its shortcut, ReLU applied). -> (out, {name: (z, p)})."""
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
@@ -327,12 +311,10 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> [gate1] -> 3x3 (stride) -> [gate2] -> 1x1 (x4), torchvision's ResNet v1.5.
-
-    Both channel gates read the block input, so every decision is known before the block
-    runs, which lets inference skip work (NOTES.md 4). `width` is the inner width
-    (default planes). forward(x) -> (out, {gate name: (z, p)}).
-    """
+    """1x1 -> [gate1] -> 3x3 (stride) -> [gate2] -> 1x1 (x4), torchvision's ResNet v1.5. Both
+    channel gates read the block input, so every decision is known before the block runs and
+    inference can skip work (NOTES.md 4). `width`: the inner width (default planes).
+    -> (out, {name: (z, p)})."""
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
@@ -364,7 +346,6 @@ class Bottleneck(nn.Module):
 
 class GateInfo(NamedTuple):
     """What the losses need from a gated forward pass.
-
     z: list of (B, C_i) 0/1 decisions, one per gate module (C_i = 1 for a layer gate);
     p: the matching on-probabilities; macs: (B,) float64 FLOPs(Z), the MACs each sample
     runs, gates' own MACs included; max_macs: MaxFLOPs, the MACs of the network without
@@ -384,11 +365,8 @@ def split_output(out):
 
 
 class ResNet(nn.Module):
-    """conv1 -> bn1 -> ReLU -> maxpool -> layer1..layerN -> avgpool -> fc, torchvision's names.
-
-    Built by resnet_cifar and gate_resnet. With gating None it returns logits, otherwise
-    (logits, GateInfo).
-    """
+    """conv1 -> bn1 -> ReLU -> maxpool -> layer1..layerN -> avgpool -> fc, torchvision's names,
+    built by resnet_cifar and gate_resnet. Returns logits (gating None) or (logits, GateInfo)."""
 
     def __init__(self, conv1, bn1, maxpool, layers, fc, gating=None):
         super().__init__()
@@ -454,12 +432,9 @@ def resnet110(**kw): return resnet_cifar(110, **kw)
 
 
 def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
-    """A torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks.
-
-    Every dense weight is kept under torchvision's state_dict key, so pretrained weights
-    load unchanged; only gate parameters are new. `model` itself is left as it was (the
-    result shares no tensor with it). Grouped or dilated convs are refused.
-    """
+    """A torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks. Every dense
+    weight keeps torchvision's state_dict key, so pretrained weights load unchanged; only gate
+    parameters are new. `model` is left as it was. Grouped or dilated convs are refused."""
     import torchvision
     if not isinstance(model, torchvision.models.ResNet):
         raise ValueError(f'model must be a torchvision.models.ResNet, got {type(model).__name__}')
@@ -720,12 +695,10 @@ def exit_net_macs(model, hw, z=None):
 
 class DenseNetExits(nn.Module):
     """DenseNet-BC for CIFAR (3 dense blocks, compression 0.5) with, when exits=True, a
-    classifier and an exit gate at the end of dense blocks 1 and 2 (5, Table 5); the exit
-    gates start at p(leave) = init_leave_p.
-
-    Training (and the masked evaluation) runs every image to the end and returns the output
-    each image takes, Z1 l1 + (1 - Z1)(Z2 l2 + (1 - Z2) l3), with GateInfo (exit_logits
-    set); gumbel_export.early_exit really skips the blocks after an image's exit."""
+    classifier and an exit gate after dense blocks 1 and 2 (5, Table 5), starting at p(leave)
+    = init_leave_p. Training (and the masked evaluation) runs every image to the end and
+    returns the output each image takes, Z1 l1 + (1 - Z1)(Z2 l2 + (1 - Z2) l3), with GateInfo
+    (exit_logits set); gumbel_export.early_exit really skips the blocks after an exit."""
 
     def __init__(self, depth=100, growth_rate=12, num_classes=10, exits=True,
                  init_leave_p=1 - INIT_P):
