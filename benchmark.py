@@ -18,6 +18,7 @@ dynamic gates, varying per image).
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -123,7 +124,8 @@ def row(name, batch, seconds, speedup, mac_red, overall=None, lane_red=None, tar
                 lane_red=mac_red if lane_red is None else lane_red, target=target, met=met)
 
 
-FORMS = {'eager': None, 'folded CL': 'eager', 'inductor': 'inductor'}  # deploy backend
+FORMS = {'eager': None, 'folded CL': 'eager', 'inductor': 'inductor',   # deploy backend
+         'onnxruntime': 'onnxruntime'}
 
 
 def deploy_rows(dense, pruned, batch, repeats, forms, lanes, autocast):
@@ -207,7 +209,9 @@ def main():
     depth, b_train, b_infer, n_single, repeats = \
         (8, 8, 4, 2, 2) if args.smoke else (56, 128, 64, 16, args.repeats)
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    forms = [f for f in FORMS if not (args.smoke and f == 'inductor')]
+    onnx = not cuda and importlib.util.find_spec('onnxruntime') is not None   # optional
+    forms = [f for f in FORMS if not (args.smoke and f == 'inductor')
+             and (f != 'onnxruntime' or onnx)]
     lanes = ge.vector_lanes()
     autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if cuda else contextlib.nullcontext
     gen = torch.Generator().manual_seed(0)

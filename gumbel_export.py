@@ -12,6 +12,7 @@ Each computes what threshold inference computes in the masked network, and spend
 MACs that its GateInfo.macs counts (both are tested).
 """
 import copy
+import io
 import math
 import time
 
@@ -202,6 +203,29 @@ def fold_bn(net):
     return net
 
 
+class _OnnxRuntime(nn.Module):
+    """An ONNX Runtime session (CPU) behind a module's call: tensor in, tensor out."""
+
+    def __init__(self, net, example_input):
+        super().__init__()
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ValueError("backend 'onnxruntime' needs: pip install onnxruntime onnx") from None
+        buf = io.BytesIO()
+        torch.onnx.export(net, (example_input.contiguous(),), buf, input_names=['x'],
+                          output_names=['logits'], dynamo=False,
+                          dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(buf.getvalue(), options,
+                                                    providers=['CPUExecutionProvider'])
+
+    def forward(self, x):
+        x = x.detach().cpu().contiguous().float().numpy()
+        return torch.from_numpy(self.session.run(None, {'x': x})[0])
+
+
 class _Deployed(nn.Module):
     """Runs `net` without autograd on channels_last inputs."""
 
@@ -215,7 +239,7 @@ class _Deployed(nn.Module):
         return net(x.contiguous(memory_format=torch.channels_last))
 
 
-BACKENDS = ('inductor', 'eager')
+BACKENDS = ('inductor', 'eager', 'onnxruntime')
 
 
 def deploy(net, example_input, backend='inductor'):
@@ -223,13 +247,16 @@ def deploy(net, example_input, backend='inductor'):
     compare with): BN folded into the convs, channels_last, and with backend 'inductor'
     torch.compile with inductor's freezing (weights as constants), compiled now on
     example_input. backend 'eager' stops before compiling. Returns a module that computes
-    what `net` computes in evaluation mode, without autograd."""
+    what `net` computes in evaluation mode, without autograd. backend 'onnxruntime' (CPU,
+    optional: pip install onnxruntime onnx) runs the folded net's ONNX graph instead."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if gc.gates(net):
         raise ValueError('net must be gate-free: prune(model) a static one first '
                          '(dynamic gates: SkipNet)')
     folded = fold_bn(net).to(memory_format=torch.channels_last)
+    if backend == 'onnxruntime':
+        return _OnnxRuntime(fold_bn(net), example_input)
     if backend == 'eager':
         return _Deployed(folded)
     deployed = _Deployed(folded, torch.compile(folded, options={'freezing': True}))

@@ -159,6 +159,14 @@ def test_fold_bn_and_deploy_eager_compute_what_the_net_computes(arch):
         assert (deployed(x) - ref).abs().max() <= EXPORT_ATOL
 
 
+def test_deploy_onnxruntime_keeps_the_outputs_at_any_batch():
+    pytest.importorskip('onnxruntime')                     # optional; .ci/run installs it
+    model, x, logits, _ = configured('resnet20', 'static', 'channel', 4)
+    deployed = ge.deploy(ge.prune(model), x, 'onnxruntime')
+    assert (deployed(x) - logits).abs().max() <= EXPORT_ATOL
+    assert (deployed(x[:1]) - logits[:1]).abs().max() <= EXPORT_ATOL
+
+
 def test_deploy_inductor_compiles_and_keeps_the_outputs():
     torch.manual_seed(0)
     model = gc.resnet_cifar(8, gating='static').eval()
