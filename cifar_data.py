@@ -1,19 +1,33 @@
 """CIFAR-10 for train_cifar.py: its python batches read without the general unpickler and
 checked, or a learnable offline stand-in (stripes). Images stay uint8 (N, 3, 32, 32)."""
 import math
+import pickle
 from pathlib import Path
 
 import torch
 
-import train_common as common
 from train_common import UsageError
+
+
+class ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing that can run
+    code (CIFAR-10's batches need no other class): the data files of a download or a
+    colleague are never read with the general unpickler."""
+    ALLOWED = {('numpy._core.multiarray', '_reconstruct'), ('numpy._core.numeric', '_frombuffer'),
+               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+    def find_class(self, module, name):
+        module = module.replace('numpy.core.', 'numpy._core.')  # numpy 1.x names
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        return super().find_class(module, name)
 
 
 def read_batch(path):
     """One CIFAR-10 python batch -> uint8 (N, 3, 32, 32), int64 (N,); any fault is one line."""
     try:
         with open(path, 'rb') as f:
-            batch = common.ArraysOnly(f, encoding='bytes').load()
+            batch = ArraysOnly(f, encoding='bytes').load()
         x, y = batch[b'data'], batch[b'labels']
         y = torch.tensor(y, dtype=torch.int64)
     except Exception as e:                                  # corrupt, truncated, not CIFAR

@@ -94,13 +94,11 @@ def fig3(plt, arch, runs, out):
     ax.margins(x=0.08, y=0.15)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, out / f'fig3_{arch}.png')
+    return save(plt, fig, out / f'fig3_{arch}.png')
 
 
-def save(fig, path):
+def save(plt, fig, path):
     fig.savefig(path)
-    fig.canvas.figure.clear()
-    import matplotlib.pyplot as plt                 # imported by main already
     plt.close(fig)
     return path
 
@@ -124,7 +122,7 @@ def fig4(plt, folder, out):
            ylabel='class')
     fig.colorbar(image, ax=ax, label='activation rate (mean Z)')
     fig.tight_layout()
-    return save(fig, out / f'fig4_{folder.name}.png')
+    return save(plt, fig, out / f'fig4_{folder.name}.png')
 
 
 def short(folder):
@@ -150,7 +148,7 @@ def polarization(plt, folder, out, tau=0.5):
                  f'(p < {gc.POLAR:g} or p > {1 - gc.POLAR:g})')
     ax.legend(fontsize=7, loc='upper center')
     fig.tight_layout()
-    return save(fig, out / f'polarization_{folder.name}.png')
+    return save(plt, fig, out / f'polarization_{folder.name}.png')
 
 
 def main(argv=None):

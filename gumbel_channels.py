@@ -229,7 +229,7 @@ def block_macs(block, hw, z=None):
             branch = branch + n2 * convs[2].out_channels * (1 - any1)   # (prune folds it)
     if z.get('gate') is not None:
         branch = branch * z['gate'][:, 0].double()
-    return branch + shortcut + sum(g.macs for g in gates(block)), sizes[-1]
+    return branch + shortcut + sum(getattr(block, name).macs for name in z), sizes[-1]
 
 
 def resnet_macs(model, hw, z=None):
@@ -246,9 +246,9 @@ def resnet_macs(model, hw, z=None):
 
 # ----------------------------------------------------------------------------- blocks
 
-def _mask(x, z):
-    """x (B, C, H, W) times decisions z (B, C); z None means all on."""
-    return x if z is None else x * z[:, :, None, None].to(x.dtype)
+def _mask(x, decision):
+    """x (B, C, H, W) times a gate's decisions, decision = (z (B, C), p); None: all on."""
+    return x if decision is None else x * decision[0][:, :, None, None].to(x.dtype)
 
 
 def _decide(block, x, names):
@@ -256,15 +256,11 @@ def _decide(block, x, names):
     return {n: g(x) for n in names if (g := getattr(block, n, None)) is not None}
 
 
-def _z(decisions, name):
-    return decisions[name][0] if name in decisions else None
-
-
-def _residual(block, x, branch, z_layer):
-    """out = ReLU(shortcut(x) + Z * branch), Z (B, 1) the layer gate (None: no layer gate;
-    AIG's placement, NOTES.md 6)."""
+def _residual(block, x, branch, layer):
+    """out = ReLU(shortcut(x) + Z * branch), Z (B, 1) the layer gate's decisions (layer:
+    (z, p), None without a layer gate; AIG's placement, NOTES.md 6)."""
     identity = x if block.downsample is None else block.downsample(x)
-    return block.relu(_mask(branch, z_layer) + identity)
+    return block.relu(_mask(branch, layer) + identity)
 
 
 class ShortcutA(nn.Module):
@@ -305,9 +301,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         d = _decide(self, x, ('gate1', 'gate'))
-        out = _mask(self.relu(self.bn1(self.conv1(x))), _z(d, 'gate1'))
+        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))
         out = self.bn2(self.conv2(out))
-        return _residual(self, x, out, _z(d, 'gate')), d
+        return _residual(self, x, out, d.get('gate')), d
 
 
 class Bottleneck(nn.Module):
@@ -336,10 +332,10 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         d = _decide(self, x, ('gate1', 'gate2', 'gate'))
-        out = _mask(self.relu(self.bn1(self.conv1(x))), _z(d, 'gate1'))
-        out = _mask(self.relu(self.bn2(self.conv2(out))), _z(d, 'gate2'))
+        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))
+        out = _mask(self.relu(self.bn2(self.conv2(out))), d.get('gate2'))
         out = self.bn3(self.conv3(out))
-        return _residual(self, x, out, _z(d, 'gate')), d
+        return _residual(self, x, out, d.get('gate')), d
 
 
 # ----------------------------------------------------------------------------- networks
@@ -574,15 +570,15 @@ def evaluation(model, strategy=None):
     """with evaluation(model[, strategy]): the model in evaluation mode (its gates deciding
     by `strategy`, default their own); its mode and gates' strategies are restored after."""
     found, was_training = gates(model), model.training
-    saved = [(g.strategy, g.tau) for g in found]
+    saved = [g.strategy for g in found]
     model.eval()
     try:
         for g in found:
             g.strategy = strategy or g.strategy
         yield model
     finally:
-        for g, (old, tau) in zip(found, saved):
-            g.strategy, g.tau = old, tau
+        for g, old in zip(found, saved):
+            g.strategy = old
         model.train(was_training)
 
 

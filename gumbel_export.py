@@ -23,8 +23,7 @@ import torch.nn.functional as F
 import gumbel_channels as gc
 
 __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
-           'fold_bn', 'deploy', 'SkipNet',
-           'early_exit', 'exit_report']
+           'fold_bn', 'deploy', 'SkipNet', 'early_exit', 'exit_report']
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -42,7 +41,8 @@ def counted_macs(model, x):
 def _fold(conv, bn):
     """conv then eval-mode BN as one conv: (weight * s, shift), s = gamma / sqrt(var + eps)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - bn.running_mean * scale
+    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale
 
 
 def _folded(block):
@@ -180,8 +180,7 @@ def _folded_conv(conv, bn):
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=True).to(w)
     new.weight.copy_(w)
-    new.bias.copy_(b if conv.bias is None else b + conv.bias * bn.weight
-                   / torch.sqrt(bn.running_var + bn.eps))
+    new.bias.copy_(b)
     return new
 
 
@@ -254,9 +253,10 @@ def deploy(net, example_input, backend='inductor'):
     if gc.gates(net):
         raise ValueError('net must be gate-free: prune(model) a static one first '
                          '(dynamic gates: SkipNet)')
-    folded = fold_bn(net).to(memory_format=torch.channels_last)
+    folded = fold_bn(net)
     if backend == 'onnxruntime':
-        return _OnnxRuntime(fold_bn(net), example_input)
+        return _OnnxRuntime(folded, example_input)
+    folded = folded.to(memory_format=torch.channels_last)
     if backend == 'eager':
         return _Deployed(folded)
     deployed = _Deployed(folded, torch.compile(folded, options={'freezing': True}))

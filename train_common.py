@@ -9,7 +9,6 @@ import fcntl
 import json
 import math
 import os
-import pickle
 import sys
 import time
 
@@ -38,12 +37,9 @@ def run_cli(main, argv=None):
     or write (exit status 1) are reported as one line on stderr, without a traceback."""
     try:
         main(argv)
-    except UsageError as e:
+    except (UsageError, RunError) as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except OSError as e:                                    # disk full, permissions, I/O
         where = f' ({e.filename})' if e.filename else ''
         print(f'error: {e.strerror or e}{where}', file=sys.stderr)
@@ -100,20 +96,6 @@ def autocast_for(device, amp='bf16'):
 def grad_scaler_for(device, amp):
     """A GradScaler for fp16 on CUDA, else None (bf16 and float32 need no loss scaling)."""
     return torch.amp.GradScaler('cuda') if device.type == 'cuda' and amp == 'fp16' else None
-
-
-class ArraysOnly(pickle.Unpickler):
-    """Unpickles dicts, lists, strings, numbers and numpy arrays, and nothing that can run
-    code (CIFAR-10's batches need no other class): the data files of a download or a
-    colleague are never read with the general unpickler."""
-    ALLOWED = {('numpy._core.multiarray', '_reconstruct'), ('numpy._core.numeric', '_frombuffer'),
-               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
-
-    def find_class(self, module, name):
-        module = module.replace('numpy.core.', 'numpy._core.')  # numpy 1.x names
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
-        return super().find_class(module, name)
 
 
 # ----------------------------------------------------------------------------- run folders
