@@ -5,9 +5,11 @@ round, in rotating order, after warm-up), printed beside its MAC ratio:
   - a training step (forward, backward, SGD) of dense vs static- vs dynamic-gated ResNet-56;
   - inference of dense vs pruned ResNet-56 (prune) at about 50%, 40% and 30% of the MACs;
   - the dynamic batch-1 path (SkipNet) and the masked dynamic forward vs the dense network,
-    for CIFAR ResNet-56 (32x32) and torchvision ResNet-50 (224x224).
-On CPU, inference rows run in both memory formats (CL: channels_last). On CUDA (when
-present) every row runs with bf16 autocast and channels_last, timed with CUDA events.
+    for CIFAR ResNet-56 (32x32) and torchvision ResNet-50 (224x224), beside the bound a
+    skipping path can reach: a static net pruned to the same MACs, BN folded, in eager.
+Inference rows run in each deploy form (eager; BN folded + channels_last; inductor; ONNX
+Runtime when installed). On CUDA (when present) every row runs with bf16 autocast and
+channels_last, timed with CUDA events.
 Gates are set, not trained: decisions are random at the stated rates (about half on for
 dynamic gates, varying per image).
 
@@ -161,24 +163,31 @@ def deploy_rows(dense, pruned, batch, repeats, forms, lanes, autocast):
     return rows
 
 
-def skip_rows(label, model, dense, size, n, repeats, fmt, tag, autocast):
-    """Dynamic gates, one image at a time: SkipNet and the masked forward vs the dense net."""
+def skip_rows(label, model, dense, bound, size, n, repeats, fmt, tag, autocast):
+    """Dynamic gates, one image at a time: SkipNet and the masked forward vs the dense net, and
+    `bound`: a static net pruned to about the same MACs with BN folded (no gates, no gathers),
+    the speed that any skipping path built from these convs can at best reach."""
     device = next(dense.parameters()).device
     model, dense = model.eval().to(memory_format=fmt), dense.to(memory_format=fmt)
+    bound = ge.fold_bn(bound).to(memory_format=fmt)
     skip = ge.SkipNet(model)
     images = torch.randn(n, 3, size, size, device=device).to(memory_format=fmt)
     with torch.inference_mode():
         _, info = model(images)
     red = info.max_macs / info.macs.mean().item()
+    bound_red = ge.counted_macs(dense, images[:1]) / ge.counted_macs(bound, images[:1])
 
     def one_by_one(net):
         return lambda: [net(images[i:i + 1]) for i in range(n)]
     with torch.inference_mode(), autocast():
         t = timed({'dense': one_by_one(dense), 'SkipNet': one_by_one(skip),
-                   'masked': one_by_one(model)}, max(3, repeats // 2), device)
+                   'masked': one_by_one(model), 'bound': one_by_one(bound)},
+                  max(3, repeats // 2), device)
     speedup = t['dense'] / t['SkipNet']
     return [row(f'{label} dense{tag}', 1, t['dense'] / n, 1.0, 1.0),
             row(f'{label} masked{tag}', 1, t['masked'] / n, t['dense'] / t['masked'], red),
+            row(f'{label} static bound{tag}', 1, t['bound'] / n, t['dense'] / t['bound'],
+                bound_red),
             row(f'{label} SkipNet{tag}', 1, t['SkipNet'] / n, speedup, red,
                 target='>= 0.75 x MAC reduction', met=speedup >= 0.75 * red)]
 
@@ -233,17 +242,21 @@ def main():
     tv = (torchvision.models.resnet18() if args.smoke else torchvision.models.resnet50())
     tv = tv.to(device).eval()
     big = 64 if args.smoke else 224
-    dynamic = {f'ResNet-{depth} {32}px': (gated_copy(dense, depth, 'dynamic', device), dense, 32,
-                                          n_single),
+    static_tv = gc.gate_resnet(tv, 'static')
+    set_static_rate(static_tv, 0.5, gen)
+    dynamic = {f'ResNet-{depth} {32}px': (gated_copy(dense, depth, 'dynamic', device), dense,
+                                          pruned['pruned 50%'], 32, n_single),
                f'tv-ResNet-{18 if args.smoke else 50} {big}px': (
-                   gc.gate_resnet(tv, 'dynamic'), tv, big, 2 if args.smoke else 4)}
+                   gc.gate_resnet(tv, 'dynamic'), tv, ge.prune(static_tv.eval()), big,
+                   2 if args.smoke else 4)}
     with torch.no_grad():                       # data-dependent decisions, about half on
         for model, *_ in dynamic.values():
             for g in gc.gates(model):
                 torch.nn.init.normal_(g.fc2.weight, std=1.0)
                 g.fc2.bias.zero_()
-    for label, (model, dense_net, size, n) in dynamic.items():
-        rows += skip_rows(label, model, dense_net, size, n, repeats, fmt, '', autocast)
+    for label, (model, dense_net, bound, size, n) in dynamic.items():
+        rows += skip_rows(label, model, dense_net, bound, size, n, repeats, fmt, '',
+                          autocast)
     print(f"{'row':34} {'batch':>5} {'ms':>9} {'speedup':>8} {'overall':>8} {'MAC red.':>8} "
           f"{'lane red.':>9}  {'target':28} met")
     for r in rows:

@@ -30,10 +30,12 @@ __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_
 
 def counted_macs(model, x):
     """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them
-    (conv, mm, addmm; 2 FLOPs per MAC). The independent check of
+    (conv, mm, addmm, and here mv and addmv; 2 FLOPs per MAC). The independent check of
     GateInfo.macs and of what each export spends."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    mv = {torch.ops.aten.mv: lambda mat, vec, **_: 2 * mat[0] * mat[1],   # not in its table
+          torch.ops.aten.addmv: lambda bias, mat, vec, *_, **__: 2 * mat[0] * mat[1]}
+    with FlopCounterMode(display=False, custom_mapping=mv) as counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
 
@@ -174,6 +176,7 @@ def prune(model):
 
 # ----------------------------------------------------------------------------- fastest form
 
+@torch.no_grad()
 def _folded_conv(conv, bn):
     """One Conv2d (with bias) computing bn(conv(x)) of an eval-mode BN."""
     w, b = _fold(conv, bn)
@@ -196,10 +199,20 @@ def fold_bn(net):
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                 setattr(m, f'conv{k}', _folded_conv(conv, bn))
                 setattr(m, f'bn{k}', nn.Identity())
-        if isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d) \
-                and isinstance(m[1], nn.BatchNorm2d):
+        if _conv_bn(m):
             m[0], m[1] = _folded_conv(m[0], m[1]), nn.Identity()
     return net
+
+
+def _conv_bn(m):
+    """Whether m is a (conv, BN) Sequential, as torchvision's projection shortcuts are."""
+    return isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d) \
+        and isinstance(m[1], nn.BatchNorm2d)
+
+
+def _shortcut_folded(downsample):
+    """A (conv, BN) shortcut as one biased conv; any other shortcut (or None) as it is."""
+    return _folded_conv(*downsample) if _conv_bn(downsample) else downsample
 
 
 class _OnnxRuntime(nn.Module):
@@ -259,7 +272,11 @@ def deploy(net, example_input, backend='inductor'):
     folded = folded.to(memory_format=torch.channels_last)
     if backend == 'eager':
         return _Deployed(folded)
-    deployed = _Deployed(folded, torch.compile(folded, options={'freezing': True}))
+    try:                    # a traced copy has its own code, so its own compiled-code cache:
+        traced = torch.fx.symbolic_trace(folded)       # nets sharing a class would share one
+    except Exception:                                   # and, past dynamo's recompile limit,
+        traced = folded                                 # fall back to eager without a word
+    deployed = _Deployed(folded, torch.compile(traced, options={'freezing': True}))
     deployed(example_input)                                 # compile now, not on first use
     return deployed
 
@@ -307,17 +324,17 @@ class _LeanGate(nn.Module):
         bn, fc2 = gate.bn, gate.fc2
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         w, b = fc2.weight.view(gate.channels, 2, -1), fc2.bias.view(gate.channels, 2)
-        self.register_buffer('w1t', (gate.fc1.weight * scale[:, None]).t().contiguous())
+        self.register_buffer('w1', (gate.fc1.weight * scale[:, None]).contiguous())
         self.register_buffer('b1', bn.bias - bn.running_mean * scale)
-        self.register_buffer('wdt', (w[:, 1] - w[:, 0]).t().contiguous())
+        self.register_buffer('wd', (w[:, 1] - w[:, 0]).contiguous())
         self.register_buffer('bd', b[:, 1] - b[:, 0] - math.log(gate.tau / (1 - gate.tau)))
 
     def forward(self, x):                                   # -> indices of the on channels
         if self.static:
             return self.on
-        pooled = x.view(1, x.shape[1], -1).sum(2)           # the mean's 1/HW: in the product
-        h = F.relu_(torch.addmm(self.b1, pooled, self.w1t, alpha=1 / x[0, 0].numel()))
-        return (torch.addmm(self.bd, h, self.wdt)[0] > 0).nonzero().flatten()
+        pooled = x.sum((0, 2, 3))                           # the mean's 1/HW: in the product
+        h = torch.addmv(self.b1, self.w1, pooled, alpha=1 / x[0, 0].numel()).relu_()
+        return torch.addmv(self.bd, self.wd, h).relu_().nonzero().view(-1)   # d > 0
 
 
 class _SkipBlock(nn.Module):
@@ -328,7 +345,7 @@ class _SkipBlock(nn.Module):
         super().__init__()
         self.bottleneck = isinstance(block, gc.Bottleneck)
         self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
-        self.downsample = block.downsample
+        self.downsample = _shortcut_folded(block.downsample)
         for name in ('gate', 'gate1', 'gate2'):
             g = getattr(block, name, None)
             setattr(self, name, None if g is None else _LeanGate(g))
@@ -366,7 +383,7 @@ class SkipNet(nn.Module):
         if not gc.gates(model):
             raise ValueError('model must be a gated network (gating="dynamic" or "static")')
         model = copy.deepcopy(model).eval()
-        self.stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        self.stem = nn.Sequential(_folded_conv(model.conv1, model.bn1), model.relu, model.maxpool)
         self.blocks = nn.ModuleList(_SkipBlock(b) for b in model.blocks())
         self.avgpool, self.fc = model.avgpool, model.fc
         self.eval()

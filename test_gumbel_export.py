@@ -167,14 +167,23 @@ def test_deploy_onnxruntime_keeps_the_outputs_at_any_batch():
     assert (deployed(x[:1]) - logits[:1]).abs().max() <= EXPORT_ATOL
 
 
-def test_deploy_inductor_compiles_and_keeps_the_outputs():
+def test_deploy_inductor_compiles_each_net_and_keeps_the_outputs(monkeypatch):
+    """Inductor with freezing; and each deployed net compiled on its own: the dense and the
+    pruned net share a class (one forward's code), and with dynamo's recompile limit set to
+    one, a second compile of that code would fail here (by default: run eager, silently)."""
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
+    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
     torch.manual_seed(0)
     model = gc.resnet_cifar(8, gating='static').eval()
     randomize_bn(model)
     static_config(model)
-    pruned, x = ge.prune(model), torch.randn(4, 3, 32, 32)
-    deployed = ge.deploy(pruned, x)                         # inductor with freezing
-    assert (deployed(x) - pruned(x)).abs().max() <= EXPORT_ATOL
+    dense = gc.resnet_cifar(8).eval()
+    randomize_bn(dense)
+    x = torch.randn(4, 3, 32, 32)
+    for net in (ge.prune(model), dense):
+        deployed = ge.deploy(net, x)
+        assert (deployed(x) - net(x)).abs().max() <= EXPORT_ATOL
 
 
 def test_round_gates_keeps_widths_on_the_lanes_and_every_on_channel():
@@ -195,6 +204,7 @@ def test_benchmark_smoke_mode_runs(tmp_path):
                          cwd=__file__.rsplit('/', 1)[0] or '.')
     assert out.returncode == 0, out.stderr
     for name in ('train step, static', 'infer pruned 30% [folded CL]', 'ResNet-8 32px SkipNet',
+                 'ResNet-8 32px static bound',
                  'tv-ResNet-18 64px SkipNet', 'MALLOC_MMAP_THRESHOLD_=33554432'):
         assert name in out.stdout
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
