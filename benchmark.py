@@ -16,6 +16,7 @@ dynamic gates, varying per image).
     python benchmark.py             # the table (a few minutes on 2 CPU cores)
     python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
     python benchmark.py --macs      # the CIFAR ResNets' parameters and MACs
+    python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
 """
 import argparse
 import contextlib
@@ -85,6 +86,27 @@ def macs_table():
                 for g in ('static', 'dynamic')]
         print(f'resnet{depth:<4} {sum(q.numel() for q in dense.parameters()) / 1e6:7.2f}M '
               f'{ge.counted_macs(dense, x):15,} {macs[0].item():14,.0f} {macs[1].item():15,.0f}')
+
+
+def conv_table(repeats):
+    """One 3x3 conv of each CIFAR ResNet stage, dense (C -> C) against half its outputs
+    (C -> C/2, a pruned conv1) and half its inputs (C/2 -> C, a pruned conv2): time ratios
+    at batch 64 in channels_last (oneDNN) and at batch 1 in NCHW (im2col), for half the MACs."""
+    print(f"{'conv':14} {'batch 64 CL: C->C/2':>20} {'C/2->C':>7} {'batch 1: C->C/2':>16} "
+          f"{'C/2->C':>7}")
+    for c, hw in ((16, 32), (32, 16), (64, 8)):
+        ratios = []
+        for batch, fmt in ((64, torch.channels_last), (1, torch.contiguous_format)):
+            fns = {}
+            for cin, cout in ((c, c), (c, c // 2), (c // 2, c)):
+                x = torch.randn(batch, cin, hw, hw).to(memory_format=fmt)
+                w = torch.randn(cout, cin, 3, 3).to(memory_format=fmt)
+                fns[cin, cout] = lambda x=x, w=w: F.conv2d(x, w, None, 1, 1)
+            with torch.inference_mode():
+                t = timed(fns, repeats, torch.device('cpu'))
+            ratios += [t[c, c] / t[c, c // 2], t[c, c] / t[c // 2, c]]
+        print(f'{c}x{hw}x{hw}'.ljust(14) + ''.join(f'{r:{w}.2f}' for r, w in
+                                                  zip(ratios, (21, 8, 17, 8))))
 
 
 def train_rows(dense, depth, batch, repeats, fmt, autocast):
@@ -200,6 +222,8 @@ def main():
     ap.add_argument('--smoke', action='store_true',
                     help='tiny sizes, two rounds, no inductor: checks that it runs')
     ap.add_argument('--macs', action='store_true', help="print the CIFAR ResNets' MACs and exit")
+    ap.add_argument('--convs', action='store_true',
+                    help='time single pruned convs against dense ones (CPU) and exit')
     ap.add_argument('--repeats', type=int, default=11, help='timed rounds per comparison (median)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
@@ -213,6 +237,8 @@ def main():
         os.execve(sys.executable, [sys.executable] + sys.argv,        # activations mapped
                   {**os.environ, **ALLOCATOR})
     torch.set_num_threads(args.threads)
+    if args.convs:
+        return conv_table(args.repeats * 5)
     device = torch.device(args.device)
     cuda = device.type == 'cuda'
     depth, b_train, b_infer, n_single, repeats = \

@@ -209,6 +209,12 @@ def test_benchmark_smoke_mode_runs(tmp_path):
         assert name in out.stdout
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     assert {r['row'] for r in rows} >= {'infer pruned 50% [eager]', 'infer dense [folded CL]'}
+    out = subprocess.run([sys.executable, 'benchmark.py', '--convs', '--repeats', '1'],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=__file__.rsplit('/', 1)[0] or '.')
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[-3:]] == \
+        ['16x32x32', '32x16x16', '64x8x8']
 
 
 # ------------------------------------------------------------------- early exits (5, Table 5)
