@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import gumbel_channels as gc
 
 __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
-           'fold_bn', 'deploy', 'SkipNet', 'early_exit', 'exit_report']
+           'fold_bn', 'onnx_graph', 'deploy', 'SkipNet', 'early_exit', 'exit_report']
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -215,6 +215,17 @@ def _shortcut_folded(downsample):
     return _folded_conv(*downsample) if _conv_bn(downsample) else downsample
 
 
+def onnx_graph(net, example_input):
+    """The ONNX graph (bytes, input 'x', output 'logits', any batch size) of a gate-free net
+    in evaluation mode: what deploy(net, x, 'onnxruntime') runs (BN folded first), and what
+    the training scripts write as pruned.onnx. Needs: pip install onnx."""
+    buf = io.BytesIO()
+    torch.onnx.export(net.eval(), (example_input.contiguous(),), buf, input_names=['x'],
+                      output_names=['logits'], dynamo=False,
+                      dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
+    return buf.getvalue()
+
+
 class _OnnxRuntime(nn.Module):
     """An ONNX Runtime session (CPU) behind a module's call: tensor in, tensor out."""
 
@@ -224,13 +235,9 @@ class _OnnxRuntime(nn.Module):
             import onnxruntime
         except ImportError:
             raise ValueError("backend 'onnxruntime' needs: pip install onnxruntime onnx") from None
-        buf = io.BytesIO()
-        torch.onnx.export(net, (example_input.contiguous(),), buf, input_names=['x'],
-                          output_names=['logits'], dynamo=False,
-                          dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(buf.getvalue(), options,
+        self.session = onnxruntime.InferenceSession(onnx_graph(net, example_input), options,
                                                     providers=['CPUExecutionProvider'])
 
     def forward(self, x):
@@ -257,8 +264,8 @@ BACKENDS = ('inductor', 'eager', 'onnxruntime')
 def deploy(net, example_input, backend='inductor'):
     """The fastest inference form of a gate-free network (a pruned net, or a dense one to
     compare with): BN folded into the convs, channels_last, and with backend 'inductor'
-    torch.compile with inductor's freezing (weights as constants), compiled now on
-    example_input. backend 'eager' stops before compiling. Returns a module that computes
+    torch.compile with inductor's freezing (weights as constants) of a traced copy, compiled
+    now on example_input. backend 'eager' stops before compiling. Returns a module that computes
     what `net` computes in evaluation mode, without autograd. backend 'onnxruntime' (CPU,
     optional: pip install onnxruntime onnx) runs the folded net's ONNX graph instead."""
     if backend not in BACKENDS:

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 import torchvision
 
@@ -167,13 +168,10 @@ def test_deploy_onnxruntime_keeps_the_outputs_at_any_batch():
     assert (deployed(x[:1]) - logits[:1]).abs().max() <= EXPORT_ATOL
 
 
-def test_deploy_inductor_compiles_each_net_and_keeps_the_outputs(monkeypatch):
+def test_deploy_inductor_compiles_each_net_and_keeps_the_outputs():
     """Inductor with freezing; and each deployed net compiled on its own: the dense and the
     pruned net share a class (one forward's code), and with dynamo's recompile limit set to
     one, a second compile of that code would fail here (by default: run eager, silently)."""
-    import torch._dynamo
-    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
-    monkeypatch.setattr(torch._dynamo.config, 'fail_on_recompile_limit_hit', True)
     torch.manual_seed(0)
     model = gc.resnet_cifar(8, gating='static').eval()
     randomize_bn(model)
@@ -181,9 +179,32 @@ def test_deploy_inductor_compiles_each_net_and_keeps_the_outputs(monkeypatch):
     dense = gc.resnet_cifar(8).eval()
     randomize_bn(dense)
     x = torch.randn(4, 3, 32, 32)
-    for net in (ge.prune(model), dense):
-        deployed = ge.deploy(net, x)
-        assert (deployed(x) - net(x)).abs().max() <= EXPORT_ATOL
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for net in (ge.prune(model), dense):
+            deployed = ge.deploy(net, x)
+            assert (deployed(x) - net(x)).abs().max() <= EXPORT_ATOL
+
+
+class _ValueBranch(torch.nn.Module):
+    """A net torch.fx cannot trace: Python control flow on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.relu() if y.mean() > 0 else -y
+
+
+def test_deploy_inductor_compiles_a_net_fx_cannot_trace():
+    torch.manual_seed(0)
+    net = _ValueBranch().eval()
+    randomize_bn(net)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(net)
+    assert (ge.deploy(net, x)(x) - net(x)).abs().max() <= EXPORT_ATOL
 
 
 def test_round_gates_keeps_widths_on_the_lanes_and_every_on_channel():

@@ -366,6 +366,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(cifar, dense_ckpt,
 
 
 
+def test_pruned_onnx_runs_in_onnx_runtime_like_the_pruned_net(cifar, dense_ckpt, tmp_path):
+    """With onnx installed (optional; .ci/run installs it) a static run also writes
+    pruned.onnx, BN folded, for any batch size: ONNX Runtime gives pruned.pt's logits."""
+    ort = pytest.importorskip('onnxruntime')
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    pruned = torch.load(run_dir / 'pruned.pt', weights_only=False).eval()
+    session = ort.InferenceSession(str(run_dir / 'pruned.onnx'),
+                                   providers=['CPUExecutionProvider'])
+    for batch in (1, 64):
+        x = torch.randn(batch, 3, 32, 32)
+        got = torch.from_numpy(session.run(None, {'x': x.numpy()})[0])
+        with torch.no_grad():
+            assert (got - pruned(x)).abs().max() <= 1e-4       # float32 rounding only
+
+
 def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dense_ckpt, tmp_path,
                                                                       one_line_error):
     """--evaluate re-evaluates a finished run into files named by its settings (the finished

@@ -6,6 +6,7 @@ gumbel_channels.py; nothing here is specific to a data set.
 import argparse
 import contextlib
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -112,12 +113,12 @@ def ensure_writable(dirs, out):
 
 
 def save_atomic(obj, path):
-    """torch.save(obj, path) (or the text obj) through a temporary file: path is either the
-    old file or the new one, and a failed write leaves no temporary file behind."""
+    """torch.save(obj, path) (or the text or bytes obj) through a temporary file: path is
+    either the old file or the new one, and a failed write leaves no temporary file behind."""
     tmp = path.with_name(path.name + '.tmp')
     try:
-        if isinstance(obj, str):
-            tmp.write_text(obj)
+        if isinstance(obj, (str, bytes)):
+            tmp.write_text(obj) if isinstance(obj, str) else tmp.write_bytes(obj)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -446,7 +447,8 @@ def write_class_rates(rates, names, gates, run_dir, tag=''):
 def export(model, baseline, x, run_dir, row, tag=''):
     """Save the final gated weights (final.pt); for static gates also the physically pruned
     network, as a module (pruned.pt) and, BN folded into its convs, as a torch.export program
-    with a dynamic batch (pruned.pt2, loadable without this repository). Its FlopCounterMode
+    with a dynamic batch (pruned.pt2, loadable without this repository) and, when the onnx
+    package is installed, as an ONNX graph (pruned.onnx, for ONNX Runtime). Its FlopCounterMode
     MACs % of the dense net goes into row. x: an example batch of at least 2 inputs.
     Returns the pruned net."""
     save_atomic(model.state_dict(), run_dir / f'final{tag}.pt')
@@ -456,8 +458,11 @@ def export(model, baseline, x, run_dir, row, tag=''):
     dense_macs = ge.counted_macs(baseline.eval(), x[:1])
     row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x[:1]) / dense_macs
     save_atomic(pruned, run_dir / f'pruned{tag}.pt')
-    batch = torch.export.Dim('batch', min=1, max=65536)
-    program = torch.export.export(ge.fold_bn(pruned), (x,), dynamic_shapes=({0: batch},))
+    folded = ge.fold_bn(pruned)
+    if importlib.util.find_spec('onnx') is not None:        # optional; ONNX Runtime runs it,
+        save_atomic(ge.onnx_graph(folded, x), run_dir / f'pruned{tag}.onnx')  # at batch 1 the
+    batch = torch.export.Dim('batch', min=1, max=65536)                       # fastest here
+    program = torch.export.export(folded, (x,), dynamic_shapes=({0: batch},))
     tmp = run_dir / f'pruned{tag}.tmp.pt2'                   # torch.export wants .pt2
     try:
         torch.export.save(program, tmp)
