@@ -264,8 +264,8 @@ BACKENDS = ('inductor', 'eager', 'onnxruntime')
 def deploy(net, example_input, backend='inductor'):
     """The fastest inference form of a gate-free network (a pruned net, or a dense one to
     compare with): BN folded into the convs, channels_last, and with backend 'inductor'
-    torch.compile with inductor's freezing (weights as constants) of a traced copy, compiled
-    now on example_input. backend 'eager' stops before compiling. Returns a module that computes
+    torch.compile with inductor's freezing (weights as constants; on CPU also max_autotune)
+    of a traced copy, compiled now on example_input. backend 'eager' stops before compiling. Returns a module that computes
     what `net` computes in evaluation mode, without autograd. backend 'onnxruntime' (CPU,
     optional: pip install onnxruntime onnx) runs the folded net's ONNX graph instead."""
     if backend not in BACKENDS:
@@ -283,7 +283,9 @@ def deploy(net, example_input, backend='inductor'):
         traced = torch.fx.symbolic_trace(folded)       # nets sharing a class would share one
     except Exception:                                   # and, past dynamo's recompile limit,
         traced = folded                                 # fall back to eager without a word
-    deployed = _Deployed(folded, torch.compile(traced, options={'freezing': True}))
+    options = {'freezing': True,                   # on CPU inductor's autotuning made the
+               'max_autotune': example_input.device.type == 'cpu'}   # pruned net 1-10% faster
+    deployed = _Deployed(folded, torch.compile(traced, options=options))
     deployed(example_input)                                 # compile now, not on first use
     return deployed
 
