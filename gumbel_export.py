@@ -265,9 +265,10 @@ def deploy(net, example_input, backend='inductor'):
     """The fastest inference form of a gate-free network (a pruned net, or a dense one to
     compare with): BN folded into the convs, channels_last, and with backend 'inductor'
     torch.compile with inductor's freezing (weights as constants; on CPU also max_autotune)
-    of a traced copy, compiled now on example_input. backend 'eager' stops before compiling. Returns a module that computes
-    what `net` computes in evaluation mode, without autograd. backend 'onnxruntime' (CPU,
-    optional: pip install onnxruntime onnx) runs the folded net's ONNX graph instead."""
+    of a traced copy, compiled now on example_input. backend 'eager' stops before compiling.
+    Returns a module that computes what `net` computes in evaluation mode, without autograd.
+    backend 'onnxruntime' (CPU, optional: pip install onnxruntime onnx) runs the folded net's
+    ONNX graph instead."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if gc.gates(net):
