@@ -220,7 +220,7 @@ def onnx_graph(net, example_input):
     in evaluation mode: what deploy(net, x, 'onnxruntime') runs (BN folded first), and what
     the training scripts write as pruned.onnx. Needs: pip install onnx."""
     buf = io.BytesIO()
-    torch.onnx.export(net.eval(), (example_input.contiguous(),), buf, input_names=['x'],
+    torch.onnx.export(net, (example_input.contiguous(),), buf, input_names=['x'],
                       output_names=['logits'], dynamo=False,
                       dynamic_axes={'x': {0: 'batch'}, 'logits': {0: 'batch'}})
     return buf.getvalue()
@@ -280,12 +280,14 @@ def deploy(net, example_input, backend='inductor'):
     folded = folded.to(memory_format=torch.channels_last)
     if backend == 'eager':
         return _Deployed(folded)
-    try:                    # a traced copy has its own code, so its own compiled-code cache:
-        traced = torch.fx.symbolic_trace(folded)       # nets sharing a class would share one
-    except Exception:                                   # and, past dynamo's recompile limit,
-        traced = folded                                 # fall back to eager without a word
-    options = {'freezing': True,                   # on CPU inductor's autotuning made the
-               'max_autotune': example_input.device.type == 'cpu'}   # pruned net 1-10% faster
+    # A traced copy has code of its own, so a compiled-code cache of its own: nets of one class
+    # would share one and, past dynamo's recompile limit, silently run eager. max_autotune:
+    # on CPU it made the pruned nets 1-10% faster (NOTES.md, "Speed").
+    try:
+        traced = torch.fx.symbolic_trace(folded)
+    except Exception:                                   # Python control flow on values
+        traced = folded
+    options = {'freezing': True, 'max_autotune': example_input.device.type == 'cpu'}
     deployed = _Deployed(folded, torch.compile(traced, options=options))
     deployed(example_input)                                 # compile now, not on first use
     return deployed

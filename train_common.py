@@ -117,8 +117,10 @@ def save_atomic(obj, path):
     either the old file or the new one, and a failed write leaves no temporary file behind."""
     tmp = path.with_name(path.name + '.tmp')
     try:
-        if isinstance(obj, (str, bytes)):
-            tmp.write_text(obj) if isinstance(obj, str) else tmp.write_bytes(obj)
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        elif isinstance(obj, bytes):
+            tmp.write_bytes(obj)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -459,9 +461,9 @@ def export(model, baseline, x, run_dir, row, tag=''):
     row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x[:1]) / dense_macs
     save_atomic(pruned, run_dir / f'pruned{tag}.pt')
     folded = ge.fold_bn(pruned)
-    if importlib.util.find_spec('onnx') is not None:        # optional; ONNX Runtime runs it,
-        save_atomic(ge.onnx_graph(folded, x), run_dir / f'pruned{tag}.onnx')  # at batch 1 the
-    batch = torch.export.Dim('batch', min=1, max=65536)                       # fastest here
+    if importlib.util.find_spec('onnx') is not None:    # optional: for ONNX Runtime
+        save_atomic(ge.onnx_graph(folded, x), run_dir / f'pruned{tag}.onnx')
+    batch = torch.export.Dim('batch', min=1, max=65536)
     program = torch.export.export(folded, (x,), dynamic_shapes=({0: batch},))
     tmp = run_dir / f'pruned{tag}.tmp.pt2'                   # torch.export wants .pt2
     try:
