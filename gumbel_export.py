@@ -17,10 +17,14 @@ import math
 import time
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gumbel_channels as gc
+try:                                                    # beside gumbel_channels, or in a package
+    from . import gumbel_channels as gc
+except ImportError:
+    import gumbel_channels as gc
 
 __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
            'fold_bn', 'onnx_graph', 'deploy', 'SkipNet', 'early_exit', 'exit_report']
@@ -106,9 +110,11 @@ def _sliced_bn(bn, keep):
 
 
 def _drop_gates(block):
+    """The block without its gates: each gate attribute becomes None (a block reads None as
+    "all on"), so code that checks `block.gate1 is None` keeps working."""
     for name in ('gate', 'gate1', 'gate2'):
         if name in block._modules:
-            delattr(block, name)
+            setattr(block, name, None)
     return block
 
 
@@ -165,9 +171,18 @@ def prune(model):
     mode. Blocks whose branch empties keep the constant their last BN adds. Returns an
     ordinary ResNet (logits only) in evaluation mode; `model` is left as it was."""
     found = gc.gates(model)
-    if not found or not all(isinstance(g, gc.StaticGate) for g in found):
+    if not found:
+        raise ValueError(f'{type(model).__name__} has no gates: nothing to prune (gate it with '
+                         'gumbel_channels.gate_resnet or gumbel_any.gate_any)')
+    if not all(isinstance(g, gc.StaticGate) for g in found):
         raise ValueError('model must have static gates (gating="static"); dynamic gates decide '
                          'per input: use SkipNet')
+    if callable(getattr(model, 'pruned', None)):           # gumbel_any.GatedNet prunes itself
+        return model.pruned()
+    missing = [k for k in ('conv1', 'bn1', 'maxpool', 'fc', 'layer1') if not hasattr(model, k)]
+    if missing or not isinstance(model, gc.ResNet):
+        raise ValueError(f'prune takes a gumbel_channels.ResNet or a gumbel_any.GatedNet; '
+                         f'{type(model).__name__} lacks {", ".join(missing) or "that class"}')
     model = copy.deepcopy(model).eval()
     layers = [nn.Sequential(*[_prune_block(b) for b in getattr(model, f'layer{i}')])
               for i in range(1, model.num_stages + 1)]
@@ -193,6 +208,8 @@ def fold_bn(net):
     mode with every BatchNorm that follows a conv folded into it: each module's (convK, bnK)
     pair becomes a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
     net = copy.deepcopy(net).eval()
+    if isinstance(net, torch.fx.GraphModule):              # gumbel_any's pruned nets
+        return _fold_graph(net)
     for m in list(net.modules()):
         for k in ('', '1', '2', '3'):
             conv, bn = getattr(m, f'conv{k}', None), getattr(m, f'bn{k}', None)
@@ -202,6 +219,30 @@ def fold_bn(net):
         if _conv_bn(m):
             m[0], m[1] = _folded_conv(m[0], m[1]), nn.Identity()
     return net
+
+
+def _fold_graph(gm):
+    """fold_bn of a traced net: each BN whose input is a conv used nowhere else, folded in."""
+    calls = {}
+    for node in gm.graph.nodes:
+        if node.op == 'call_module':
+            calls.setdefault(node.target, []).append(node)
+    for node in list(gm.graph.nodes):
+        src = node.args[0] if node.op == 'call_module' and node.args else None
+        if not (isinstance(gm.get_submodule(node.target) if src is not None else None,
+                           nn.BatchNorm2d) and isinstance(src, torch.fx.Node)
+                and src.op == 'call_module' and len(src.users) == 1
+                and len(calls[src.target]) == 1 and len(calls[node.target]) == 1
+                and type(gm.get_submodule(src.target)) is nn.Conv2d):
+            continue
+        conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
+        gm.set_submodule(src.target, _folded_conv(conv, bn))
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
 
 
 def _conv_bn(m):

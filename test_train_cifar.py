@@ -315,8 +315,24 @@ def test_a_diverged_run_stops_and_exports_nothing(cifar, dense_ckpt, tmp_path, o
 
 
 def test_one_epoch_trains_at_the_base_lr(dense_ckpt):
-    assert train_cifar.steps_at(1, (1, 2), (3, 4)) == []
+    assert train_common.milestones_at(1, (1, 2), (3, 4)) == []
     assert read_metrics(dense_ckpt.parent)[0]['lr'] == 0.1
+
+
+def test_both_scripts_share_one_gate_recipe():
+    """Issue 24: the gate settings are defined once; both scripts default to them, and the
+    progress the ramps read runs from 0 at the first step to 1 at the last."""
+    import train_imagenet
+    names = ('loss', 'tau', 'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay',
+             'gate_init_p', 'soft_gates', 'temperature', 'gate_sample', 'polarize')
+    cifar = vars(train_cifar.parse_args(['--device', 'cpu']))
+    imagenet = vars(train_imagenet.parse_args(['--device', 'cpu']))
+    assert {k: cifar[k] for k in names} == {k: imagenet[k] for k in names}
+    assert all(cifar[k] == v for k, v in train_common.RECIPE.items())
+    assert train_common.progress(0, 0, 3, 7) == 0 and train_common.progress(2, 6, 3, 7) == 1
+    paper = train_cifar.parse_args(['--device', 'cpu'] + train_common.PAPER_GATES.split())
+    assert (paper.gate_lr_mult, paper.loss_weight, paper.polarize, paper.gate_lr_decay) == (
+        1, 1, 0, True)
 
 
 def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error):

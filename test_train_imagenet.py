@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
+import train_common
 import train_imagenet
 
 HERE = Path(__file__).parent
@@ -56,16 +58,43 @@ def test_single_process_run(imagenet, tmp_path):
     assert torch.load(tmp_path / RUN / 'last.pt', weights_only=True)['epoch'] == 1
 
 
-def test_resume_continues_exactly(imagenet, tmp_path):
+def test_resume_continues_exactly(imagenet, tmp_path, monkeypatch):
+    """Two epochs in one go, or a crash right after epoch 1's checkpoint and --resume with the
+    same command: the same second epoch."""
     assert run(imagenet, tmp_path / 'a', '--epochs', '2') == 0
-    assert run(imagenet, tmp_path / 'b', '--epochs', '1') == 0
+    save = train_common.save_atomic
+
+    def crash(obj, path):
+        save(obj, path)
+        if path.name == 'last.pt' and obj.get('epoch') == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_common, 'save_atomic', crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(imagenet, tmp_path / 'b', '--epochs', '2')
+    monkeypatch.setattr(train_common, 'save_atomic', save)
     assert run(imagenet, tmp_path / 'b', '--epochs', '2', '--resume') == 0
     a, b = metrics(tmp_path / 'a' / RUN), metrics(tmp_path / 'b' / RUN)
     assert (
         [r['epoch'] for r in b] == [1, 2]
+        and b[1]['first_loss'] == a[1]['first_loss']
         and b[1]['ce'] == a[1]['ce']
         and b[1]['top1'] == a[1]['top1']
     )
+
+
+def test_a_dense_baseline_then_gates_from_it(imagenet, tmp_path, one_line_error):
+    """--gating none trains the dense start in its own folder; --init gates it, and the
+    gated run's baseline is that net's accuracy; a net of another arch is refused."""
+    assert run(imagenet, tmp_path, '--gating', 'none') == 0
+    dense = tmp_path / 'imagenet-dense-resnet18-s0'
+    base = json.loads((dense / 'final.json').read_text())
+    assert base['gating'] == 'none' and set(torch.load(dense / 'final.pt')) == set(
+        torchvision.models.resnet18(num_classes=3).state_dict())
+    assert run(imagenet, tmp_path, '--init', str(dense / 'last.pt')) == 0
+    row = json.loads((tmp_path / RUN / 'final.json').read_text())
+    assert row['baseline_acc'] == base['baseline_acc']
+    assert 'does not fit' in one_line_error(
+        run(imagenet, tmp_path / 'x', '--arch', 'resnet34', '--init', str(dense / 'last.pt')))
 
 
 def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
@@ -85,11 +114,14 @@ def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
     'extra,words',
     [
         (['--t', '0'], '--t'),
-        (['--arch', 'resnet101'], '--arch'),
+        (['--arch', 'resnet57'], '--arch'),
         (['--aig-targets'], '--aig-targets'),
         (['--targets', '0.5'], '--targets'),
         (['--batch-size', '0'], '--batch-size'),
-        (['--lr-step', '0'], '--lr-step'),
+        (['--milestones', '0'], '--milestones'),
+        (['--gating', 'none', '--t', '0.5'], '--gating none'),
+        (['--init', 'x.pt', '--pretrained'], '--init'),
+        (['--polarize', '-1'], '--polarize'),
         (['--workers', '-1'], '--workers'),
         (['--epochs', '0'], '--epochs'),
         (['--device', 'cuda:99'], '--device'),
@@ -153,7 +185,19 @@ def test_synthetic_mode_runs_without_data(tmp_path):
     """--synthetic: random ImageFolder-shaped data, no files needed; strict JSON results."""
     assert train_imagenet.cli(FAST + ['--synthetic', '--batch-size', '64', '--out',
                                       str(tmp_path)]) == 0
-    run_dir = tmp_path / 'imagenet-resnet18-dynamic-channel-flops-t0.5-s0'
+    run_dir = tmp_path / 'synthetic-imagenet-resnet18-dynamic-channel-flops-t0.5-s0'
     row = json.loads((run_dir / 'final.json').read_text())
     assert row['epochs'] == 1 and 0 <= row['gated_acc'] <= 100
 
+
+
+def test_any_torchvision_model_takes_static_gates(imagenet, tmp_path, one_line_error):
+    """Issue 21: --arch takes any torchvision classifier for static gating (gumbel_any); the
+    pruned export is the thresholded net; dynamic gates stay ResNet-only, said in one line."""
+    assert run(imagenet, tmp_path, '--arch', 'mobilenet_v3_small') == 0
+    run_dir = tmp_path / 'imagenet-mobilenet_v3_small-static-channel-flops-t0.5-s0'
+    row = json.loads((run_dir / 'final.json').read_text())
+    assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
+    assert row['pruned_acc'] == row['gated_acc'] and (run_dir / 'pruned.pt2').exists()
+    assert 'ResNets' in one_line_error(run(imagenet, tmp_path / 'd', '--arch', 'mobilenet_v2',
+                                           '--gating', 'dynamic'))

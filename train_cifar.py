@@ -39,12 +39,6 @@ FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches'
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
-def steps_at(epochs, *fractions):
-    """lr milestones at these fractions (num, den) of `epochs`; none at epoch 0, so a run of
-    one epoch trains at the base lr."""
-    return sorted({epochs * num // den for num, den in fractions} - {0})
-
-
 def parse_args(argv):
     p = common.Parser(description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -55,28 +49,11 @@ def parse_args(argv):
            "early exits), none (the dense baseline only) (3.2, 5)")
     a('--granularity', choices=gc.GRANULARITIES,
       help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
-    a('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
-      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
     a('--t', type=float, nargs='+', help='target rate(s), one run each (default 0.5)')
-    a('--targets', type=float, nargs='+', help='per-gate loss: a rate per gate module (default t)')
-    a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
-    a('--loss-weight', type=float, default=20.0, help='gate loss weight (the paper: 1; NOTES 18)')
-    a('--gate-lr-mult', type=float, default=1000.0, help='gate lr / lr (the paper: 1; NOTES 18)')
-    a('--gate-init-p', type=float, default=gc.INIT_P,
-      help='initial on-probability of the gates (DenseNet exits: 1 - this is the p of leaving)')
-    a('--gate-lr-decay', action='store_true', help='the gate lr follows --milestones too (the '
-      'paper); by default it stays constant so the gates can finish polarizing')
-    a('--gate-decay', type=float, default=20.0, help='gate decay: weight decay * this / |G| (3.2)')
-    a('--soft-gates', action='store_true', help='soft Gumbel-softmax, not straight-through (3.2)')
-    a('--temperature', type=float, default=1.0, help='Gumbel-softmax temperature (3.2: fixed at 1)')
-    a('--gate-sample', default='image', choices=('image', 'batch'),
-      help='static gates draw once per image or once per batch')
-    a('--polarize', type=float, default=0.01, help='weight of the polarization term mean '
-      '4p(1-p), rising from 0 over fine-tuning (the paper: 0; NOTES.md: polarization)')
+    common.add_gate_args(p)
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
     a('--lr', type=float, default=0.1)
-    a('--milestones', type=int, nargs='+', help='lr / 10 at these epochs (default 40%%, 70%%)')
     a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay (official code)')
     a('--dense-epochs', type=int, default=200, help='dense baseline epochs; lr / 10 at 50%%, 75%%')
     a('--dense-batch-size', type=int, default=128)
@@ -99,15 +76,11 @@ def parse_args(argv):
     a('--seed', type=int, default=0)
     args = p.parse_args(argv)
     common.check_args(args, dict(
-        epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1, milestones=common.AT_LEAST_1,
+        common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
         dense_epochs=common.AT_LEAST_1, dense_batch_size=common.AT_LEAST_1,
         recal_batches=common.AT_LEAST_1, runs=common.AT_LEAST_1, lr=common.POSITIVE,
-        gate_lr_mult=common.POSITIVE, temperature=common.POSITIVE, tau=common.OPEN_UNIT,
-        gate_init_p=common.OPEN_UNIT, targets=common.UNIT, loss_weight=common.NON_NEGATIVE,
-        round_to=common.NON_NEGATIVE,
-        polarize=common.NON_NEGATIVE, gate_decay=common.NON_NEGATIVE,
-        weight_decay=common.NON_NEGATIVE, dense_weight_decay=common.NON_NEGATIVE,
-        t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
+        round_to=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
+        dense_weight_decay=common.NON_NEGATIVE, t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
     common.device_for(args.device)
     if args.arch.startswith('densenet'):  # early exits (5): data-dependent gates
         if args.gating not in (None, 'dynamic', 'none') or args.granularity is not None:
@@ -119,7 +92,7 @@ def parse_args(argv):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
     args.t = [] if args.gating == 'none' else args.t or [0.5]
-    args.milestones = args.milestones or steps_at(args.epochs, (2, 5), (7, 10))
+    args.milestones = args.milestones or common.milestones_at(args.epochs, (2, 5), (7, 10))
     if len(set(args.t)) != len(args.t):
         raise UsageError(f'--t must be distinct rates, got {args.t}')
     return args
@@ -193,16 +166,10 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     first = phase == 'dense'                            # He et al.'s recipe for the baseline
     epochs = args.dense_epochs if first else args.epochs
     batch_size = args.dense_batch_size if first else args.batch_size
-    milestones = steps_at(epochs, (1, 2), (3, 4)) if first else args.milestones
+    milestones = common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
     warmup = first and DEPTHS[args.arch] >= 110                 # ResNet-110: lr 0.01 in epoch 0
     decay = args.dense_weight_decay if first else args.weight_decay
-    groups = gc.param_groups(model, args.lr, decay, args.gate_decay, args.gate_lr_mult)
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-
-    def weights_lr(e):
-        return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
-    gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)    # NOTES.md 18
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
+    opt, sched = common.optimizer(model, args, decay, milestones, warmup)
     gen = torch.Generator().manual_seed(args.seed + (0 if first else 1))
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
@@ -218,7 +185,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     for epoch in range(start, epochs):
         m = common.train_epoch(model, step_model, train_batches(x_train, y_train, batch_size, gen),
                                opt, args, autocast,
-                               lambda i: (epoch * steps + i) / (epochs * steps), epoch + 1,
+                               lambda i: common.progress(epoch, i, epochs, steps), epoch + 1,
                                steps)
         lr = opt.param_groups[0]['lr']
         sched.step()
@@ -312,8 +279,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     """2-4 for one target t: gated fine-tuning from the dense weights, BN recalibration,
     evaluation, export. Returns the final row."""
     torch.manual_seed(args.seed)
-    model = gc.set_sampling(build(args, gated=True), args.soft_gates, args.temperature,
-                            per_batch=args.gate_sample == 'batch')
+    model = common.sampling(build(args, gated=True), args)
     common.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
     if args.evaluate:                                           # the trained, unrecalibrated net
         ckpt = common.load_checkpoint(run_dir / 'last.pt')

@@ -72,6 +72,79 @@ OPEN_UNIT = (lambda v: 0 < v < 1, 'in (0, 1)')
 UNIT = (lambda v: 0 <= v <= 1, 'in [0, 1]')
 
 
+# ----------------------------------------------------------------------------- the gate recipe
+
+# One recipe for both scripts (NOTES.md, deviations 18-20): measured to deliver t on real
+# images (digits in CIFAR's format and in ImageNet's folders, static and dynamic gates).
+# PAPER_GATES gives the paper's own settings back.
+RECIPE = dict(loss_weight=20.0, gate_lr_mult=1000.0, polarize=0.01, gate_lr_decay=False)
+PAPER_GATES = '--gate-lr-mult 1 --loss-weight 1 --polarize 0 --gate-lr-decay'
+
+
+def add_gate_args(p):
+    """The gate flags both scripts take, with the recipe's defaults (the paper's: PAPER_GATES)."""
+    a = p.add_argument
+    a('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
+      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
+    a('--targets', type=float, nargs='+', help='per-gate loss: a rate per gate module (default t)')
+    a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
+    a('--loss-weight', type=float, default=RECIPE['loss_weight'],
+      help='gate loss weight (the paper: 1; NOTES.md 18)')
+    a('--gate-lr-mult', type=float, default=RECIPE['gate_lr_mult'],
+      help='gate lr / lr (the paper: 1; NOTES.md 18)')
+    a('--gate-lr-decay', action='store_true', default=RECIPE['gate_lr_decay'],
+      help='the gate lr follows --milestones too (the paper); by default it stays constant so '
+           'the gates can finish polarizing')
+    a('--gate-decay', type=float, default=20.0, help='gate decay: weight decay * this / |G| (3.2)')
+    a('--gate-init-p', type=float, default=gc.INIT_P,
+      help='initial on-probability of the gates (DenseNet exits: 1 - this is the p of leaving)')
+    a('--soft-gates', action='store_true', help='soft Gumbel-softmax, not straight-through (3.2)')
+    a('--temperature', type=float, default=1.0, help='Gumbel-softmax temperature (3.2: fixed at 1)')
+    a('--gate-sample', default='image', choices=('image', 'batch'),
+      help='static gates draw once per image or once per batch')
+    a('--polarize', type=float, default=RECIPE['polarize'], help='weight of the polarization '
+      'term mean 4p(1-p), rising from 0 over fine-tuning (the paper: 0; NOTES.md 20)')
+    a('--milestones', type=int, nargs='+',
+      help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
+
+
+GATE_RULES = dict(tau=OPEN_UNIT, loss_weight=NON_NEGATIVE, gate_lr_mult=POSITIVE,
+                  gate_decay=NON_NEGATIVE, gate_init_p=OPEN_UNIT, temperature=POSITIVE,
+                  polarize=NON_NEGATIVE, targets=UNIT, milestones=AT_LEAST_1)
+
+
+def milestones_at(epochs, *shares):
+    """lr milestones (epochs) at these shares of `epochs` (num, den); none at epoch 0, so a
+    run of one epoch trains at the base lr. Schedules follow training progress, so that one
+    recipe serves 11 steps an epoch and 5,000."""
+    return sorted({epochs * num // den for num, den in shares} - {0})
+
+
+def sampling(model, args):
+    """The model with its gates sampling as the gate flags say (3.2)."""
+    return gc.set_sampling(model, args.soft_gates, args.temperature,
+                           per_batch=args.gate_sample == 'batch')
+
+
+def optimizer(model, args, weight_decay, milestones, warmup=False):
+    """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
+    milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
+    --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
+    groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay, args.gate_lr_mult)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+
+    def weights_lr(e):
+        return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
+    gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
+
+
+def progress(epoch, step, epochs, steps):
+    """Share of training done at `step` of `epoch` (both from 0): 0 at the first step, 1 at
+    the last, what the polarization ramp reads."""
+    return (epoch * steps + step) / max(epochs * steps - 1, 1)
+
+
 def device_for(name):
     """torch.device(name), refusing one this machine does not have."""
     try:

@@ -1,11 +1,16 @@
-"""Gated torchvision ResNet-18/34/50 on ImageNet from pretrained weights (Tables 1, 2, 4).
+"""Gated torchvision ResNet-18/34/50 on ImageNet from a dense start (Tables 1, 2, 4).
 
     python train_imagenet.py --arch resnet50 --pretrained --t 0.4 --data-dir /data/imagenet
     torchrun --nproc_per_node 8 train_imagenet.py --arch resnet50 --pretrained --t 0.4 \
         --data-dir /data/imagenet
+    python train_imagenet.py --arch resnet18 --gating none --data-dir DIR     # a dense start
+    python train_imagenet.py --arch resnet18 --gating static --init \
+        runs/imagenet-dense-resnet18-s0/last.pt --data-dir DIR
 
-Gates are added to torchvision's ImageNet weights (IMAGENET1K_V1: the paper's 76.13% top-1
-baseline for ResNet-50) by gate_resnet, then trained for 100 epochs (4.1). BN is then
+Gates are added to a dense start (torchvision's IMAGENET1K_V1 weights with --pretrained:
+the paper's 76.13% top-1 baseline for ResNet-50; or --init, e.g. a --gating none run of
+this script) by gate_resnet, then trained for 100 epochs with the gate recipe both
+scripts share (4.1; NOTES.md 18-20). BN is then
 recalibrated over 200 batches under threshold inference, and the script writes top-1 and
 top-5 at tau = 0.5, MACs % of the baseline, and for static gates a physically pruned
 model. DistributedDataParallel switches on from torchrun's environment; --batch-size is
@@ -25,19 +30,24 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 
+import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import train_common as common
 from train_common import UsageError
 
-WEIGHTS = {
-    'resnet18': 'ResNet18_Weights',
-    'resnet34': 'ResNet34_Weights',
-    'resnet50': 'ResNet50_Weights',
-}
-STRUCTURE = ('arch', 'gating', 'granularity', 'seed')
+ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))  # classification
+
+
+def is_resnet(arch):
+    """ResNets take the paper's gates (gate_resnet: static or dynamic, channel or layer);
+    any other model takes static gates on every prunable channel group (gumbel_any)."""
+    return arch.startswith(('resnet', 'wide_resnet'))
+
+
+STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')
 FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'workers',
-        'sync_bn', 'epochs')    # StepLR does not depend on --epochs: a resume may extend a run
+        'sync_bn')
 
 
 def aig_targets(t):
@@ -50,32 +60,24 @@ def parse_args(argv):
     p = common.Parser(description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a('--arch', default='resnet50', choices=list(WEIGHTS))
+    a('--arch', default='resnet50', choices=ARCHS, metavar='ARCH',
+      help='a torchvision classification model: ResNets take static or dynamic gates, any '
+           'other model static gates on its prunable channel groups (gumbel_any)')
     a('--pretrained', action='store_true',
       help="start from torchvision's IMAGENET1K_V1 weights (4.1)")
-    a('--gating', default='dynamic', choices=('static', 'dynamic'),
-      help='static (pruning, Table 2) or dynamic (conditional, Table 1)')
+    a('--gating', default='dynamic', choices=('static', 'dynamic', 'none'),
+      help='static (pruning, Table 2), dynamic (conditional, Table 1) or none (a dense '
+           'baseline to start from: --init)')
     a('--granularity', default='channel', choices=gc.GRANULARITIES,
       help='channel (filter) or layer (Table 4)')
-    a('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
-      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
-    a('--t', type=float, default=0.5, help='target rate in (0, 1]')
-    a('--targets', type=float, nargs='+',
-      help='per-gate loss: one rate per gate module (default: t each)')
+    a('--init', help='dense checkpoint (or state_dict) of --arch to gate, instead of --pretrained')
+    a('--t', type=float, help='target rate in (0, 1] (default 0.5)')
     a('--aig-targets', action='store_true',
       help="per-gate loss with AIG's ResNet-50 list (layer gates)")
-    a('--tau', type=float, default=0.5, help='inference threshold (3.3)')
-    a('--loss-weight', type=float, default=1.0, help='weight of the gate loss (the paper: 1)')
-    a('--polarize', type=float, default=0.0, help='weight of the polarization term, rising '
-      'from 0 (train_cifar.py uses 0.01; NOTES.md: polarization)')
-    a('--gate-lr-mult', type=float, default=1.0, help='gate learning rate / base')
-    a('--gate-init-p', type=float, default=gc.INIT_P)
-    a('--gate-decay', type=float, default=20.0,
-      help='gate weight decay = weight decay * this / |G| (4.1)')
+    common.add_gate_args(p)
     a('--epochs', type=int, default=100)
     a('--batch-size', type=int, default=256, help='global batch, split over the processes')
     a('--lr', type=float, default=0.1)
-    a('--lr-step', type=int, default=30, help='lr / 10 every this many epochs (4.1)')
     a('--weight-decay', type=float, default=1e-4)
     a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
     a('--crop-size', type=int, default=224,
@@ -95,13 +97,22 @@ def parse_args(argv):
     a('--seed', type=int, default=0)
     args = p.parse_args(argv)
     common.check_args(args, dict(
-        epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1, lr_step=common.AT_LEAST_1,
+        common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
         recal_batches=common.AT_LEAST_1, crop_size=common.AT_LEAST_1, lr=common.POSITIVE,
-        gate_lr_mult=common.POSITIVE, tau=common.OPEN_UNIT, gate_init_p=common.OPEN_UNIT,
-        targets=common.UNIT, loss_weight=common.NON_NEGATIVE, polarize=common.NON_NEGATIVE,
-        gate_decay=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
-        workers=(lambda v: v >= 0, '>= 0'), t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
+        weight_decay=common.NON_NEGATIVE, workers=(lambda v: v >= 0, '>= 0'),
+        t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
     common.device_for(args.device)
+    if args.gating == 'none' and (args.t is not None or args.init):
+        raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
+                         '--init would replace what it trains')
+    if args.init and args.pretrained:
+        raise UsageError('--init and --pretrained both give the dense start: pass one')
+    args.t = None if args.gating == 'none' else args.t or 0.5
+    args.milestones = args.milestones or common.milestones_at(args.epochs, (3, 10), (6, 10),
+                                                              (9, 10))
+    if not is_resnet(args.arch) and (args.gating == 'dynamic' or args.granularity != 'channel'):
+        raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for ResNets; '
+                         'other models take --gating static (channel groups)')
     if args.aig_targets:
         if (args.arch, args.granularity, args.loss) != ('resnet50', 'layer', 'per-gate'):
             raise UsageError('--aig-targets needs --arch resnet50 --granularity layer '
@@ -222,28 +233,46 @@ def setup(args):
 
 
 def dense_network(args, classes, device):
-    """torchvision's network for --arch, with IMAGENET1K_V1 weights when --pretrained."""
-    weights = getattr(torchvision.models, WEIGHTS[args.arch]).IMAGENET1K_V1 \
-        if args.pretrained else None
+    """torchvision's network for --arch: IMAGENET1K_V1 weights with --pretrained, the weights
+    of --init, or a fresh one."""
     try:
-        dense = getattr(torchvision.models, args.arch)(weights=weights,
-                                                       num_classes=1000 if weights else classes)
+        weights = None
+        if args.pretrained:
+            enum = torchvision.models.get_model_weights(args.arch)
+            weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
+            if classes != 1000:
+                raise UsageError(f'--pretrained: the pretrained classifier has 1000 classes, the '
+                                 f'data {classes}')
+        dense = torchvision.models.get_model(args.arch, weights=weights,
+                                             num_classes=1000 if weights else classes)
+    except UsageError:
+        raise
     except Exception as e:                                  # offline, or a broken cache
         raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
                          '--pretrained') from None
-    if dense.fc.out_features != classes:
-        raise UsageError(f'the pretrained classifier has {dense.fc.out_features} classes, '
-                         f'the data {classes}')
+    if args.init:                                           # e.g. a --gating none run's last.pt
+        state = common.load_checkpoint(args.init)
+        if not isinstance(state, dict):
+            raise UsageError(f'--init {args.init} holds a {type(state).__name__}, not a '
+                             'checkpoint or state_dict')
+        common.load_weights(dense, state.get('model', state), args.init, gated=False)
     return dense.to(device, memory_format=torch.channels_last)
+
+
+def run_name(args):
+    prefix = 'synthetic-' if args.synthetic else ''
+    if args.gating == 'none':
+        return f'{prefix}imagenet-dense-{args.arch}-s{args.seed}'
+    return (f'{prefix}imagenet-{args.arch}-{args.gating}-{args.granularity}-{args.loss}'
+            f'-t{args.t:g}-s{args.seed}')
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, rank, world, distributed, log = setup(args)
     autocast = common.autocast_for(device, args.amp)
-    run_dir = Path(args.out) / (f'imagenet-{args.arch}-{args.gating}-{args.granularity}-'
-                                f'{args.loss}-t{args.t:g}-s{args.seed}')
+    run_dir = Path(args.out) / run_name(args)
     common.check_run_dir(run_dir, args, 'epochs', STRUCTURE,
                          [k for k in vars(args) if k not in FREE])
     if rank == 0:
@@ -258,9 +287,25 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     torch.manual_seed(args.seed)
     train_loader, val_loader, names = loaders(args, world, rank)
     baseline = dense_network(args, len(names), device)
+    if args.gating == 'none':                           # the dense baseline, trained here
+        last = train(baseline, args, run_dir, (train_loader, val_loader), device, autocast,
+                     (rank, world))
+        top1, top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
+        row = dict(arch=args.arch, gating=args.gating, baseline_acc=top1, baseline_top5=top5,
+                   epochs=last['epoch'] if last else 0)
+        if rank == 0:
+            common.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
+            common.finish(row, run_dir)
+        return row
     base_top1, base_top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
-    log(f'baseline: top-1 {base_top1:.2f}  top-5 {base_top5:.2f}')
-    model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
+    log(f'dense start{" (" + args.init + ")" if args.init else ""}: top-1 {base_top1:.2f}  '
+        f'top-5 {base_top5:.2f}')
+    if is_resnet(args.arch):
+        model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
+    else:
+        example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
+        model = gumbel_any.gate_any(baseline, example, init_p=args.gate_init_p)
+    model = common.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '
                          f'got {len(args.targets)}')
@@ -311,10 +356,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
     (train_loader, val_loader), (rank, world) = data, processes
     distributed = world > 1 or dist.is_initialized()
     log = print if rank == 0 else (lambda *a, **k: None)
-    groups = gc.param_groups(model, args.lr, args.weight_decay, args.gate_decay, args.gate_lr_mult)
     scaler = common.grad_scaler_for(device, args.amp)
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, 0.1)
+    opt, sched = common.optimizer(model, args, args.weight_decay, args.milestones)
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
         start, best, last = common.resume(run_dir, model, opt, sched, scaler=scaler)
@@ -325,7 +368,7 @@ def train(model, args, run_dir, data, device, autocast, processes):
     step_model = DistributedDataParallel(model, device_ids=ids) if distributed else model
     step_model = torch.compile(step_model) if args.compile else step_model
     log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), '
-        f'lr {args.lr} / 10 every {args.lr_step}')
+        f'lr {args.lr} / 10 at epochs {args.milestones}')
     log(common.ROW.format(*common.HEADER[:5], 'top-1', *common.HEADER[6:]))
     steps = len(train_loader)
     for epoch in range(start, args.epochs):
@@ -338,7 +381,7 @@ def train(model, args, run_dir, data, device, autocast, processes):
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 yield x, y.to(device, non_blocking=True)
         m = common.train_epoch(model, step_model, batches(), opt, args, autocast,   # gate loss
-                               lambda i: (epoch * steps + i) / (args.epochs * steps),
+                               lambda i: common.progress(epoch, i, args.epochs, steps),
                                epoch + 1, steps, log, scaler)             # per replica
         m['unreadable_images'] = sum(unreadable)
         if m['unreadable_images']:
