@@ -17,6 +17,7 @@ dynamic gates, varying per image).
     python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
     python benchmark.py --macs      # the CIFAR ResNets' parameters and MACs
     python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
+    python benchmark.py --any       # gumbel_any on 13 CNNs: gates, FLOPs(Z) vs counted MACs
 """
 import argparse
 import contextlib
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 
@@ -217,11 +219,41 @@ def skip_rows(label, model, dense, bound, size, n, repeats, fmt, tag, autocast):
 ALLOCATOR = {'MALLOC_MMAP_THRESHOLD_': '33554432', 'MALLOC_TRIM_THRESHOLD_': '4294967296'}
 
 
+ANY = ('resnet18', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2', 'mobilenet_v2',
+       'mobilenet_v3_small', 'efficientnet_b0', 'regnet_y_400mf', 'vgg11_bn', 'densenet121',
+       'convnext_tiny', 'shufflenet_v2_x1_0')
+
+
+def any_table(size=224):
+    """gumbel_any on torchvision's classifiers (random weights, 1000 classes): gate modules and
+    channels, the dense MACs, and with half of every gate's channels on at random FLOPs(Z)
+    beside the pruned net's FlopCounterMode MACs, and the pruned net's largest logit
+    difference from threshold inference (relative to the largest logit)."""
+    print(f"{'model':20} {'gates':>5} {'channels':>8} {'dense MACs':>15} {'FLOPs(Z)':>15} "
+          f"{'pruned, counted':>15} {'logits diff':>11} {'seconds':>7}")
+    x = torch.randn(2, 3, size, size)
+    for name in ANY:
+        t0 = time.perf_counter()
+        model = torchvision.models.get_model(name).eval()
+        gated = gumbel_any.gate_any(model, x).eval()
+        set_static_rate(gated, 0.5, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits, info = gated(x)
+            pruned = ge.prune(gated)
+            diff = ((pruned(x) - logits).abs().max() / logits.abs().max()).item()
+        print(f'{name:20} {len(gated.gates):5} {sum(g.channels for g in gated.gates):8} '
+              f'{info.max_macs:15,} {info.macs[0].item():15,.0f} '
+              f'{ge.counted_macs(pruned, x[:1]):15,} {diff:11.1e} '
+              f'{time.perf_counter() - t0:7.1f}')
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--smoke', action='store_true',
                     help='tiny sizes, two rounds, no inductor: checks that it runs')
     ap.add_argument('--macs', action='store_true', help="print the CIFAR ResNets' MACs and exit")
+    ap.add_argument('--any', action='store_true',
+                    help='gumbel_any on 12 torchvision CNNs (FLOPs(Z) vs counted MACs) and exit')
     ap.add_argument('--convs', action='store_true',
                     help='time single pruned convs against dense ones (CPU) and exit')
     ap.add_argument('--repeats', type=int, default=11, help='timed rounds per comparison (median)')
@@ -233,6 +265,8 @@ def main():
         raise SystemExit('error: --repeats and --threads must be >= 1')
     if args.macs:
         return macs_table()
+    if args.any:
+        return any_table()
     if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):   # glibc keeps freed
         os.execve(sys.executable, [sys.executable] + sys.argv,        # activations mapped
                   {**os.environ, **ALLOCATOR})

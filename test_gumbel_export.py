@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,35 @@ def test_prune_computes_the_thresholded_network(arch, granularity):
         halves = [(ge._threshold(b.gate1).any().item(), ge._threshold(b.gate2).any().item())
                   for b in model.blocks()]
         assert (False, True) in halves and (True, False) in halves
+
+
+def test_prune_keeps_gate_attributes_and_names_what_it_cannot_take():
+    """Issue 21: a removed gate becomes None (code that asks `block.gate1 is None` runs on),
+    a net without gates or of another structure is refused naming why."""
+    model = gc.resnet20(gating='static').eval()
+    pruned = ge.prune(model)
+    kept = [b for b in pruned.blocks() if not isinstance(b, ge.ShortcutBlock)]
+    assert kept and all(b.gate1 is None for b in kept)
+    with pytest.raises(ValueError, match='no gates'):
+        ge.prune(gc.resnet20())
+    with pytest.raises(ValueError, match='lacks'):
+        ge.prune(torch.nn.Sequential(gc.StaticGate(4)))
+
+
+def test_the_modules_import_each_other_inside_a_package(tmp_path):
+    """Vendored as myproj/vendor/, gumbel_export and gumbel_any find gumbel_channels."""
+    vendor = tmp_path / 'myproj' / 'vendor'
+    vendor.mkdir(parents=True)
+    (tmp_path / 'myproj' / '__init__.py').write_text('')
+    (vendor / '__init__.py').write_text('')
+    here = Path(__file__).parent
+    for name in ('gumbel_channels.py', 'gumbel_export.py', 'gumbel_any.py'):
+        (vendor / name).write_text((here / name).read_text())
+    code = ('from myproj.vendor import gumbel_any, gumbel_export; '
+            'assert gumbel_export.gc.__name__ == "myproj.vendor.gumbel_channels"')
+    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
 
 
 def test_pruned_net_saves_loads_compiles_and_exports():

@@ -421,3 +421,15 @@ def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dens
     out = subprocess.run([sys.executable, '-c', code], cwd=run_dir, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and '(1, 10) (64, 10)' in out.stdout, out.stderr
+
+
+def test_any_torchvision_model_trains_with_static_gates(cifar, tmp_path, one_line_error):
+    """Issue 21: --arch takes a torchvision classifier (gumbel_any's channel groups): dense
+    baseline, gated fine-tuning and an exact pruned export; dynamic gates are refused."""
+    assert run(cifar, tmp_path, '--arch', 'mobilenet_v3_small') == 0
+    row = json.loads(
+        (tmp_path / 'mobilenet_v3_small-static-channel-flops-t0.5-s0' / 'final.json').read_text())
+    assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
+    assert row['pruned_acc'] == row['gated_acc']
+    assert 'ResNets' in one_line_error(run(cifar, tmp_path / 'd', '--arch', 'mobilenet_v2',
+                                           '--gating', 'dynamic'))

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import cifar_data
+import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import train_common as common
@@ -30,6 +32,7 @@ DEPTHS = {
     **{f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)},  # resnet8, densenet16: quick checks
     **{f'densenet{d}': d for d in (16, 40, 100)},
 }
+ANY = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(DEPTHS))
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
@@ -43,7 +46,10 @@ def parse_args(argv):
     p = common.Parser(description=__doc__.splitlines()[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a('--arch', default='resnet56', choices=list(DEPTHS))
+    a('--arch', default='resnet56', choices=list(DEPTHS) + ANY, metavar='ARCH',
+      help='the CIFAR ResNets resnet8 ... resnet110 and DenseNets densenet16/40/100 (early '
+           'exits), or any torchvision classifier (static gates on its channel groups: '
+           'gumbel_any), e.g. mobilenet_v2')
     a('--gating', choices=('static', 'dynamic', 'none'),
       help="static (pruning; ResNet default), dynamic (conditional computation; the DenseNets' "
            "early exits), none (the dense baseline only) (3.2, 5)")
@@ -82,7 +88,10 @@ def parse_args(argv):
         round_to=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
         dense_weight_decay=common.NON_NEGATIVE, t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
     common.device_for(args.device)
-    if args.arch.startswith('densenet'):  # early exits (5): data-dependent gates
+    if args.arch in ANY and (args.gating not in (None, 'static', 'none') or args.granularity):
+        raise UsageError(f'--arch {args.arch} takes --gating static (its channel groups, '
+                         'gumbel_any) or none; dynamic and layer gates are for the ResNets')
+    if args.arch in DEPTHS and args.arch.startswith('densenet'):  # early exits (5)
         if args.gating not in (None, 'dynamic', 'none') or args.granularity is not None:
             raise UsageError('the DenseNets have early-exit gates: --gating dynamic (or none), '
                              'no --granularity')
@@ -129,7 +138,11 @@ def train_batches(x, y, batch_size, gen):
 # ----------------------------------------------------------------------------- training
 
 def build(args, gated):
-    """The CIFAR network of --arch: dense, or with its gates (ResNets) or exits (DenseNets)."""
+    """The CIFAR network of --arch: dense, or with its gates (ResNets, any torchvision
+    classifier) or exits (DenseNets)."""
+    if args.arch in ANY:
+        model = torchvision.models.get_model(args.arch, num_classes=10).to(args.device)
+        return gated_from(model, args) if gated else model.to(memory_format=torch.channels_last)
     depth = DEPTHS[args.arch]
     if args.arch.startswith('densenet'):
         model = gc.densenet_cifar(depth, exits=gated, init_leave_p=1 - args.gate_init_p)
@@ -137,6 +150,17 @@ def build(args, gated):
         model = gc.resnet_cifar(depth, gating=args.gating if gated else None,
                                 granularity=args.granularity, init_p=args.gate_init_p)
     return model.to(args.device, memory_format=torch.channels_last)
+
+
+def gated_from(baseline, args):
+    """The gated network that fine-tuning starts from: the dense weights, new gates."""
+    if args.arch in ANY:
+        example = torch.zeros(2, 3, 32, 32, device=args.device)
+        model = gumbel_any.gate_any(baseline, example, init_p=args.gate_init_p)
+        return common.sampling(model.to(memory_format=torch.channels_last), args)
+    model = common.sampling(build(args, gated=True), args)
+    common.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
+    return model
 
 
 def test_batches(x, y, size=1000):
@@ -167,7 +191,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     epochs = args.dense_epochs if first else args.epochs
     batch_size = args.dense_batch_size if first else args.batch_size
     milestones = common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
-    warmup = first and DEPTHS[args.arch] >= 110                 # ResNet-110: lr 0.01 in epoch 0
+    warmup = first and DEPTHS.get(args.arch, 0) >= 110         # ResNet-110: lr 0.01 in epoch 0
     decay = args.dense_weight_decay if first else args.weight_decay
     opt, sched = common.optimizer(model, args, decay, milestones, warmup)
     gen = torch.Generator().manual_seed(args.seed + (0 if first else 1))
@@ -279,8 +303,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     """2-4 for one target t: gated fine-tuning from the dense weights, BN recalibration,
     evaluation, export. Returns the final row."""
     torch.manual_seed(args.seed)
-    model = common.sampling(build(args, gated=True), args)
-    common.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
+    model = gated_from(baseline, args)
     if args.evaluate:                                           # the trained, unrecalibrated net
         ckpt = common.load_checkpoint(run_dir / 'last.pt')
         common.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
