@@ -60,7 +60,7 @@ _SPLIT = {torch.chunk, 'chunk', torch.split, 'split'}
 
 
 def _leaf(m):
-    """Modules the trace keeps whole: torch.nn's, and torchvision's StochasticDepth (its
+    """Modules the trace keeps whole besides torch.nn's: torchvision's StochasticDepth (its
     forward branches on self.training, which a trace would freeze)."""
     return type(m).__name__ == 'StochasticDepth'
 
@@ -318,8 +318,9 @@ class _Analysis:
 
 
 def _gate_groups(analysis):
-    """Prunable channel groups -> (class index per id root, [[root, ...] per gate module],
-    [sources per gate module]). A gate module holds the groups written by the same convs."""
+    """The prunable channel groups (union-find roots) by gate module: {the layers that write
+    them: [root, ...]}, in forward order. A gate module holds the groups the same layers
+    write."""
     ids = analysis.ids
     roots = {}
     for i in range(len(ids.parent)):

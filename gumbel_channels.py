@@ -504,12 +504,14 @@ def polarized(p):
 
 
 def polarization_loss(info):
-    """Deviation (NOTES.md 20): mean over gates (and samples) of 4 p (1 - p): 1 at p = 1/2,
-    0 only when every gate is polarized. Property 1's Var(Q) has this shape, but weighs a
-    gate by (its MACs / MaxFLOPs)^2, which leaves gates that neither loss needs (p anywhere)
-    where they are; this term weighs every gate alike."""
-    p = torch.cat(info.p, 1)
-    return (4 * p * (1 - p)).mean()
+    """Deviation (NOTES.md 20): mean over gates (and samples) of max(0, l - |w1 - w0|),
+    l = logit(1 - POLAR): how far each logit difference is from the polarized region,
+    0 there. Its gradient moves every undecided gate toward its nearer pole at one pace,
+    near the pole too (4 p (1 - p), Property 1's Var(Q) shape, fades as e^-|w1 - w0|
+    there). Var(Q) also weighs a gate by (its MACs / MaxFLOPs)^2, leaving gates that
+    neither loss needs where they are; this term weighs every gate alike."""
+    p = torch.cat(info.p, 1).clamp(1e-6, 1 - 1e-6)              # a finite logit, 0 gradient
+    return F.relu(math.log((1 - POLAR) / POLAR) - (torch.log(p) - torch.log1p(-p)).abs()).mean()
 
 
 # ----------------------------------------------------------------------------- training

@@ -335,7 +335,18 @@ def test_losses_follow_their_equations():
     )
     p = [torch.tensor([[0.5, 0.0], [0.5, 1.0]]), torch.tensor([[0.1], [0.9]])]
     info = gc.GateInfo(z, p, info.macs, 100)
-    assert gc.polarization_loss(info).item() == pytest.approx((1 + 0 + 1 + 0 + 0.36 + 0.36) / 6)
+    far = math.log(99)                                      # |logit| of a polarized edge
+    assert gc.polarization_loss(info).item() == pytest.approx(
+        (far + 0 + far + 0 + 2 * (far - math.log(9))) / 6, rel=1e-5)
+
+
+def test_polarization_term_moves_undecided_gates_at_one_pace():
+    """Deviation 20: the term's gradient on a gate's logit difference is the same at p = 0.6
+    and p = 0.95 (toward the nearer pole), and 0 once the gate is polarized."""
+    d = torch.tensor([[math.log(1.5), math.log(19), -math.log(19), 6.0]], requires_grad=True)
+    info = gc.GateInfo([d], [torch.sigmoid(d)], torch.zeros(1, dtype=torch.float64), 1)
+    gc.polarization_loss(info).backward()
+    assert d.grad[0].tolist() == pytest.approx([-0.25, -0.25, 0.25, 0.0], rel=1e-4)
 
 
 @pytest.mark.parametrize('gating', ['static', 'dynamic'])

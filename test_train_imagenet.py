@@ -181,13 +181,17 @@ def test_an_empty_class_folder_and_missing_weights_are_one_line(tmp_path, one_li
     assert '--pretrained' in one_line_error(run(data, tmp_path / 'o', '--pretrained'))
 
 
-def test_synthetic_mode_runs_without_data(tmp_path):
-    """--synthetic: random ImageFolder-shaped data, no files needed; strict JSON results."""
+def test_synthetic_mode_runs_without_data(tmp_path, capsys):
+    """--synthetic: random ImageFolder-shaped data, no files needed, its own folder name;
+    strict JSON results; it delivers t or says in one line why it need not."""
     assert train_imagenet.cli(FAST + ['--synthetic', '--batch-size', '64', '--out',
                                       str(tmp_path)]) == 0
     run_dir = tmp_path / 'synthetic-imagenet-resnet18-dynamic-channel-flops-t0.5-s0'
     row = json.loads((run_dir / 'final.json').read_text())
     assert row['epochs'] == 1 and 0 <= row['gated_acc'] <= 100
+    warnings = [line for line in capsys.readouterr().err.splitlines() if 'MACs' in line]
+    assert abs(row['macs_percent'] - 50) <= 3 or (
+        len(warnings) == 1 and 'random labels' in warnings[0])
 
 
 
@@ -201,3 +205,22 @@ def test_any_torchvision_model_takes_static_gates(imagenet, tmp_path, one_line_e
     assert row['pruned_acc'] == row['gated_acc'] and (run_dir / 'pruned.pt2').exists()
     assert 'ResNets' in one_line_error(run(imagenet, tmp_path / 'd', '--arch', 'mobilenet_v2',
                                            '--gating', 'dynamic'))
+
+
+@pytest.mark.parametrize('name,env,gpus,want', [
+    ('cpu', {}, 0, 'cpu'), ('cpu', {'LOCAL_RANK': '1', 'WORLD_SIZE': '2'}, 2, 'cpu'),
+    ('cuda', {}, 1, 'cuda:0'), ('cuda', {'LOCAL_RANK': '1', 'WORLD_SIZE': '2'}, 2, 'cuda:1'),
+    ('cuda:1', {}, 2, 'cuda:1'), ('cuda:0', {'LOCAL_RANK': '0', 'WORLD_SIZE': '1'}, 1, 'cuda:0'),
+    ('cuda', {}, 0, 'error: no CUDA GPU'), ('cuda:2', {}, 2, 'error: has 2 GPU'),
+    ('gpu', {}, 1, 'error: not a device'),
+    ('cuda:1', {'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}, 2, 'error: under torchrun'),
+    ('cuda', {'LOCAL_RANK': '3', 'WORLD_SIZE': '4'}, 2, 'error: not cuda:3'),
+])
+def test_one_device_rule_for_both_scripts(name, env, gpus, want):
+    """Issue 20: --device cuda on a GPU machine gets an index (torch.cuda.set_device refuses
+    a bare 'cuda'): LOCAL_RANK's under torchrun, else 0; impossible choices are one line."""
+    if not want.startswith('error: '):
+        assert str(train_common.device_for(name, env, gpus)) == want
+    else:
+        with pytest.raises(train_common.UsageError, match=want[len('error: '):]):
+            train_common.device_for(name, env, gpus)

@@ -235,7 +235,7 @@ def run_name(args, phase):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = common.device_for(args.device)
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
     out = Path(args.out)
@@ -278,11 +278,7 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     torch.manual_seed(args.seed)  # the same dense net, gated run or not
     baseline = build(args, gated=False)
     if args.init:
-        state = common.load_checkpoint(args.init)
-        if not isinstance(state, dict):
-            raise UsageError(f'--init {args.init} holds a {type(state).__name__}, not a '
-                             'checkpoint or state_dict')
-        common.load_weights(baseline, state.get('model', state), args.init, gated=False)
+        common.load_init(baseline, args.init)
         print(f'dense: weights from {args.init}')
     elif dense_done:
         common.load_weights(baseline, common.load_checkpoint(dense_dir / 'last.pt')['model'],

@@ -77,7 +77,7 @@ UNIT = (lambda v: 0 <= v <= 1, 'in [0, 1]')
 # One recipe for both scripts (NOTES.md, deviations 18-20): measured to deliver t on real
 # images (digits in CIFAR's format and in ImageNet's folders, static and dynamic gates).
 # PAPER_GATES gives the paper's own settings back.
-RECIPE = dict(loss_weight=20.0, gate_lr_mult=1000.0, polarize=1e-4, gate_lr_decay=False)
+RECIPE = dict(loss_weight=20.0, gate_lr_mult=1000.0, polarize=5e-5, gate_lr_decay=False)
 PAPER_GATES = '--gate-lr-mult 1 --loss-weight 1 --polarize 0 --gate-lr-decay'
 
 
@@ -103,8 +103,8 @@ def add_gate_args(p):
     a('--gate-sample', default='image', choices=('image', 'batch'),
       help='static gates draw once per image or once per batch')
     a('--polarize', type=float, default=RECIPE['polarize'], help='weight per gate of the '
-      'polarization term 4p(1-p), summed over gates, rising from 0 over fine-tuning (the '
-      'paper: 0; NOTES.md 20)')
+      'polarization term (summed over gates), rising from 0 over fine-tuning (the paper: 0; '
+      'NOTES.md 20)')
     a('--milestones', type=int, nargs='+',
       help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
 
@@ -146,17 +146,28 @@ def progress(epoch, step, epochs, steps):
     return (epoch * steps + step) / max(epochs * steps - 1, 1)
 
 
-def device_for(name):
-    """torch.device(name), refusing one this machine does not have."""
+def device_for(name, env=None, gpus=None):
+    """The one device rule of both scripts: --device cpu, cuda or cuda:N -> a torch.device with
+    an index for CUDA. 'cuda' is cuda:LOCAL_RANK under torchrun (env), else cuda:0; an explicit
+    cuda:N under torchrun with several processes is refused (they would share one GPU), and
+    so is a device this machine does not have (gpus: its GPU count)."""
+    env = os.environ if env is None else env
+    gpus = torch.cuda.device_count() if gpus is None else gpus
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f'--device {name!r} is not a device (cpu, cuda, cuda:1, ...)') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
+    if device.type != 'cuda':
+        return device
+    if gpus == 0:
         raise UsageError(f'--device {name}: no CUDA GPU is available here (use --device cpu)')
-    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f'--device {name}: this machine has {torch.cuda.device_count()} GPU(s)')
-    return device
+    if device.index is not None and int(env.get('WORLD_SIZE', 1)) > 1:
+        raise UsageError(f'--device {name}: under torchrun pass --device cuda (each process '
+                         'takes cuda:LOCAL_RANK)')
+    index = int(env.get('LOCAL_RANK', 0)) if device.index is None else device.index
+    if index >= gpus:
+        raise UsageError(f'--device {name}: this machine has {gpus} GPU(s), not cuda:{index}')
+    return torch.device('cuda', index)
 
 
 def autocast_for(device, amp='bf16'):
@@ -239,6 +250,15 @@ def load_weights(model, state, source, gated):
     if missing or unexpected:
         raise UsageError(f'{source} does not fit the model: missing {missing[:3]}, '
                          f'unexpected {unexpected[:3]}')
+
+
+def load_init(model, path):
+    """--init: the dense weights of a checkpoint (its 'model') or a state_dict into model."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise UsageError(f'--init {path} holds a {type(state).__name__}, not a checkpoint or '
+                         'state_dict')
+    load_weights(model, state.get('model', state), path, gated=False)
 
 
 def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finished=False):

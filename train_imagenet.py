@@ -1,20 +1,17 @@
-"""Gated torchvision ResNet-18/34/50 on ImageNet from a dense start (Tables 1, 2, 4).
+"""Gated torchvision classifiers on ImageNet from a dense start (Tables 1, 2, 4).
 
     python train_imagenet.py --arch resnet50 --pretrained --t 0.4 --data-dir /data/imagenet
-    torchrun --nproc_per_node 8 train_imagenet.py --arch resnet50 --pretrained --t 0.4 \
-        --data-dir /data/imagenet
+    torchrun --nproc_per_node 8 train_imagenet.py --arch resnet50 --pretrained --t 0.4 ...
     python train_imagenet.py --arch resnet18 --gating none --data-dir DIR     # a dense start
-    python train_imagenet.py --arch resnet18 --gating static --init \
-        runs/imagenet-dense-resnet18-s0/last.pt --data-dir DIR
+    python train_imagenet.py --arch resnet18 --init runs/imagenet-dense-resnet18-s0/last.pt ...
 
-Gates are added to a dense start (torchvision's IMAGENET1K_V1 weights with --pretrained:
-the paper's 76.13% top-1 baseline for ResNet-50; or --init, e.g. a --gating none run of
-this script) by gate_resnet, then trained for 100 epochs with the gate recipe both
-scripts share (4.1; NOTES.md 18-20). BN is then
-recalibrated over 200 batches under threshold inference, and the script writes top-1 and
-top-5 at tau = 0.5, MACs % of the baseline, and for static gates a physically pruned
-model. DistributedDataParallel switches on from torchrun's environment; --batch-size is
-the global batch. Checkpoints, logs and errors work as in train_cifar.py.
+Gates are added to the dense start (--pretrained: torchvision's IMAGENET1K_V1, the paper's
+76.13% ResNet-50; or --init) by gate_resnet (ResNets) or gumbel_any (any other model,
+static gates), then trained for 100 epochs with the gate recipe both scripts share (4.1;
+NOTES.md 18-20). BN is then recalibrated over 200 batches under threshold inference, and
+the script writes top-1 and top-5 at tau = 0.5, MACs % of the baseline, and for static
+gates a physically pruned model. DDP switches on from torchrun's environment; --batch-size
+is the global batch. Checkpoints, logs and errors work as in train_cifar.py.
 """
 
 import argparse
@@ -219,12 +216,10 @@ def setup(args):
     if distributed:
         dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
         rank, world = dist.get_rank(), dist.get_world_size()
-        if args.device.startswith('cuda'):
-            args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
     else:
         rank, world = 0, 1
     log = print if rank == 0 else (lambda *a, **k: None)
-    device = torch.device(args.device)
+    device = common.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     elif rank == 0:
@@ -235,28 +230,21 @@ def setup(args):
 def dense_network(args, classes, device):
     """torchvision's network for --arch: IMAGENET1K_V1 weights with --pretrained, the weights
     of --init, or a fresh one."""
+    weights = None
+    if args.pretrained:
+        if classes != 1000:
+            raise UsageError(f'--pretrained: the pretrained classifier has 1000 classes, the '
+                             f'data {classes}')
+        enum = torchvision.models.get_model_weights(args.arch)
+        weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
     try:
-        weights = None
-        if args.pretrained:
-            enum = torchvision.models.get_model_weights(args.arch)
-            weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
-            if classes != 1000:
-                raise UsageError(f'--pretrained: the pretrained classifier has 1000 classes, the '
-                                 f'data {classes}')
-        dense = torchvision.models.get_model(args.arch, weights=weights,
-                                             num_classes=1000 if weights else classes)
-    except UsageError:
-        raise
+        dense = torchvision.models.get_model(args.arch, weights=weights, num_classes=classes)
     except Exception as e:                                  # offline, or a broken cache
         raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
                          '--pretrained') from None
     if args.init:                                           # e.g. a --gating none run's last.pt
-        state = common.load_checkpoint(args.init)
-        if not isinstance(state, dict):
-            raise UsageError(f'--init {args.init} holds a {type(state).__name__}, not a '
-                             'checkpoint or state_dict')
-        common.load_weights(dense, state.get('model', state), args.init, gated=False)
+        common.load_init(dense, args.init)
     return dense.to(device, memory_format=torch.channels_last)
 
 
