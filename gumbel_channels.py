@@ -504,12 +504,10 @@ def polarized(p):
 
 
 def polarization_loss(info):
-    """Deviation (NOTES.md 20): mean over gates (and samples) of max(0, l - |w1 - w0|),
-    l = logit(1 - POLAR): how far each logit difference is from the polarized region,
-    0 there. Its gradient moves every undecided gate toward its nearer pole at one pace,
-    near the pole too (4 p (1 - p), Property 1's Var(Q) shape, fades as e^-|w1 - w0|
-    there). Var(Q) also weighs a gate by (its MACs / MaxFLOPs)^2, leaving gates that
-    neither loss needs where they are; this term weighs every gate alike."""
+    """Deviation (NOTES.md 20): mean over gates (and samples) of max(0, logit(1 - POLAR) -
+    |w1 - w0|), each logit difference's distance from polarization: it moves every undecided
+    gate toward its nearer pole at one pace (Var(Q) of Property 1 weighs a gate by (its MACs
+    / MaxFLOPs)^2, and its 4p(1 - p) shape fades near the poles)."""
     p = torch.cat(info.p, 1).clamp(1e-6, 1 - 1e-6)              # a finite logit, 0 gradient
     return F.relu(math.log((1 - POLAR) / POLAR) - (torch.log(p) - torch.log1p(-p)).abs()).mean()
 
