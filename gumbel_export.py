@@ -172,8 +172,8 @@ def prune(model):
     ordinary ResNet (logits only) in evaluation mode; `model` is left as it was."""
     found = gc.gates(model)
     if not found:
-        raise ValueError(f'{type(model).__name__} has no gates: nothing to prune (gate it with '
-                         'gumbel_channels.gate_resnet or gumbel_any.gate_any)')
+        raise ValueError(f'model ({type(model).__name__}) has no gates: nothing to prune (gate '
+                         'it with gumbel_channels.gate_resnet or gumbel_any.gate_any)')
     if not all(isinstance(g, gc.StaticGate) for g in found):
         raise ValueError('model must have static gates (gating="static"); dynamic gates decide '
                          'per input: use SkipNet')
@@ -181,7 +181,7 @@ def prune(model):
         return model.pruned()
     missing = [k for k in ('conv1', 'bn1', 'maxpool', 'fc', 'layer1') if not hasattr(model, k)]
     if missing or not isinstance(model, gc.ResNet):
-        raise ValueError(f'prune takes a gumbel_channels.ResNet or a gumbel_any.GatedNet; '
+        raise ValueError(f'model must be a gumbel_channels.ResNet or a gumbel_any.GatedNet; '
                          f'{type(model).__name__} lacks {", ".join(missing) or "that class"}')
     model = copy.deepcopy(model).eval()
     layers = [nn.Sequential(*[_prune_block(b) for b in getattr(model, f'layer{i}')])
