@@ -459,3 +459,42 @@ def test_gated_training_step_compiles_with_changing_batch_sizes(gating):
 def test_bad_input_raises_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf'^{name}\b'):
         call()
+
+
+# ------------------------------------------------------------------- issue 25: edges of claims
+
+def test_a_decision_exactly_at_tau_is_off():
+    """3.3 / NOTES 11: Z = 1 iff p > tau, strictly: logits (0, 0) give p = 0.5 exactly."""
+    static, dynamic = gc.StaticGate(3), gc.DynamicGate(4, 3)
+    with torch.no_grad():
+        static.logits.zero_()
+        dynamic.fc2.weight.zero_()
+        dynamic.fc2.bias.zero_()
+    for gate in (static, dynamic):
+        z, p = gate.eval()(torch.randn(2, 4, 3, 3))
+        assert (p == 0.5).all() and (z == 0).all()
+
+
+def test_polarized_share_cuts_at_one_percent_on_both_sides():
+    p = torch.tensor([0.005, 0.0099, 0.0101, 0.05, 0.2, 0.5, 0.8, 0.95, 0.9899, 0.9901, 0.995])
+    assert gc.polarized(p).tolist() == [True, True, False, False, False, False, False, False,
+                                         False, True, True]
+
+
+def test_the_polarization_ramp_starts_at_zero_and_ends_at_full_weight():
+    """Deviation 20: the gate loss at progress 0 is the weighted FLOPs loss alone, at 1 it
+    adds the whole term; and the scripts' progress is 0 at the first gated step and 1 at
+    the last."""
+    import argparse
+    import train_common
+    z = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])]
+    p = [torch.tensor([[0.6, 0.3], [0.6, 0.3]])]
+    info = gc.GateInfo(z, p, torch.tensor([30.0, 50.0], dtype=torch.float64), 100)
+    args = argparse.Namespace(loss='flops', t=0.5, loss_weight=20.0, polarize=0.5)
+    flops = 20 * gc.flops_loss(info, 0.5)
+    assert train_common.gate_loss(info, args, 0.0).item() == pytest.approx(flops.item())
+    term = 0.5 * 2 * gc.polarization_loss(info)
+    assert train_common.gate_loss(info, args, 1.0).item() == pytest.approx((flops + term).item())
+    steps, epochs = 7, 3
+    ramp = [train_common.progress(e, i, epochs, steps) for e in range(epochs) for i in range(steps)]
+    assert ramp[0] == 0 and ramp[-1] == 1 and ramp == sorted(ramp)

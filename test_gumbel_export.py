@@ -352,3 +352,32 @@ def test_exit_report_on_a_constructed_case():
 def test_bad_input_raises_value_error_naming_the_argument(call, name):
     with pytest.raises(ValueError, match=rf'^{name}\b'):
         call()
+
+
+def test_skipnet_decides_exactly_at_tau_as_the_masked_net():
+    """A dynamic gate with p = 0.5 exactly (zero last layer) is off in the masked forward
+    (p > tau strictly) and in SkipNet's lean gate (its logit difference 0 is not > 0)."""
+    model = gc.resnet20(gating='dynamic').eval()
+    with torch.no_grad():
+        for g in gc.gates(model):
+            g.fc2.weight.zero_()
+            g.fc2.bias.zero_()
+    x = torch.randn(1, 3, 32, 32)
+    logits, info = model(x)
+    assert all((z == 0).all() for z in info.z)
+    assert torch.allclose(ge.SkipNet(model)(x), logits, atol=1e-5)
+
+
+def test_bn_folding_keeps_eps_at_small_running_variances():
+    """fold_bn divides by sqrt(var + eps): at running variances of 1e-4 to 1e-3, eps (1e-5)
+    moves outputs by 0.5-5%, far above float error."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(1e-4, 1e-3)
+                m.running_mean.normal_(0, 0.01)
+    x = torch.randn(2, 3, 32, 32)
+    want = net(x)
+    assert torch.allclose(ge.fold_bn(net)(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
