@@ -201,7 +201,7 @@ def evaluate(model, loader, device, autocast, distributed):
                              torch.tensor(len(y), device=device)])
         if info is not None:
             stats, batches = stats + common.gate_stats(info), batches + 1
-    gates = torch.as_tensor(common.averages(stats, batches), device=device)
+    gates = torch.as_tensor(common.averages(stats, batches), dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(sums)
         dist.all_reduce(gates)
