@@ -13,3 +13,23 @@ def one_line_error(capsys):
         assert 'Traceback' not in err
         return lines[0]
     return check
+
+
+@pytest.fixture
+def crash_after_epoch_1(monkeypatch):
+    """crash(run) -> run() killed right after epoch 1's checkpoint, before its metrics line
+    (a KeyboardInterrupt there), the scripts' writes working again after."""
+    import train_common
+
+    def crash(run):
+        save = train_common.save_atomic
+
+        def killing(obj, path):
+            save(obj, path)
+            if path.name == 'last.pt' and obj.get('epoch') == 1:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(train_common, 'save_atomic', killing)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+        monkeypatch.setattr(train_common, 'save_atomic', save)
+    return crash

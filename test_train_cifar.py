@@ -122,26 +122,13 @@ def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
     assert 'exit 2:' in capsys.readouterr().out
 
 
-def crash_after_epoch_1(monkeypatch, cifar, out, *extra):
-    """A 2-epoch run killed right after epoch 1's checkpoint, before its metrics line."""
-    save = train_common.save_atomic
-
-    def crash(obj, path):
-        save(obj, path)
-        if path.name == 'last.pt' and obj.get('epoch') == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train_common, 'save_atomic', crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(cifar, out, *extra, '--epochs', '2')
-    monkeypatch.setattr(train_common, 'save_atomic', save)
-
-
-def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, monkeypatch):
+def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch_1):
     """Two epochs in one go, or a crash right after epoch 1's checkpoint (before its metrics
     line) and --resume with the same command: the same next-step loss, and the lost line
     restored from the checkpoint."""
     assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
-    crash_after_epoch_1(monkeypatch, cifar, tmp_path / 'b', '--init', str(dense_ckpt))
+    crash_after_epoch_1(lambda: run(cifar, tmp_path / 'b', '--init', str(dense_ckpt),
+                                    '--epochs', '2'))
     assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
     name = 'resnet8-static-channel-flops-t0.5-s0'
     a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
@@ -354,8 +341,8 @@ def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line
 
 
 def test_a_resume_must_train_what_the_run_started(cifar, dense_ckpt, tmp_path, one_line_error,
-                                                  monkeypatch):
-    crash_after_epoch_1(monkeypatch, cifar, tmp_path, '--init', str(dense_ckpt))
+                                                  crash_after_epoch_1):
+    crash_after_epoch_1(lambda: run(cifar, tmp_path, '--init', str(dense_ckpt), '--epochs', '2'))
     error = one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt), '--epochs', '2',
                                '--resume', '--lr', '0.05'))
     assert '--lr 0.1 -> 0.05' in error

@@ -58,20 +58,11 @@ def test_single_process_run(imagenet, tmp_path):
     assert torch.load(tmp_path / RUN / 'last.pt', weights_only=True)['epoch'] == 1
 
 
-def test_resume_continues_exactly(imagenet, tmp_path, monkeypatch):
+def test_resume_continues_exactly(imagenet, tmp_path, crash_after_epoch_1):
     """Two epochs in one go, or a crash right after epoch 1's checkpoint and --resume with the
     same command: the same second epoch."""
     assert run(imagenet, tmp_path / 'a', '--epochs', '2') == 0
-    save = train_common.save_atomic
-
-    def crash(obj, path):
-        save(obj, path)
-        if path.name == 'last.pt' and obj.get('epoch') == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(train_common, 'save_atomic', crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(imagenet, tmp_path / 'b', '--epochs', '2')
-    monkeypatch.setattr(train_common, 'save_atomic', save)
+    crash_after_epoch_1(lambda: run(imagenet, tmp_path / 'b', '--epochs', '2'))
     assert run(imagenet, tmp_path / 'b', '--epochs', '2', '--resume') == 0
     a, b = metrics(tmp_path / 'a' / RUN), metrics(tmp_path / 'b' / RUN)
     assert (

@@ -37,8 +37,7 @@ ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))  # cla
 
 
 def is_resnet(arch):
-    """ResNets take the paper's gates (gate_resnet: static or dynamic, channel or layer);
-    any other model takes static gates on every prunable channel group (gumbel_any)."""
+    """ResNets take gate_resnet's gates (any kind); other models gumbel_any's static ones."""
     return arch.startswith(('resnet', 'wide_resnet'))
 
 
@@ -105,8 +104,8 @@ def parse_args(argv):
     if args.init and args.pretrained:
         raise UsageError('--init and --pretrained both give the dense start: pass one')
     args.t = None if args.gating == 'none' else args.t or 0.5
-    args.milestones = args.milestones or common.milestones_at(args.epochs, (3, 10), (6, 10),
-                                                              (9, 10))
+    shares = [(3, 10), (6, 10), (9, 10)]                    # AIG's every 30 of 100 epochs
+    args.milestones = args.milestones or common.milestones_at(args.epochs, *shares)
     if not is_resnet(args.arch) and (args.gating == 'dynamic' or args.granularity != 'channel'):
         raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for ResNets; '
                          'other models take --gating static (channel groups)')
@@ -279,20 +278,19 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         last = train(baseline, args, run_dir, (train_loader, val_loader), device, autocast,
                      (rank, world))
         top1, top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
-        row = dict(arch=args.arch, gating=args.gating, baseline_acc=top1, baseline_top5=top5,
-                   epochs=last['epoch'] if last else 0)
+        row = dict(arch=args.arch, gating='none', baseline_acc=top1, baseline_top5=top5,
+                   epochs=last['epoch'])
         if rank == 0:
             common.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
             common.finish(row, run_dir)
         return row
     base_top1, base_top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
-    log(f'dense start{" (" + args.init + ")" if args.init else ""}: top-1 {base_top1:.2f}  '
-        f'top-5 {base_top5:.2f}')
+    log(f'dense start: top-1 {base_top1:.2f}  top-5 {base_top5:.2f}')
+    x2 = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)   # example inputs
     if is_resnet(args.arch):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
-        example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
-        model = gumbel_any.gate_any(baseline, example, init_p=args.gate_init_p)
+        model = gumbel_any.gate_any(baseline, x2, init_p=args.gate_init_p)
     model = common.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '
@@ -331,12 +329,10 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                            for x, y, _ in full)
                 rates = common.per_class_rates(model, batches, len(names))
             common.write_class_rates(rates, names, common.gate_names(model), run_dir)
-        x2 = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
         with common.stage('export'):
             common.export(model, baseline, x2, run_dir, row)
         common.warn_if_missed(row, why='--synthetic has random labels: no channel is worth '
-                              'more than another, so the gates have nothing to polarize on'
-                              if args.synthetic else 'NOTES.md: polarization')
+                              'more than another' if args.synthetic else 'NOTES.md 20')
         common.finish(row, run_dir)
     return row
 
