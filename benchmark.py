@@ -17,7 +17,7 @@ dynamic gates, varying per image).
     python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
     python benchmark.py --macs      # the CIFAR ResNets' parameters and MACs
     python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
-    python benchmark.py --any       # gumbel_any on 13 CNNs: gates, FLOPs(Z) vs counted MACs
+    python benchmark.py --any       # gumbel_any on 12 CNNs: gates, FLOPs(Z) vs counted MACs
 """
 import argparse
 import contextlib

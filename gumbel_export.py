@@ -228,12 +228,13 @@ def _fold_graph(gm):
         if node.op == 'call_module':
             calls.setdefault(node.target, []).append(node)
     for node in list(gm.graph.nodes):
-        src = node.args[0] if node.op == 'call_module' and node.args else None
-        if not (isinstance(gm.get_submodule(node.target) if src is not None else None,
-                           nn.BatchNorm2d) and isinstance(src, torch.fx.Node)
-                and src.op == 'call_module' and len(src.users) == 1
-                and len(calls[src.target]) == 1 and len(calls[node.target]) == 1
-                and type(gm.get_submodule(src.target)) is nn.Conv2d):
+        if node.op != 'call_module' or not isinstance(gm.get_submodule(node.target),
+                                                      nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, torch.fx.Node) and src.op == 'call_module'
+                and type(gm.get_submodule(src.target)) is nn.Conv2d and len(src.users) == 1
+                and len(calls[src.target]) == len(calls[node.target]) == 1):
             continue
         conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
         gm.set_submodule(src.target, _folded_conv(conv, bn))
