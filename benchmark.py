@@ -25,9 +25,14 @@ import copy
 import importlib.util
 import json
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +64,23 @@ def timed(fns, repeats, device):
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cuda_graphed(fn):
+    """`fn` (zero arguments, fixed shapes, no host sync) captured as one CUDA graph: warmed up
+    on a side stream, captured once; -> its replay. A training step captured whole writes its
+    gradients into the graph's memory and draws fresh Gumbel noise at every replay (CUDA
+    graphs advance the generator's offset per replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def set_static_rate(model, rate, gen):
@@ -134,12 +156,16 @@ def train_rows(dense, depth, batch, repeats, fmt, autocast):
         steps[name] = step
         macs[name] = ge.counted_macs(model.eval(), x[:1])
         model.train()
+        if device.type == 'cuda':               # the whole step as one CUDA graph
+            steps[f'{name} [CUDA graph]'] = cuda_graphed(step)
     t = timed(steps, repeats, device)
     rows = []
-    for name, limit in (('dense', None), ('static', 1.10), ('dynamic', 1.25)):
+    for name in steps:
+        kind = name.split()[0]
+        limit = {'static': 1.10, 'dynamic': 1.25}.get(kind) if name == kind else None
         ratio = t[name] / t['dense']
         rows.append(row(f'train step, {name}', batch, t[name], 1 / ratio,
-                        macs['dense'] / macs[name], target=f'time <= {limit:.2f} x dense'
+                        macs['dense'] / macs[kind], target=f'time <= {limit:.2f} x dense'
                         if limit else '', met='' if not limit else ratio <= limit))
     return rows
 
@@ -151,7 +177,7 @@ def row(name, batch, seconds, speedup, mac_red, overall=None, lane_red=None, tar
 
 
 FORMS = {'eager': None, 'folded CL': 'eager', 'inductor': 'inductor',   # deploy backend
-         'onnxruntime': 'onnxruntime'}
+         'onnxruntime': 'onnxruntime', 'CUDA graph': 'eager'}
 
 
 def deploy_rows(dense, pruned, batch, repeats, forms, lanes, autocast):
@@ -168,14 +194,17 @@ def deploy_rows(dense, pruned, batch, repeats, forms, lanes, autocast):
         run = {k: n if FORMS[form] is None else ge.deploy(n, x, FORMS[form])
                for k, n in nets.items()}
         with torch.inference_mode(), autocast():
-            times[form] = timed({k: (lambda n=n: n(x)) for k, n in run.items()}, repeats, device)
+            fns = {k: (lambda n=n: n(x)) for k, n in run.items()}
+            if form == 'CUDA graph':            # the folded net's kernels, replayed
+                fns = {k: cuda_graphed(fn) for k, fn in fns.items()}
+            times[form] = timed(fns, repeats, device)
     for name in pruned:
         best = max(forms, key=lambda f: times[f]['dense'] / times[f][name])
         for form in forms:
             t = times[form]
             speedup, mac_red, lane_red = t['dense'] / t[name], macs['dense'] / macs[name], \
                 lane['dense'] / lane[name]
-            target = form == best and batch > 1 and name == 'pruned 50%'
+            target = form == best and batch > 1 and name == 'pruned 50%' and device.type == 'cpu'
             met = (speedup >= 0.95 * lane_red and speedup >= 0.8 * mac_red
                    and times['eager']['dense'] / t[name] >= 2) if target else ''
             rows.append(row(f'infer {name} [{form}]', batch, t[name], speedup, mac_red,
@@ -247,6 +276,162 @@ def any_table(size=224):
               f'{time.perf_counter() - t0:7.1f}')
 
 
+def loader_table(folder, device, batch=64, batches=8):
+    """The ImageNet input pipeline apart from the model (issue 20): train_imagenet.py's own
+    training loader (PIL decode, RandomResizedCrop 224, flip, ToTensor, normalize) in img/s
+    at 0, 1, ... cpu_count workers, then decoding alone per image: PIL, torchvision.io's
+    decode_jpeg on the CPU and, on CUDA, decode_jpeg on the GPU (batched)."""
+    import imagenet_data
+    import train_imagenet
+    from PIL import Image
+    rows = []
+    print(f"{'pipeline':50} {'img/s':>8}")
+    for workers in sorted({0, 1, 2, os.cpu_count() or 1}):
+        args = train_imagenet.parse_args(['--data-dir', str(folder), '--batch-size', str(batch),
+                                          '--workers', str(workers), '--device', 'cpu'])
+        loader = imagenet_data.loaders(args, 1, 0)[0]
+        it = iter(loader)
+        next(it)                                            # workers started, first batch
+        t0, n = time.perf_counter(), 0
+        for _ in range(min(batches, len(loader) - 1)):
+            n += len(next(it)[0])
+        rows.append(dict(row=f'train loader, {workers} workers', img_s=n / (time.perf_counter()
+                                                                            - t0)))
+        del it, loader
+    files = sorted(str(p) for p in Path(folder, 'train').glob('*/*.jpg'))[:256]
+    data = [torchvision.io.read_file(f) for f in files]
+    t0 = time.perf_counter()
+    for f in files:
+        Image.open(f).convert('RGB')
+    rows.append(dict(row='decode only, PIL, 1 process', img_s=len(files) / (time.perf_counter()
+                                                                           - t0)))
+    args = train_imagenet.parse_args(['--data-dir', str(folder), '--device', 'cpu'])
+    transform = imagenet_data.loaders(args, 1, 0)[0].dataset.transform     # ends in uint8
+    crop = torchvision.transforms.Compose(transform.transforms[:2])         # RRC, flip
+    float_normalized = torchvision.transforms.Compose([                     # the usual recipe
+        crop, torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize(imagenet_data.MEAN, imagenet_data.STD)])
+    for name, steps in (('decode + crop + flip, PIL', crop),
+                        ('+ PILToTensor: uint8 (the loader)', transform),
+                        ('+ ToTensor + Normalize: float32 (usual)', float_normalized)):
+        t0 = time.perf_counter()
+        for f in files:
+            steps(Image.open(f).convert('RGB'))
+        rows.append(dict(row=name + ', 1 process', img_s=len(files) / (time.perf_counter() - t0)))
+    t0 = time.perf_counter()
+    for d in data:
+        torchvision.io.decode_jpeg(d)
+    rows.append(dict(row='decode only, torchvision.io, CPU', img_s=len(files) / (
+        time.perf_counter() - t0)))
+    if device.type == 'cuda':
+        torchvision.io.decode_jpeg(data[:8], device=device)           # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(data), 64):
+            torchvision.io.decode_jpeg(data[i:i + 64], device=device)
+        torch.cuda.synchronize()
+        rows.append(dict(row='decode only, torchvision.io, GPU (nvjpeg)', img_s=len(files) / (
+            time.perf_counter() - t0)))
+    for r in rows:
+        print(f"{r['row']:50} {r['img_s']:8.0f}")
+    return rows
+
+
+class GpuBusy:
+    """Mean GPU utilization (nvidia-smi, sampled every 0.2 s) while the block runs; None
+    where nvidia-smi is missing."""
+
+    def __init__(self, index):
+        self.index, self.samples, self.stop = index, [], threading.Event()
+
+    def _poll(self):
+        query = ['nvidia-smi', f'--id={self.index}', '--query-gpu=utilization.gpu',
+                 '--format=csv,noheader,nounits']
+        while not self.stop.wait(0.2):
+            out = subprocess.run(query, capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip().isdigit():
+                self.samples.append(int(out.stdout.strip()))
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        if shutil.which('nvidia-smi'):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.mean = statistics.mean(self.samples) if self.samples else None
+
+
+def gpu_check(out, device, budget):
+    """Issue 20's prepared check for whoever has a GPU: short synthetic train_cifar.py runs
+    (dense, static and dynamic ResNet-56; compiled by default, and eager), the ImageNet
+    --synthetic smoke with the default device, and this script's CUDA rows; one table
+    (img/s as the scripts log them, median of epochs 2 and later; GPU busy %; compile
+    seconds; speed ratios) and out/gpu_check.json. Each step runs in its own process
+    within its share of `budget` seconds; a step that fails or runs out is a row saying so."""
+    out.mkdir(parents=True, exist_ok=True)
+    cifar = [sys.executable, 'train_cifar.py', '--synthetic', '--arch', 'resnet56',
+             '--dense-epochs', '8', '--epochs', '6', '--recal-batches', '20']
+    dense = str(out / 'compiled' / 'synthetic-dense-resnet56-s0' / 'last.pt')
+    steps = [('cifar dense + static, compiled', cifar + ['--out', str(out / 'compiled')], 0.3),
+             ('cifar dense + static, eager', cifar + ['--out', str(out / 'eager'),
+                                                     '--compile', 'off'], 0.15),
+             ('cifar dynamic, compiled', cifar + ['--gating', 'dynamic', '--init', dense, '--out',
+                                                  str(out / 'compiled')], 0.2),
+             ('imagenet --synthetic smoke', [sys.executable, 'train_imagenet.py', '--synthetic',
+                                             '--epochs', '1', '--recal-batches', '4', '--out',
+                                             str(out / 'imagenet')], 0.1),
+             ('benchmark CUDA rows', [sys.executable, 'benchmark.py', '--json',
+                                      str(out / 'rows.json'), '--repeats', '7'], 0.25)]
+    report = []
+    for name, command, share in steps:
+        t0 = time.perf_counter()
+        with GpuBusy(device.index or 0) as busy:
+            try:
+                done = subprocess.run(command, capture_output=True, text=True,
+                                      timeout=share * budget)
+                status = 'ok' if done.returncode == 0 else f'exit {done.returncode}'
+                log = done.stdout + done.stderr
+            except subprocess.TimeoutExpired as e:
+                status, log = 'timeout', (e.stdout or b'').decode() + (e.stderr or b'').decode()
+        (out / (name.split(',')[0].replace(' ', '_') + '.log')).write_text(log)
+        compiled = [float(w) for w in re.findall(r'first step ([0-9.]+) s', log)]
+        report.append(dict(step=name, status=status, seconds=time.perf_counter() - t0,
+                           gpu_busy=busy.mean, compile_s=compiled, img_s=_img_s(log),
+                           last_line=log.strip().splitlines()[-1][:160] if log.strip() else ''))
+    rows = json.loads((out / 'rows.json').read_text())['rows'] if \
+        (out / 'rows.json').exists() else []
+    print(f"\n{'step':32} {'status':8} {'sec':>6} {'busy %':>6} {'compile s':>12}  img/s by phase")
+    for r in report:
+        busy = '' if r['gpu_busy'] is None else f"{r['gpu_busy']:.0f}"
+        print(f"{r['step']:32} {r['status']:8} {r['seconds']:6.0f} {busy:>6} "
+              f"{' '.join(f'{c:.0f}' for c in r['compile_s']):>12}  "
+              + '  '.join(f'{k} {v:.0f}' for k, v in r['img_s'].items()))
+        if r['status'] != 'ok':
+            print(f"    {r['last_line']}")
+    for r in rows:
+        if r['row'].startswith(('train step', 'infer pruned')):
+            print(f"{r['row']:40} batch {r['batch']:5d} {r['ms']:8.3f} ms  speedup "
+                  f"{r['speedup']:5.2f}  MAC red. {r['mac_red']:5.2f}")
+    (out / 'gpu_check.json').write_text(json.dumps(dict(
+        device=torch.cuda.get_device_name(device), torch=torch.__version__, steps=report,
+        rows=rows), indent=1))
+    print(f'written to {out / "gpu_check.json"}')
+
+
+def _img_s(log):
+    """{phase: median img/s of epochs 2 and later} from a training script's epoch rows."""
+    phases, phase = {}, None
+    for line in log.splitlines():
+        words = line.split()
+        if re.match(r'(dense|gated): \d+ epochs|\d+ epochs, global batch', line):
+            phase = words[0].rstrip(':') if not words[0].isdigit() else 'imagenet'
+        elif phase and len(words) == 12 and words[0].isdigit() and int(words[0]) >= 2:
+            phases.setdefault(phase, []).append(float(words[10]))
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--smoke', action='store_true',
@@ -256,6 +441,13 @@ def main():
                     help='gumbel_any on 12 torchvision CNNs (FLOPs(Z) vs counted MACs) and exit')
     ap.add_argument('--convs', action='store_true',
                     help='time single pruned convs against dense ones (CPU) and exit')
+    ap.add_argument('--gpu-check', action='store_true', help='the prepared GPU check (issue '
+                    '20, at most 5 minutes): short training runs, the ImageNet smoke and the '
+                    'CUDA rows in one table; files in --out')
+    ap.add_argument('--out', default='gpu-check', help='--gpu-check: its folder')
+    ap.add_argument('--budget', type=float, default=290, help='--gpu-check: seconds in all')
+    ap.add_argument('--loader', metavar='DIR', help='time the ImageNet input pipeline on the '
+                    'JPEGs in DIR/train and DIR/val (docs/photos_as_imagefolder.py) and exit')
     ap.add_argument('--repeats', type=int, default=11, help='timed rounds per comparison (median)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
@@ -267,6 +459,15 @@ def main():
         return macs_table()
     if args.any:
         return any_table()
+    if args.gpu_check:
+        if not torch.cuda.is_available():
+            raise SystemExit('error: --gpu-check needs a CUDA GPU (none is visible here)')
+        return gpu_check(Path(args.out), torch.device(args.device), args.budget)
+    if args.loader:
+        rows = loader_table(args.loader, torch.device(args.device))
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(cpus=os.cpu_count(), rows=rows), indent=1))
+        return rows
     if any(os.environ.get(k) != v for k, v in ALLOCATOR.items()):   # glibc keeps freed
         os.execve(sys.executable, [sys.executable] + sys.argv,        # activations mapped
                   {**os.environ, **ALLOCATOR})
@@ -279,10 +480,13 @@ def main():
         (8, 8, 4, 2, 2) if args.smoke else (56, 128, 64, 16, args.repeats)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     onnx = not cuda and importlib.util.find_spec('onnxruntime') is not None   # optional
-    forms = [f for f in FORMS if not (args.smoke and f == 'inductor')
-             and (f != 'onnxruntime' or onnx)]
+    forms = ['eager', 'folded CL', 'CUDA graph'] if cuda else \
+        [f for f in FORMS if not (args.smoke and f == 'inductor') and (f != 'onnxruntime' or onnx)
+         and f != 'CUDA graph']
+    batches = (256, 2048, 1) if cuda and not args.smoke else (b_infer, 1)
     lanes = ge.vector_lanes()
-    autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if cuda else contextlib.nullcontext
+    autocast = (lambda: torch.autocast('cuda', torch.bfloat16, cache_enabled=False)) if cuda \
+        else contextlib.nullcontext                 # no cast cache: CUDA graphs capture it
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     dense = gc.resnet_cifar(depth).to(device)
@@ -297,7 +501,7 @@ def main():
         model = gated_copy(dense, depth, 'static', device)
         set_static_rate(model, rate, gen)
         pruned[f'pruned {rate:.0%}'] = ge.prune(model)
-    for batch in (b_infer, 1):
+    for batch in batches:
         rows += deploy_rows(dense, pruned, batch, repeats, forms, lanes, autocast)
     tv = (torchvision.models.resnet18() if args.smoke else torchvision.models.resnet50())
     tv = tv.to(device).eval()
@@ -317,6 +521,13 @@ def main():
     for label, (model, dense_net, bound, size, n) in dynamic.items():
         rows += skip_rows(label, model, dense_net, bound, size, n, repeats, fmt, '',
                           autocast)
+    if args.smoke:                              # tiny sizes, two rounds: it runs, no verdict
+        for r in rows:
+            r['target'], r['met'] = '', ''
+    print('speedup: vs the dense net in the same form; overall: vs the dense net in eager; '
+          'MAC red.: dense MACs / its MACs; lane red.: the same with output channels rounded '
+          f'up to {lanes} lanes (what the CPU computes)' + ('; smoke: no targets judged'
+                                                             if args.smoke else ''))
     print(f"{'row':34} {'batch':>5} {'ms':>9} {'speedup':>8} {'overall':>8} {'MAC red.':>8} "
           f"{'lane red.':>9}  {'target':28} met")
     for r in rows:

@@ -2,6 +2,7 @@
 checked, or a learnable offline stand-in (stripes). Images stay uint8 (N, 3, 32, 32)."""
 import math
 import pickle
+import sys
 from pathlib import Path
 
 import torch
@@ -28,14 +29,16 @@ def read_batch(path):
     try:
         with open(path, 'rb') as f:
             batch = ArraysOnly(f, encoding='bytes').load()
-        x, y = batch[b'data'], batch[b'labels']
-        y = torch.tensor(y, dtype=torch.int64)
+        x, labels = batch[b'data'], torch.tensor(batch[b'labels'])
+        y = labels.to(torch.int64)
     except Exception as e:                                  # corrupt, truncated, not CIFAR
         raise UsageError(f'{path}: not a CIFAR-10 python batch ({type(e).__name__}: '
                          f'{str(e)[:120]})') from None
     if getattr(x, 'dtype', None) != 'uint8' or x.ndim != 2 or x.shape[1] != 3072 \
             or y.shape != (len(x),):
         raise UsageError(f'{path}: expected uint8 data (N, 3072) with N labels')
+    if not torch.equal(labels, y.to(labels.dtype)):            # 3.7 is not a class
+        raise UsageError(f'{path}: labels must be whole numbers 0..9')
     if len(y) and (y.min() < 0 or y.max() > 9):
         raise UsageError(f'{path}: labels must lie in 0..9')
     return torch.from_numpy(x.copy()).view(-1, 3, 32, 32), y
@@ -49,6 +52,9 @@ def read_cifar(folder):
                    if (folder / f'data_batch_{k}').is_file()]
     if not train_files or not (folder / 'test_batch').is_file():
         raise FileNotFoundError(folder)
+    if len(train_files) < 5:
+        print(f'warning: {folder}: training on {", ".join(f.name for f in train_files)} only '
+              '(the other data_batch files are missing)', file=sys.stderr)
     train = [read_batch(f) for f in train_files]
     x_test, y_test = read_batch(folder / 'test_batch')
     return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test

@@ -61,11 +61,16 @@ def read_run(folder):
     row['accuracy'], row['baseline'] = row.get('gated_acc'), row.get('baseline_acc')
     if row['baseline'] is None:
         raise BadInput(f'{folder}/final.json has no baseline accuracy')
+    for key in ('baseline_acc', 'gated_acc', 'macs_percent', 't', 'tau'):
+        if row.get(key) is not None and (isinstance(row[key], bool)
+                                          or not isinstance(row[key], (int, float))):
+            raise BadInput(f'{folder}/final.json: {key} must be a number, got {row[key]!r}')
+    row['synthetic'] = folder.name.startswith('synthetic-')
     return folder, row
 
 
 def fig3(plt, arch, runs, out):
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
     markers = 'xP^vsD<>'
     for k, (label, macs, acc) in enumerate(PAPER.get(arch, [])):   # in the legend: no overlaps
         ax.scatter(macs, acc, marker=markers[k % len(markers)], color='gray',
@@ -75,6 +80,7 @@ def fig3(plt, arch, runs, out):
         if row.get('macs_percent') is None or row['accuracy'] is None:
             continue                                # a dense baseline's folder: the star only
         key = ' '.join(str(row.get(k)) for k in ('gating', 'granularity', 'loss') if row.get(k))
+        key += ' (synthetic data)' if row['synthetic'] else ''    # not the paper's data set
         series.setdefault(key, []).append(row)
     for key, rows in series.items():
         rows.sort(key=lambda r: r['macs_percent'])
@@ -89,10 +95,12 @@ def fig3(plt, arch, runs, out):
     ax.scatter(
         100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})'
     )
-    ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)',
-           title=f'{arch}: our runs' + (' and the paper' if arch in PAPER else ''))
+    synthetic = ', synthetic data' if any(row['synthetic'] for _, row in runs) else ''
+    ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)')
+    ax.set_title(f'{arch}: our runs{synthetic}' + (' beside the paper (CIFAR-10)'
+                                                   if arch in PAPER else ''), fontsize=9)
     ax.margins(x=0.08, y=0.15)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))   # beside the data
     fig.tight_layout()
     return save(plt, fig, out / f'fig3_{arch}.png')
 
@@ -118,8 +126,8 @@ def fig4(plt, folder, out):
     image = ax.imshow(rates.numpy(), aspect='auto', cmap='viridis', vmin=0, vmax=1)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
     ax.set_xticks(range(len(gates)), gates, rotation=90, fontsize=6)
-    ax.set(title=f'{short(folder)}: activation rate per class (Fig. 4)', xlabel='gate module',
-           ylabel='class')
+    ax.set(xlabel='gate module', ylabel='class')
+    ax.set_title(f'{short(folder)}:\nactivation rate per class (Fig. 4)', fontsize=9)
     fig.colorbar(image, ax=ax, label='activation rate (mean Z)')
     fig.tight_layout()
     return save(plt, fig, out / f'fig4_{folder.name}.png')
@@ -138,15 +146,15 @@ def polarization(plt, folder, out, tau=0.5):
     except Exception as e:
         raise BadInput(f'{folder}/final.pt holds no static gate logits ({type(e).__name__})') \
             from None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.hist(p.numpy(), bins=50, range=(0, 1))
-    ax.set_yscale('log')
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    ax.hist(p.numpy(), bins=50, range=(0, 1))                  # counts on a linear axis from 0
     ax.axvline(tau, color='black', linestyle='--', label=f'threshold tau = {tau:g}: on iff p > tau')
     polar = gc.polarized(p).float().mean().item()
-    ax.set(xlabel='on-probability p', ylabel='gates (log scale)',
-           title=f'{short(folder)}: {polar:.1%} of {p.numel()} gates polarized\n'
-                 f'(p < {gc.POLAR:g} or p > {1 - gc.POLAR:g})')
-    ax.legend(fontsize=7, loc='upper center')
+    off, on = int((p < gc.POLAR).sum()), int((p > 1 - gc.POLAR).sum())
+    ax.set(xlabel='on-probability p', ylabel='gates')
+    ax.set_title(f'{short(folder)}:\n{polar:.1%} of {p.numel()} gates polarized (p < '
+                 f'{gc.POLAR:g}: {off}, p > {1 - gc.POLAR:g}: {on})', fontsize=9)
+    ax.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14))   # below the axes
     fig.tight_layout()
     return save(plt, fig, out / f'polarization_{folder.name}.png')
 

@@ -487,7 +487,9 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=Non
     norms = [_Layer(name, gm.get_submodule(name), columns(ch), columns(ch))
              for name, ch in analysis.bns.items()]
     _insert_masks(gm, layers)
-    return GatedNet(gm, gates, sources, layers, norms, tuple(example_input.shape[1:]))
+    gated = GatedNet(gm, gates, sources, layers, norms, tuple(example_input.shape[1:]))
+    gated.sizes(example_input)          # cached now: a compiled forward at this size is one graph
+    return gated
 
 
 def _insert_masks(gm, layers):

@@ -47,8 +47,8 @@ def test_figures_are_drawn(tmp_path):
     out = tmp_path / 'figs'
     assert figures.main([str(static), str(dynamic), '--out', str(out)]) == 0
     for name, size in (
-        ('fig3_resnet56.png', (600, 450)),
-        ('polarization_resnet56-static.png', (600, 400)),
+        ('fig3_resnet56.png', (850, 450)),
+        ('polarization_resnet56-static.png', (600, 450)),
         ('fig4_resnet56-dynamic.png', None),
     ):
         image = np.asarray(Image.open(out / name).convert('RGB'))
@@ -80,3 +80,37 @@ def test_bad_run_folders_give_one_line_errors(tmp_path, one_line_error):
         figures.main([str(dense), '--out', str(tmp_path / 'file')]), status=1)
     code = figures.main([str(tmp_path), '--out', str(tmp_path / 'd')])
     assert 'final.json' in one_line_error(code)
+
+
+def test_figures_count_from_zero_show_whole_titles_and_keep_legends_off_the_data(
+        tmp_path, monkeypatch):
+    """Issue 22: the histogram's count axis is linear from 0; every title lies inside its
+    figure; each legend lies outside its axes; a synthetic run says so beside the paper."""
+    matplotlib = pytest.importorskip('matplotlib')
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    static, _ = write_runs(tmp_path)
+    synthetic = static.rename(tmp_path / 'synthetic-resnet56-static')
+    kept = []
+    monkeypatch.setattr(figures, 'save', lambda plt, fig, path: kept.append(fig) or path)
+    figures.polarization(plt, synthetic, tmp_path)
+    figures.fig3(plt, 'resnet56', [figures.read_run(synthetic)], tmp_path)
+    hist, fig3 = kept
+    assert hist.axes[0].get_yscale() == 'linear' and hist.axes[0].get_ylim()[0] == 0
+    for fig in kept:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        title = ax.title.get_window_extent(renderer)
+        assert fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1
+        legend, box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert not legend.overlaps(box)
+    labels = [t.get_text() for t in fig3.axes[0].get_legend().get_texts()]
+    assert any('(synthetic data)' in t for t in labels) and 'synthetic' in fig3.axes[0].get_title()
+
+
+def test_mistyped_final_json_gives_one_line(tmp_path, one_line_error):
+    static, _ = write_runs(tmp_path)
+    row = json.loads((static / 'final.json').read_text())
+    (static / 'final.json').write_text(json.dumps({**row, 'macs_percent': '50.1'}))
+    assert 'macs_percent must be a number' in one_line_error(
+        figures.main([str(static), '--out', str(tmp_path / 'f')]))

@@ -260,6 +260,8 @@ def test_benchmark_smoke_mode_runs(tmp_path):
         assert name in out.stdout
     rows = json.loads((tmp_path / 'b.json').read_text())['rows']
     assert {r['row'] for r in rows} >= {'infer pruned 50% [eager]', 'infer dense [folded CL]'}
+    assert all(r['met'] == '' and r['target'] == '' for r in rows)     # smoke judges nothing
+    assert 'lane red.: ' in out.stdout and 'overall: ' in out.stdout   # the columns explained
     out = subprocess.run([sys.executable, 'benchmark.py', '--convs', '--repeats', '1'],
                          capture_output=True, text=True, timeout=300,
                          cwd=__file__.rsplit('/', 1)[0] or '.')

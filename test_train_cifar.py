@@ -2,6 +2,8 @@
 import json
 import os
 import pickle
+import re
+import statistics
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 import cifar_data
+import gumbel_any
 import gumbel_channels as gc
 import train_cifar
 import train_common
@@ -122,19 +125,98 @@ def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
     assert 'exit 2:' in capsys.readouterr().out
 
 
-def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch_1):
+@pytest.mark.parametrize('compile_mode', ['off', 'default'])
+def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch_1, compile_mode):
     """Two epochs in one go, or a crash right after epoch 1's checkpoint (before its metrics
     line) and --resume with the same command: the same next-step loss, and the lost line
-    restored from the checkpoint."""
-    assert run(cifar, tmp_path / 'a', '--init', str(dense_ckpt), '--epochs', '2') == 0
-    crash_after_epoch_1(lambda: run(cifar, tmp_path / 'b', '--init', str(dense_ckpt),
-                                    '--epochs', '2'))
-    assert run(cifar, tmp_path / 'b', '--init', str(dense_ckpt), '--epochs', '2', '--resume') == 0
+    restored from the checkpoint. Eager, and with the compiled training step (its Gumbel
+    noise drawn by inductor's own RNG, seeded from torch's generator)."""
+    same = ['--init', str(dense_ckpt), '--epochs', '2', '--compile', compile_mode]
+    assert run(cifar, tmp_path / 'a', *same) == 0
+    crash_after_epoch_1(lambda: run(cifar, tmp_path / 'b', *same))
+    assert run(cifar, tmp_path / 'b', *same, '--resume') == 0
     name = 'resnet8-static-channel-flops-t0.5-s0'
     a, b = read_metrics(tmp_path / 'a' / name), read_metrics(tmp_path / 'b' / name)
     assert [r['epoch'] for r in b] == [1, 2] and b[0]['ce'] == a[0]['ce']
     assert b[1]['first_loss'] == a[1]['first_loss'] and b[1]['ce'] == a[1]['ce']
     assert b[1]['test_acc'] == a[1]['test_acc']
+
+
+def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
+    """Issue 20: the training step that the GPU runs compiled (forward with Gumbel sampling,
+    losses, backward, SGD) gives eager's numbers on a fixed batch: inductor with its random
+    ops falling back to eager's draws the same noise, so the losses agree to float32
+    rounding (reassociated sums over ~10^3 terms: relative 1e-5) over three steps, and so do
+    the weights' updates (norm-wise 1e-4: three steps of momentum over those gradients).
+    With inductor's own RNG, two calls on the same weights draw different
+    decisions (equal only if all ~10^3 Bernoulli draws near p = 0.5 repeat)."""
+    args = train_cifar.parse_args(FAST + ['--gate-init-p', '0.5'])
+    args.t = 0.5                                # one run's t, as main hands it on
+    autocast = train_common.autocast_for(torch.device('cpu'))
+    torch.manual_seed(0)
+    models = [train_common.sampling(gc.resnet_cifar(8, gating='static', init_p=0.5), args)
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = [p.detach().clone() for p in models[0].parameters()]
+    steps = []
+    for model, mode in zip(models, (None, 'default')):
+        opt, _ = train_common.optimizer(model, args, 5e-4, [10])
+        steps.append(train_common.TrainStep(model, opt, args, autocast, mode))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch._inductor.config.patch(fallback_random=True):
+        for i in range(3):
+            outs = []
+            for step in steps:
+                torch.manual_seed(i)
+                outs.append(step(x, y, torch.tensor(0.5)))
+            eager, compiled = outs
+            for a, b in zip(eager[:3], compiled[:3]):
+                assert b.item() == pytest.approx(a.item(), rel=1e-5)
+            assert torch.equal(eager[4], compiled[4]) or torch.allclose(eager[4], compiled[4])
+    for p0, a, b in zip(start, models[0].parameters(), models[1].parameters()):
+        # each tensor's update, norm-wise: the gates' lr (100) scales gradient rounding too
+        assert (b - a).norm() <= 1e-4 * (a - p0).norm()
+    fresh = train_common.TrainStep(models[1], steps[1].opt, args, autocast, 'default')
+    with torch.no_grad():
+        ce = [fresh.losses(x, y, torch.tensor(0.5))[1].item() for _ in range(2)]
+    assert ce[0] != ce[1]
+
+
+def small_any_cnn():
+    """gumbel_any's gates on a small CNN (conv-BN-ReLU twice, a residual add, a classifier)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                         torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
+                                         torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.a(x)
+            return self.fc((x + self.b(x)).mean((2, 3)))
+    return gumbel_any.gate_any(Net(), torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize('arch,gating,granularity', [
+    ('resnet8', 'none', 'channel'), ('resnet8', 'static', 'channel'),
+    ('resnet8', 'dynamic', 'channel'), ('resnet8', 'static', 'layer'),
+    ('resnet8', 'dynamic', 'layer'), ('densenet16', 'dynamic', 'exit'), ('any', 'static', '')])
+def test_training_forward_is_one_graph(arch, gating, granularity):
+    """The compiled step's forward and losses trace as one graph for every kind of gate (no
+    host sync, no data-dependent Python): CUDA graphs can replay it whole (issue 20)."""
+    args = train_cifar.parse_args(['--arch', 'resnet8' if arch == 'any' else arch, '--gating',
+                                   gating, '--device', 'cpu'])
+    args.t, args.granularity = 0.5, granularity
+    model = small_any_cnn() if arch == 'any' else train_cifar.build(args, gated=gating != 'none')
+    opt, _ = train_common.optimizer(model, args, 5e-4, [10])
+    step = train_common.TrainStep(model, opt, args, train_common.autocast_for(torch.device('cpu')))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    loss = torch.compile(step._losses, fullgraph=True, backend='aot_eager')(
+        x, y, torch.tensor(0.5))[0]
+    assert loss.requires_grad
 
 
 @pytest.mark.parametrize('extra,words', [
@@ -150,6 +232,8 @@ def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch
     (['--gating', 'none'], '--gating none'), (['--also', 'vote'], '--also'),
     (['--gate-sample', 'pixel'], '--gate-sample'), (['--epochs', 'two'], '--epochs'),
     (['--milestones', '0'], '--milestones'), (['--batch-size', '65'], 'fewer than one batch'),
+    (['--gating', 'dynamic', '--batch-size', '1'], 'at least 2'),
+    (['--compile', 'fast'], '--compile'), (['--evaluate', 'nowhere'], 'holds no run'),
 ])
 def test_bad_arguments_give_one_line_errors(
     cifar, dense_ckpt, tmp_path, one_line_error, extra, words
@@ -177,6 +261,20 @@ def test_bad_checkpoints_and_folders_give_one_line_errors(
     assert 'data_batch_' in one_line_error(code)
 
 
+@pytest.mark.parametrize('n_test,labels,words', [
+    (1, None, 'at least 2'), (0, None, 'at least 2'), (32, 3.5, 'whole numbers')])
+def test_small_test_sets_and_fractional_labels_are_refused_before_training(
+        tmp_path, one_line_error, n_test, labels, words, capsys):
+    write_cifar(tmp_path / 'cifar-10-batches-py', n_test=n_test)
+    if labels is not None:
+        path = tmp_path / 'cifar-10-batches-py' / 'data_batch_1'
+        batch = pickle.loads(path.read_bytes())
+        batch[b'labels'][0] = labels
+        path.write_bytes(pickle.dumps(batch))
+    assert words in one_line_error(run(tmp_path, tmp_path / 'out'))
+    assert not (tmp_path / 'out' / 'dense-resnet8-s0' / 'last.pt').exists()
+
+
 def test_missing_data_that_cannot_be_downloaded(tmp_path, one_line_error, monkeypatch):
     import torchvision
 
@@ -189,11 +287,21 @@ def test_missing_data_that_cannot_be_downloaded(tmp_path, one_line_error, monkey
     assert 'could not be downloaded' in one_line_error(code)
 
 
-def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, one_line_error):
+def test_an_existing_run_is_never_overwritten(cifar, dense_ckpt, tmp_path, one_line_error,
+                                              crash_after_epoch_1):
+    """The same command again reuses a finished run (issue 22) and refuses an unfinished one
+    without --resume; neither is written."""
     assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
     last = tmp_path / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
     before = last.read_bytes()
-    assert '--resume' in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)))
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    assert last.read_bytes() == before
+    crash_after_epoch_1(lambda: run(cifar, tmp_path / 'b', '--init', str(dense_ckpt),
+                                    '--epochs', '2'))
+    last = tmp_path / 'b' / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
+    before = last.read_bytes()
+    assert '--resume' in one_line_error(run(cifar, tmp_path / 'b', '--init', str(dense_ckpt),
+                                            '--epochs', '2'))
     assert last.read_bytes() == before
 
 
@@ -420,3 +528,88 @@ def test_any_torchvision_model_trains_with_static_gates(cifar, tmp_path, one_lin
     assert row['pruned_acc'] == row['gated_acc']
     assert 'ResNets' in one_line_error(run(cifar, tmp_path / 'd', '--arch', 'mobilenet_v2',
                                            '--gating', 'dynamic'))
+
+
+def test_gpu_check_reads_img_s_from_the_scripts_own_rows(cifar, dense_ckpt, tmp_path, capsys):
+    """benchmark.py --gpu-check reports each phase's img/s as the script logs it: the median
+    of epochs 2 and later (epoch 1 carries compilation)."""
+    import benchmark
+    capsys.readouterr()
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--epochs', '3') == 0
+    rows = read_metrics(tmp_path / 'resnet8-static-channel-flops-t0.5-s0')
+    expected = statistics.median(round(r['images_per_s']) for r in rows[1:])   # as printed
+    assert benchmark._img_s(capsys.readouterr().out) == {'gated': expected}
+
+
+# ------------------------------------------------------- issue 22: runs that compose, faults
+
+def test_more_targets_reuse_the_finished_one_and_end_with_one_table(cifar, dense_ckpt, tmp_path,
+                                                                    capsys):
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    done = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    before = {f: f.read_bytes() for f in done.iterdir() if f.name != '.lock'}
+    capsys.readouterr()
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--t', '0.3', '0.5') == 0
+    out = capsys.readouterr().out
+    assert {f: f.read_bytes() for f in before} == before                  # reused, untouched
+    assert f't = 0.5: reusing the finished run in {done}' in out
+    assert (tmp_path / 'resnet8-static-channel-flops-t0.3-s0' / 'final.json').exists()
+    table = out[out.rindex('MACs %'):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ['0.30', '0.50']
+
+
+def test_evaluate_takes_the_training_settings_from_args_json(cifar, dense_ckpt, tmp_path):
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--loss-weight', '5',
+               '--gate-init-p', '0.9') == 0
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    assert train_cifar.cli(['--evaluate', str(run_dir), '--tau', '0.4', '--device', 'cpu']) == 0
+    row = json.loads((run_dir / 'final-tau0.4-recal2.json').read_text())
+    assert row['tau'] == 0.4 and row['t'] == 0.5
+
+
+def test_ctrl_c_ends_in_one_line_and_a_torn_metrics_line_is_recovered(
+        cifar, dense_ckpt, tmp_path, crash_after_epoch_1, capsys):
+    same = ['--init', str(dense_ckpt), '--epochs', '2']
+    err = [line for line in crash_after_epoch_1(lambda: run(cifar, tmp_path, *same)).splitlines()
+           if line.strip() and not line.startswith('warning:')]
+    assert len(err) == 1 and err[0].startswith('interrupted in epoch 1 (last checkpoint: epoch '
+                                               '1 in ') and err[0].endswith(' --resume')
+    assert 'continue with: python train_cifar.py --arch resnet8' in err[0]
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+    with open(run_dir / 'metrics.jsonl', 'a') as f:
+        f.write('{"phase": "gated", "epoch": 1, "ce": 0.')                # a torn append
+    assert run(cifar, tmp_path, *same, '--resume') == 0
+    assert [r['epoch'] for r in read_metrics(run_dir)] == [1, 2]
+
+
+def test_damaged_runs_out_of_memory_and_unwritable_exports_end_in_one_line(
+        cifar, dense_ckpt, tmp_path, crash_after_epoch_1, one_line_error, monkeypatch):
+    same = ['--init', str(dense_ckpt), '--epochs', '2']
+    crash_after_epoch_1(lambda: run(cifar, tmp_path / 'a', *same))
+    last = tmp_path / 'a' / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != 'model'}, last)       # no weights
+    assert 'damaged (no model)' in one_line_error(run(cifar, tmp_path / 'a', *same, '--resume'))
+    blocked = tmp_path / 'b' / 'resnet8-static-channel-flops-t0.5-s0'
+    (blocked / 'pruned.pt2.tmp').mkdir(parents=True)                 # the export cannot write
+    assert 'pruned.pt2' in one_line_error(run(cifar, tmp_path / 'b', '--init', str(dense_ckpt)),
+                                          status=1)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(train_common.TrainStep, '__call__', no_memory)
+    error = one_line_error(run(cifar, tmp_path / 'c', *same), status=1)
+    assert 'out of memory in epoch 1' in error and '--batch-size' in error
+
+
+@pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])
+def test_help_gives_every_flag_a_line_and_each_default_once(script, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(['--help'])
+    text = capsys.readouterr().out
+    options = re.split(r'\n  (?=-)', text.split('options:')[1])[1:]
+    assert options and all(len(o.split(None, 2)) >= 3 for o in options)   # a flag, its help
+    assert '(default: None)' not in text and '(default: False)' not in text
+    for option in options:                                  # its default said once at most
+        assert re.sub(r'\{[^}]*\}', '', option).count('default') <= 1, option

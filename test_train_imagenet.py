@@ -11,6 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import imagenet_data
 import train_common
 import train_imagenet
 
@@ -58,12 +59,14 @@ def test_single_process_run(imagenet, tmp_path):
     assert torch.load(tmp_path / RUN / 'last.pt', weights_only=True)['epoch'] == 1
 
 
-def test_resume_continues_exactly(imagenet, tmp_path, crash_after_epoch_1):
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_resume_continues_exactly(imagenet, tmp_path, crash_after_epoch_1, workers):
     """Two epochs in one go, or a crash right after epoch 1's checkpoint and --resume with the
-    same command: the same second epoch."""
-    assert run(imagenet, tmp_path / 'a', '--epochs', '2') == 0
-    crash_after_epoch_1(lambda: run(imagenet, tmp_path / 'b', '--epochs', '2'))
-    assert run(imagenet, tmp_path / 'b', '--epochs', '2', '--resume') == 0
+    same command: the same second epoch, with the main process decoding or with workers."""
+    same = ['--epochs', '2', '--workers', workers]
+    assert run(imagenet, tmp_path / 'a', *same) == 0
+    crash_after_epoch_1(lambda: run(imagenet, tmp_path / 'b', *same))
+    assert run(imagenet, tmp_path / 'b', *same, '--resume') == 0
     a, b = metrics(tmp_path / 'a' / RUN), metrics(tmp_path / 'b' / RUN)
     assert (
         [r['epoch'] for r in b] == [1, 2]
@@ -134,8 +137,10 @@ def test_bad_folders_give_one_line_errors(imagenet, tmp_path, one_line_error):
     assert run(imagenet, tmp_path / 'done') == 0
     last = tmp_path / 'done' / RUN / 'last.pt'
     before = last.read_bytes()
-    assert '--resume' in one_line_error(run(imagenet, tmp_path / 'done'))
+    assert run(imagenet, tmp_path / 'done') == 0                # finished: reused, not rewritten
     assert last.read_bytes() == before
+    error = one_line_error(run(imagenet, tmp_path / 'done', '--tau', '0.4'))
+    assert 'final.json' in error and '--evaluate' not in error  # no such flag here
 
 
 def test_aig_targets_follow_the_paper():
@@ -215,3 +220,16 @@ def test_one_device_rule_for_both_scripts(name, env, gpus, want):
     else:
         with pytest.raises(train_common.UsageError, match=want[len('error: '):]):
             train_common.device_for(name, env, gpus)
+
+
+def test_loader_yields_uint8_and_on_device_normalizes_as_torchvision(imagenet):
+    """The workers decode, crop and flip only (uint8); on_device gives what ToTensor +
+    Normalize give, to float32 rounding (a few ulps of values up to |2.7|)."""
+    args = train_imagenet.parse_args(FAST + ['--data-dir', str(imagenet)])
+    train_loader, val_loader, _ = imagenet_data.loaders(args, 1, 0)
+    x, y, bad = next(iter(val_loader))
+    assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and bad == 0
+    usual = torchvision.transforms.Normalize(imagenet_data.MEAN, imagenet_data.STD)(x / 255)
+    got = imagenet_data.on_device(x, 'cpu')
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, usual, rtol=0, atol=4e-6)

@@ -11,7 +11,6 @@ give a physically pruned model, pruned.pt (load with torch.load(..., weights_onl
 CIFAR-10 lives on the training device as uint8; crops and flips happen there per batch.
 """
 import argparse
-import itertools
 import json
 import math
 import sys
@@ -37,14 +36,13 @@ MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
 DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
-FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'also', 'runs',
-        'evaluate', 'round_to')
+FREE = ('resume', 'out', 'device', 'threads', 'compile', 'data_dir', 'tau', 'recal_batches',
+        'also', 'runs', 'evaluate', 'round_to')
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
 def parse_args(argv):
-    p = common.Parser(description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
     a = p.add_argument
     a('--arch', default='resnet56', choices=list(DEPTHS) + ANY, metavar='ARCH',
       help='the CIFAR ResNets resnet8 ... resnet110 and DenseNets densenet16/40/100 (early '
@@ -59,11 +57,11 @@ def parse_args(argv):
     common.add_gate_args(p)
     a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
     a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
-    a('--lr', type=float, default=0.1)
+    a('--lr', type=float, default=0.1, help='SGD lr of both phases (momentum 0.9)')
     a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay (official code)')
     a('--dense-epochs', type=int, default=200, help='dense baseline epochs; lr / 10 at 50%%, 75%%')
-    a('--dense-batch-size', type=int, default=128)
-    a('--dense-weight-decay', type=float, default=1e-4)
+    a('--dense-batch-size', type=int, default=128, help='dense baseline batch')
+    a('--dense-weight-decay', type=float, default=1e-4, help='dense baseline weight decay')
     a('--init', help='dense checkpoint (or state_dict) to fine-tune from instead of training one')
     a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
     a('--also', nargs='*', default=[], choices=('all_on', 'sample', 'ensemble'),
@@ -75,16 +73,17 @@ def parse_args(argv):
     a('--resume', action='store_true', help="continue this configuration's unfinished run")
     a('--round-to', type=int, default=0, help='keep each gate\'s channel count a multiple of '
       'this before export (16: AVX-512 float32; 0: off; NOTES.md: speed)')
-    a('--evaluate', action='store_true', help='re-evaluate the finished run(s) of this command '
-      'with --tau/--recal-batches/--also; results go to new files named by those settings')
-    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    a('--compile', action='store_true', help='torch.compile the model')
-    a('--seed', type=int, default=0)
+    a('--evaluate', nargs='?', const=True, default=False, metavar='RUN_DIR',
+      help='re-evaluate a finished run (RUN_DIR, or those this command names) with '
+           '--tau/--recal-batches/--also/--round-to; every other setting comes from the '
+           "run's args.json; results go to new files named by those settings")
+    common.add_machine_args(p)
     args = p.parse_args(argv)
     common.check_args(args, dict(
         common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
         dense_epochs=common.AT_LEAST_1, dense_batch_size=common.AT_LEAST_1,
         recal_batches=common.AT_LEAST_1, runs=common.AT_LEAST_1, lr=common.POSITIVE,
+        threads=common.AT_LEAST_1,
         round_to=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
         dense_weight_decay=common.NON_NEGATIVE, t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
     common.device_for(args.device)
@@ -97,6 +96,9 @@ def parse_args(argv):
                              'no --granularity')
         args.gating, args.granularity = args.gating or 'dynamic', 'exit'
     args.gating, args.granularity = args.gating or 'static', args.granularity or 'channel'
+    if args.gating == 'dynamic' and args.granularity != 'exit' and args.batch_size < 2:
+        raise UsageError('--gating dynamic: its gates normalize over the batch (BatchNorm), so '
+                         '--batch-size must be at least 2')
     if args.gating == 'none' and (args.t is not None or args.init):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
@@ -200,15 +202,15 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         start, best, last = common.resume(run_dir, model, opt, sched, gen)
         print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
     common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
-    step_model = torch.compile(model) if args.compile else model
+    step = common.TrainStep(model, opt, args, autocast, common.compile_mode(args.compile,
+                                                                            args.device))
     x_train, y_train, x_test, y_test = data
     print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}, '
           f'run dir {run_dir}')
     print(common.ROW.format(*common.HEADER))
     steps = len(x_train) // batch_size
     for epoch in range(start, epochs):
-        m = common.train_epoch(model, step_model, train_batches(x_train, y_train, batch_size, gen),
-                               opt, args, autocast,
+        m = common.train_epoch(step, train_batches(x_train, y_train, batch_size, gen),
                                lambda i: common.progress(epoch, i, epochs, steps), epoch + 1,
                                steps)
         lr = opt.param_groups[0]['lr']
@@ -235,12 +237,25 @@ def run_name(args, phase):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.evaluate:                   # the named run: argparse.Namespace of its settings
+        first = argparse.Namespace(**{**vars(args), 't': (args.t or [0.5])[0]})
+        args = common.settings_of_run(args, sys.argv[1:] if argv is None else argv,
+                                      Path(args.out) / run_name(first, 'gated'))
     device = common.device_for(args.device)
-    if device.type == 'cpu':
-        print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
     out = Path(args.out)
     dense_dir = out / run_name(args, 'dense')
     runs = [argparse.Namespace(**{**vars(args), 't': t}) for t in args.t]  # one run per target
+    finished = {}                                   # targets finished before: reused
+    for run in runs:
+        row = common.finished_row(out / run_name(run, 'gated'), run,
+                                  [k for k in vars(run) if k not in FREE])
+        if row is not None:
+            print(f't = {run.t:g}: reusing the finished run in {out / run_name(run, "gated")}')
+            finished[run.t] = row
+    runs = [run for run in runs if run.t not in finished]
+    if finished and not runs:
+        common.print_summary(list(finished.values()))
+        return list(finished.values())
     dense_done = bool(args.init) or common.check_run_dir(
         dense_dir, args, 'dense_epochs', ('arch', 'seed', 'synthetic'), DENSE_SETTINGS,
         reuse_finished=bool(runs))
@@ -253,9 +268,15 @@ def main(argv=None):
         if (d / f'final{tag(args)}.json').exists():
             raise UsageError(f'{d} was evaluated with these settings already '
                              f'(final{tag(args)}.json): change --tau, --recal-batches or --also')
+    if device.type == 'cpu' and not args.evaluate:
+        print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
+    common.use_threads(args, device)
     common.ensure_writable(dirs, out)
     with common.locked(dirs):
-        return pipeline(args, runs, dense_dir, dense_done, device)
+        rows = pipeline(args, runs, dense_dir, dense_done, device) + list(finished.values())
+    if len(rows) > 1 or finished:
+        common.print_summary(rows)
+    return rows
 
 
 def pipeline(args, runs, dense_dir, dense_done, device):
@@ -264,6 +285,9 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     autocast = common.autocast_for(device)
     torch.manual_seed(args.seed)
     data = cifar_data.load(args.data_dir, args.synthetic, device)
+    if len(data[2]) < 2:
+        raise UsageError(f'the test set has {len(data[2])} image(s): evaluation and export need '
+                         'at least 2')
     sizes = [args.batch_size] * bool(runs) + [args.dense_batch_size] * (not dense_done)
     if len(data[0]) < max(sizes, default=0):
         raise UsageError(f'the training set has {len(data[0])} images, fewer than one batch '
@@ -311,11 +335,10 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
         model = ge.round_gates(model, args.round_to)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    epochs_of_batches = (b for _ in itertools.count()
-                         for b in train_batches(*data[:2], args.batch_size, gen))
-    recal = (xb for xb, _ in itertools.islice(epochs_of_batches, args.recal_batches))
-    with common.stage(f'BN recalibration over {args.recal_batches} batches'), autocast():
-        gc.recalibrate_bn(model, recal)
+    label, recal = common.recal_batches(train_batches(*data[:2], args.batch_size, gen),
+                                        args.recal_batches, len(data[0]) // args.batch_size)
+    with common.stage(label), autocast():
+        gc.recalibrate_bn(model, (xb for xb, _ in recal))
     with common.stage(f'evaluation at threshold {args.tau}'):
         acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
@@ -346,7 +369,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
         pruned = common.export(model, baseline, prepare(data[2][:2]), run_dir, row, tag(args))
         if pruned is not None:
             row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
-    common.warn_if_missed(row)
+    common.warn_if_missed(row, last)
     common.finish(row, run_dir, tag(args))
     return row
 

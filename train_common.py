@@ -7,11 +7,15 @@ import argparse
 import contextlib
 import fcntl
 import importlib.util
+import io
+import itertools
 import json
 import math
 import os
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,8 @@ class RunError(Exception):
 def run_cli(main, argv=None):
     """Run main(argv); bad input (exit status 2), a run that cannot go on and a failed read
     or write (exit status 1) are reported as one line on stderr, without a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    WHERE.update(now='before training', saved='nothing saved yet')
     try:
         main(argv)
     except (UsageError, RunError) as e:
@@ -45,7 +51,30 @@ def run_cli(main, argv=None):
         where = f' ({e.filename})' if e.filename else ''
         print(f'error: {e.strerror or e}{where}', file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError:
+        print(f'error: out of memory {WHERE["now"]}: lower --batch-size (or --dense-batch-size'
+              '); the last checkpoint is kept', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        again = ' '.join(shlex.quote(a) for a in argv + ['--resume'] * ('--resume' not in argv))
+        print(f'\ninterrupted {WHERE["now"]} ({WHERE["saved"]}); continue with: python '
+              f'{os.path.basename(main.__code__.co_filename)} {again}', file=sys.stderr)
+        return 130
     return 0
+
+
+WHERE = {'now': 'before training', 'saved': 'nothing saved yet'}  # for an interrupt's line
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default once: none for flags that default to nothing or off, or whose
+    help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default in (None, False, [], argparse.SUPPRESS) or 'default' in text:
+            return text
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -277,6 +306,10 @@ def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finis
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('epoch'), int)
             and isinstance(ckpt.get('args'), dict)):
         raise UsageError(f'{path} is not a checkpoint of this script')
+    lost = sorted({'model', 'optimizer', 'scheduler', 'rng', 'metrics'} - set(ckpt))
+    if lost:
+        raise UsageError(f'{path} is damaged (no {", ".join(lost)}): move it away and use '
+                         f'best.pt, or start again in another --out')
     saved = ckpt['args']
     changed = [k for k in structure if saved.get(k) != getattr(args, k)]
     if changed:
@@ -301,14 +334,73 @@ def check_run_dir(run_dir, args, epochs_key, structure, settings=(), reuse_finis
         raise UsageError(f'{run_dir} holds {state} run: pass --resume to continue it, '
                          'or choose another --out')
     if done and (run_dir / 'final.json').exists():
+        evaluate = 'to evaluate it with other settings add --evaluate, ' \
+            if hasattr(args, 'evaluate') else ''
         raise UsageError(f'{run_dir} holds a finished run whose results (final.json) are kept; '
-                         'to evaluate it with other settings add --evaluate, to train it again '
-                         'choose another --out')
+                         f'{evaluate}to train it again choose another --out')
     if changed:
         raise UsageError('--resume must train what the run started with '
                          f'({_diff(saved, args, changed)}): pass the same settings, or '
                          'choose another --out')
     return done
+
+
+EVALUATION = ('tau', 'recal_batches', 'also', 'runs', 'round_to')   # what --evaluate may change
+
+
+def finished_row(run_dir, args, settings):
+    """The final row of a run in run_dir that finished (final.json) with these training
+    `settings` and evaluation flags, to reuse instead of training again; None when it has
+    not finished. A finished run trained or evaluated otherwise is refused, naming the
+    command that works."""
+    if not (run_dir / 'final.json').exists() or getattr(args, 'evaluate', False):
+        return None
+    saved = load_checkpoint(run_dir / 'last.pt').get('args', {})
+    changed = [k for k in settings if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError(f'{run_dir} holds a finished run trained with other settings '
+                         f'({_diff(saved, args, changed)}): pass the same ones to reuse it, '
+                         'or choose another --out')
+    changed = [k for k in EVALUATION if hasattr(args, k) and saved.get(k) != getattr(args, k)]
+    if changed:
+        evaluate = 'add --evaluate to evaluate it with these settings, or ' \
+            if hasattr(args, 'evaluate') else ''
+        raise UsageError(f'{run_dir} holds a finished run whose results (final.json) are kept '
+                         f'({_diff(saved, args, changed)}): {evaluate}choose another --out to '
+                         'train again')
+    return json.loads((run_dir / 'final.json').read_text())
+
+
+def settings_of_run(args, argv, named_dir):
+    """--evaluate [RUN_DIR]: the finished run's training settings (its args.json) with the
+    evaluation flags given on this command line; with RUN_DIR that run's target and folder
+    too, else the run in `named_dir` (the one this command names)."""
+    run_dir = Path(args.evaluate) if isinstance(args.evaluate, str) else named_dir
+    if not (run_dir / 'args.json').is_file():
+        raise UsageError(f'--evaluate: {run_dir} holds no run (no args.json); name a finished '
+                         'run: --evaluate runs/NAME')
+    saved = json.loads((run_dir / 'args.json').read_text())
+    given = {a.split('=')[0][2:].replace('-', '_') for a in argv if a.startswith('--')}
+    keep = [*EVALUATION, 'device', 'threads', 'compile', 'data_dir']
+    merged = {**vars(args), **{k: v for k, v in saved.items() if not (k in keep and k in given)
+                               and k not in ('evaluate', 'resume')}}
+    if isinstance(args.evaluate, str):
+        merged.update(t=[saved['t']], out=str(run_dir.parent))
+    else:
+        merged.update(t=args.t)
+    return argparse.Namespace(**merged)
+
+
+def print_summary(rows):
+    """One line per target at the end of a run with several: t, the MACs delivered, gates
+    polarized, accuracy, the pruned net's accuracy, and a mark where t was missed."""
+    print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned %':>8}  (dense "
+          f"{rows[0]['baseline_acc']:.2f}%)")
+    for r in sorted(rows, key=lambda r: r['t']):
+        missed = abs(r['macs_percent'] - 100 * r['t']) > 3
+        print(f"{r['t']:5.2f} {r['macs_percent']:7.2f} {r['polarized']:6.2f} "
+              f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):8.2f}"
+              + ('  <- missed t by more than 3 points' if missed else ''))
 
 
 def _diff(saved, args, keys):
@@ -350,8 +442,13 @@ def resume(run_dir, model, opt, sched, gen=None, scaler=None):
 def _sync_metrics(path, last):
     """metrics.jsonl up to the checkpoint's epoch: lines written after it are dropped, and a
     line lost to a crash between checkpoint and log is restored from the checkpoint."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    rows = [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:                  # a line torn by a crash mid-append: the
+            print(f'warning: {path}: dropped a damaged line ({line[:40]!r}...); the '
+                  "checkpoint's row restores its epoch", file=sys.stderr)
     kept = [r for r in rows if r.get('epoch', 0) <= last['epoch']]
     if not kept or kept[-1].get('epoch') != last['epoch']:
         kept.append(last)
@@ -372,6 +469,7 @@ def to_json(obj, indent=None):
 def record_epoch(run_dir, ckpt, metrics, improved):
     """The epoch's checkpoints (best.pt when the test accuracy improved, then last.pt), and
     only then its metrics line, so metrics.jsonl never runs ahead of last.pt."""
+    WHERE['saved'] = f'last checkpoint: epoch {ckpt["epoch"]} in {run_dir}'
     if improved:
         save_atomic(ckpt, run_dir / 'best.pt')
     save_atomic(ckpt, run_dir / 'last.pt')
@@ -401,7 +499,7 @@ def gate_stats(info):
     p = torch.cat(info.p, 1)
     return torch.stack([torch.cat(info.z, 1).double().mean(),
                         100 * (info.macs / info.max_macs).mean(),
-                        gc.polarized(p).double().mean()]).detach()
+                        gc.polarized(p).double().mean()])
 
 
 def averages(stats, batches):
@@ -423,8 +521,29 @@ def stage(label, log=print):
     """'label ...' before a long step of the pipeline, and its time after."""
     t0 = time.perf_counter()
     log(f'{label} ...', flush=True)
+    WHERE['now'] = f'in: {label}'
     yield
     log(f'{label}: done in {time.perf_counter() - t0:.1f} s', flush=True)
+
+
+def recal_batches(batches, asked, available, log=print):
+    """BN recalibration's batches (4.1): `asked` (--recal-batches) of `batches`, but never
+    more than the `available` training batches (one pass); a status line every
+    PROGRESS_SECONDS. -> (label for stage(), the batches)."""
+    n = min(asked, available)
+    label = f'BN recalibration over {n} batches' + (
+        f' (all the training batches; --recal-batches {asked} asked for more)'
+        if n < asked else '')
+
+    def shown():
+        t0 = shown_at = time.perf_counter()
+        for i, batch in enumerate(itertools.islice(batches, n)):
+            if time.perf_counter() - shown_at > PROGRESS_SECONDS:
+                shown_at = time.perf_counter()
+                log(f'  BN recalibration: batch {i}/{n}, ETA '
+                    f'{_clock((shown_at - t0) * (n - i) / i)}', flush=True)
+            yield batch
+    return label, shown()
 
 
 def _stop_if_diverged(bad, epoch):
@@ -435,20 +554,135 @@ def _stop_if_diverged(bad, epoch):
                        'nothing is exported')
 
 
-def train_epoch(model, step_model, batches, opt, args, autocast, progress, epoch, steps,
-                log=print, scaler=None):
-    """One epoch of `steps` batches: loss = CE of the output each image takes (+ every exit
-    classifier's CE for an early-exit net, 5) + gate_loss. `progress(i)` is the share of
-    training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
+COMPILE_MODES = ('auto', 'off', 'default', 'reduce-overhead', 'max-autotune')
+
+
+def add_machine_args(p):
+    """The flags both scripts take for where and how they run: --device, --threads,
+    --compile, --seed."""
+    a = p.add_argument
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+      help='cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu')
+    a('--threads', type=int, help='CPU threads (default: the CPUs this process may use, its '
+      'affinity and container quota, at most 8)')
+    a('--compile', nargs='?', const='default', default='auto', choices=COMPILE_MODES,
+      help="torch.compile the training step: auto = reduce-overhead (CUDA graphs) on CUDA, off "
+           "on the CPU; off runs it eagerly (NOTES.md: the GPU path)")
+    a('--seed', type=int, default=0, help='seeds the weights, gates, data order and noise')
+
+
+def usable_cpus():
+    """CPUs this process may really use: its affinity mask, and a container's (cgroup v2)
+    CPU quota when one is set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    try:
+        quota, period = open('/sys/fs/cgroup/cpu.max').read().split()
+        if quota != 'max':
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n or 1)
+
+
+def use_threads(args, device, log=print):
+    """torch's CPU threads from --threads, else usable_cpus() up to 8, said in the log."""
+    threads = args.threads or min(8, usable_cpus())
+    torch.set_num_threads(threads)
+    if torch.device(device).type == 'cpu':
+        log(f'CPU threads: {threads} (--threads to change)')
+
+
+def compile_mode(flag, device):
+    """--compile -> the torch.compile mode of the training step, or None (eager). True and
+    False are the flag's values in the args.json of older runs."""
+    if flag is True:
+        return 'default'
+    if flag in (False, None, 'off'):
+        return None
+    if flag == 'auto':
+        return 'reduce-overhead' if torch.device(device).type == 'cuda' else None
+    return flag
+
+
+class TrainStep:
+    """One training step: forward (fresh Gumbel noise at every call, 3.2), loss = CE of the
+    output each image takes (+ every exit classifier's CE for an early-exit net, 5) +
+    gate_loss, backward, optimizer step. With a compile `mode` the forward and loss (and with
+    them AOTAutograd's backward) and the optimizer step are torch.compiled; on CUDA
+    'reduce-overhead' replays them as CUDA graphs, so a step costs a few graph launches
+    instead of a thousand kernel launches (issue 20). `net` is what the forward calls (a DDP
+    wrapper of `model`); `scaler` (fp16) keeps the optimizer step eager.
+    Calling it returns (loss, ce, gate loss, correct count, gate stats or None), detached;
+    they live until the next call (CUDA graph outputs are reused)."""
+
+    def __init__(self, model, opt, args, autocast, mode=None, scaler=None, net=None):
+        self.model = model
+        self.net = net or model
+        self.opt = opt
+        self.args = args
+        self.autocast = autocast
+        self.mode = mode
+        self.scaler = scaler
+        self.losses = torch.compile(self._losses, mode=mode) if mode else self._losses
+        self.opt_step = opt.step
+        if mode and not scaler:
+            for group in opt.param_groups:  # SGD's first step sets buf = grad = 0.9 * 0 + grad:
+                for p in group['params']:   # zeros now give one compiled graph, not two
+                    opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+            self.opt_step = torch.compile(self._opt_step, mode=mode)
+        self.compile_seconds = None         # the first compiled step's time, compile included
+
+    def _losses(self, xb, yb, progress):
+        # Nothing is detached in here: torch 2.14's inductor dropped the loss's grad_fn when
+        # the graph also returned a detached alias of it (NOTES.md: the GPU path).
+        with self.autocast():
+            logits, info = gc.split_output(self.net(xb))
+            ce = F.cross_entropy(logits, yb)
+            for exit_logits in (info.exit_logits or [])[:-1] if info is not None else []:
+                ce = ce + F.cross_entropy(exit_logits, yb)
+            if info is None:
+                return ce, ce, None, (logits.argmax(1) == yb).sum(), None
+            gl = gate_loss(info, self.args, progress)
+        return ce + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
+
+    def _opt_step(self):            # compiled as a function: dynamo failed on bound opt.step
+        self.opt.step()
+
+    def __call__(self, xb, yb, progress):
+        t0 = time.perf_counter()
+        if self.mode:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, ce, gl, correct, stats = self.losses(xb, yb, progress)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.opt_step()
+        else:                                               # fp16: scale, unscale, skip infs
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        if self.mode and self.compile_seconds is None:
+            loss.item()                                     # wait for the first step's kernels
+            self.compile_seconds = time.perf_counter() - t0
+        gl = torch.zeros_like(ce) if gl is None else gl
+        return loss.detach(), ce.detach(), gl.detach(), correct, \
+            None if stats is None else stats.detach()
+
+
+def train_epoch(step, batches, progress, epoch, steps, log=print):
+    """One epoch of `steps` batches through `step` (a TrainStep). `progress(i)` is the share
+    of training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
     PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within CHECK_EVERY
     steps, naming the step where it began; nothing of this epoch is saved. Under torchrun the
     statistics are averaged over all processes.
     Returns dict(ce, gate_loss, train_acc, rate, macs, polarized, images, seconds, first_loss)."""
-    model.train()
-    device = next(model.parameters()).device
+    step.model.train()
+    WHERE['now'] = f'in epoch {epoch}'
+    device = next(step.model.parameters()).device
     t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
     sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
     bad = torch.full((), -1, device=device)                 # the first step with a bad loss
+    ramp = torch.tensor([progress(i) for i in range(max(steps, 1))], device=device)
     shown = t0
     for i, (xb, yb) in enumerate(batches):
         if i % CHECK_EVERY == 0:
@@ -457,29 +691,17 @@ def train_epoch(model, step_model, batches, opt, args, autocast, progress, epoch
             shown, spent = time.perf_counter(), time.perf_counter() - t0
             log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
                 f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / i)}', flush=True)
-        with autocast():
-            logits, info = gc.split_output(step_model(xb))
-            ce = F.cross_entropy(logits, yb)
-            for exit_logits in (info.exit_logits or [])[:-1] if info is not None else []:
-                ce = ce + F.cross_entropy(exit_logits, yb)
-            gl = torch.zeros((), device=device) if info is None else gate_loss(info, args,
-                                                                                 progress(i))
-            loss = ce + gl
-        bad = torch.where((bad < 0) & ~torch.isfinite(loss.detach()), i, bad)
-        opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:                                               # fp16: scale, unscale, skip infs
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        first = loss.detach() if first is None else first
-        sums += torch.stack([ce.detach() * len(yb), gl.detach() * len(yb),
-                             (logits.argmax(1) == yb).sum()])
+        compiled = step.mode and step.compile_seconds is None
+        loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
+        if compiled:
+            log(f'  compiled the training step (torch.compile mode {step.mode}): first step '
+                f'{step.compile_seconds:.1f} s', flush=True)
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), i, bad)
+        first = loss.clone() if first is None else first
+        sums += torch.stack([ce * len(yb), gl * len(yb), correct])
         n += len(yb)
-        if info is not None:
-            stats, gated = stats + gate_stats(info), gated + 1
+        if info_stats is not None:
+            stats, gated = stats + info_stats, gated + 1
     if n == 0:
         raise RunError(f'epoch {epoch} had no training batch: the data set is smaller than '
                        'the batch')
@@ -559,15 +781,14 @@ def export(model, baseline, x, run_dir, row, tag=''):
     folded = ge.fold_bn(pruned)
     if importlib.util.find_spec('onnx') is not None:    # optional: for ONNX Runtime
         save_atomic(ge.onnx_graph(folded, x), run_dir / f'pruned{tag}.onnx')
+    else:
+        print(f'note: pruned{tag}.onnx not written: the onnx package is not installed '
+              '(pip install onnx)')
     batch = torch.export.Dim('batch', min=1, max=65536)
     program = torch.export.export(folded, (x,), dynamic_shapes=({0: batch},))
-    tmp = run_dir / f'pruned{tag}.tmp.pt2'                   # torch.export wants .pt2
-    try:
-        torch.export.save(program, tmp)
-        os.replace(tmp, run_dir / f'pruned{tag}.pt2')
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f'cannot write {run_dir / f"pruned{tag}.pt2"}: {e.strerror}') from None
+    buffer = io.BytesIO()               # in memory first: torch's C++ writer aborts the
+    torch.export.save(program, buffer)  # process on a full disk instead of raising
+    save_atomic(buffer.getvalue(), run_dir / f'pruned{tag}.pt2')
     return pruned
 
 
@@ -580,8 +801,15 @@ def print_exit_report(report):
           f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
 
 
-def warn_if_missed(row, points=3, why='NOTES.md: polarization'):
-    """One line on stderr when the delivered net's MACs miss 100 t by more than `points`."""
+def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
+    """One line on stderr when the delivered net's MACs miss 100 t by more than `points`, and
+    a note when they moved by more than 1 point from the last epoch row's thrMACs%."""
+    before = (last or {}).get('test_macs')
+    if before is not None and abs(before - row['macs_percent']) > 1:
+        cause = ('dynamic gates decide from features whose BN statistics the recalibration '
+                 'replaced' if row['gating'] == 'dynamic' else '--round-to rounded the gates')
+        print(f"note: MACs at threshold {before:.1f}% in the last epoch row, "
+              f"{row['macs_percent']:.1f}% in the final line: {cause} (4.1)")
     if abs(row['macs_percent'] - 100 * row['t']) > points:
         print(f"warning: the delivered net runs {row['macs_percent']:.1f}% of the dense MACs, "
               f"more than {points} points from t = {row['t']:g} (training reached "
@@ -592,5 +820,6 @@ def finish(row, run_dir, tag=''):
     save_atomic(to_json(row, indent=1), run_dir / f'final{tag}.json')
     print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
                               for k, v in row.items() if not isinstance(v, dict)))
-    files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock')
+    files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock'
+                   and tag in f.name)                      # --evaluate: only its own files
     print(f'written to {run_dir}: {", ".join(files)}')

@@ -14,8 +14,6 @@ gates a physically pruned model. DDP switches on from torchrun's environment; --
 is the global batch. Checkpoints, logs and errors work as in train_cifar.py.
 """
 
-import argparse
-import itertools
 import json
 import os
 import sys
@@ -25,11 +23,11 @@ import torch
 import torch.distributed as dist
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torchvision import transforms
 
 import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
+import imagenet_data
 import train_common as common
 from train_common import UsageError
 
@@ -42,8 +40,8 @@ def is_resnet(arch):
 
 
 STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')
-FREE = ('resume', 'out', 'device', 'compile', 'data_dir', 'tau', 'recal_batches', 'workers',
-        'sync_bn')
+FREE = ('resume', 'out', 'device', 'threads', 'compile', 'data_dir', 'tau', 'recal_batches',
+        'workers', 'sync_bn')
 
 
 def aig_targets(t):
@@ -53,8 +51,7 @@ def aig_targets(t):
 
 
 def parse_args(argv):
-    p = common.Parser(description=__doc__.splitlines()[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
     a = p.add_argument
     a('--arch', default='resnet50', choices=ARCHS, metavar='ARCH',
       help='a torchvision classification model: ResNets take static or dynamic gates, any '
@@ -71,10 +68,10 @@ def parse_args(argv):
     a('--aig-targets', action='store_true',
       help="per-gate loss with AIG's ResNet-50 list (layer gates)")
     common.add_gate_args(p)
-    a('--epochs', type=int, default=100)
+    a('--epochs', type=int, default=100, help='gated (or dense) training epochs (4.1)')
     a('--batch-size', type=int, default=256, help='global batch, split over the processes')
-    a('--lr', type=float, default=0.1)
-    a('--weight-decay', type=float, default=1e-4)
+    a('--lr', type=float, default=0.1, help='SGD lr (momentum 0.9)')
+    a('--weight-decay', type=float, default=1e-4, help='SGD weight decay')
     a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
     a('--crop-size', type=int, default=224,
       help='training crop; validation resizes to 8/7 of it, then crops')
@@ -85,17 +82,16 @@ def parse_args(argv):
       'classes) instead of --data-dir: the whole pipeline without ImageNet')
     a('--amp', default='bf16', choices=('bf16', 'fp16', 'off'),
       help='CUDA autocast precision (fp16 with loss scaling); float32 on the CPU')
-    a('--out', default='runs')
-    a('--resume', action='store_true')
-    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    a('--compile', action='store_true')
+    a('--out', default='runs', help='runs are written in subfolders of this folder')
+    a('--resume', action='store_true', help="continue this configuration's unfinished run")
+    common.add_machine_args(p)
     a('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
-    a('--seed', type=int, default=0)
     args = p.parse_args(argv)
     common.check_args(args, dict(
         common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
         recal_batches=common.AT_LEAST_1, crop_size=common.AT_LEAST_1, lr=common.POSITIVE,
-        weight_decay=common.NON_NEGATIVE, workers=(lambda v: v >= 0, '>= 0'),
+        threads=common.AT_LEAST_1,
+        weight_decay=common.NON_NEGATIVE, workers=(lambda v: 0 <= v <= 256, 'in 0..256'),
         t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
     common.device_for(args.device)
     if args.gating == 'none' and (args.t is not None or args.init):
@@ -117,81 +113,13 @@ def parse_args(argv):
     return args
 
 
-class Tolerant(torchvision.datasets.ImageFolder):
-    """ImageFolder that yields None for an image it cannot read (corrupt, truncated, empty),
-    so that one bad file costs one image, not the run; an empty class folder is an error."""
-
-    def __init__(self, root, transform):
-        try:
-            super().__init__(root, transform)
-        except (FileNotFoundError, OSError) as e:          # no class folder, or an empty one
-            raise UsageError(f'{root}: {str(e).splitlines()[0][:160]}') from None
-
-    def __getitem__(self, i):
-        try:
-            return super().__getitem__(i)
-        except Exception:                                   # PIL raises several kinds
-            return None
-
-
-def collate_readable(batch):
-    """Stacks the readable images -> (images, labels, unreadable count)."""
-    good = [b for b in batch if b is not None]
-    if not good:
-        raise common.RunError('a whole batch of images was unreadable: check --data-dir')
-    x, y = torch.utils.data.default_collate(good)
-    return x, y, len(batch) - len(good)
-
-
-def loaders(args, world, rank):
-    """ImageFolder train/val loaders; each process reads its own shard."""
-    root = Path(args.data_dir)
-    for split in () if args.synthetic else ('train', 'val'):
-        if not (root / split).is_dir():
-            raise UsageError(f'{root / split} is missing: --data-dir must hold train/ and val/ '
-                             '(ImageFolder layout)')
-    normalize = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    augment = transforms.Compose([
-        transforms.RandomResizedCrop(args.crop_size), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), normalize])
-    center = transforms.Compose([
-        transforms.Resize(args.crop_size * 8 // 7), transforms.CenterCrop(args.crop_size),
-        transforms.ToTensor(), normalize])
-    if args.synthetic:
-        size = (3, args.crop_size * 8 // 7, args.crop_size * 8 // 7)
-        train = torchvision.datasets.FakeData(1024, size, 10, augment, random_offset=0)
-        val = torchvision.datasets.FakeData(256, size, 10, center, random_offset=1024)
-        train.classes = val.classes = [f'class{k}' for k in range(10)]
-    else:
-        train, val = Tolerant(root / 'train', augment), Tolerant(root / 'val', center)
-    if train.classes != val.classes:
-        differ = sorted(set(train.classes) ^ set(val.classes))[:3]
-        raise UsageError(f'train/ and val/ must have the same class folders ({len(train.classes)}'
-                         f' and {len(val.classes)}; in one only: {", ".join(differ)})')
-    if args.batch_size < world or args.batch_size % world:
-        raise UsageError(f'--batch-size {args.batch_size} must divide over {world} processes')
-    if len(train) // world < args.batch_size // world:
-        raise UsageError(f'train/ has {len(train)} images, fewer than one batch of '
-                         f'{args.batch_size // world} for each of {world} process(es)')
-    sampler = torch.utils.data.DistributedSampler(train, world, rank, seed=args.seed,
-                                                  drop_last=True)
-    kw = dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'),
-              persistent_workers=args.workers > 0, collate_fn=collate_readable)
-    train_loader = torch.utils.data.DataLoader(train, args.batch_size // world, sampler=sampler,
-                                               drop_last=True, **kw)
-    val_shard = torch.utils.data.Subset(val, range(rank, len(val), world))  # exact, no padding
-    val_loader = torch.utils.data.DataLoader(val_shard, 100, **kw)
-    return train_loader, val_loader, train.classes
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, distributed):
     """(top-1 %, top-5 %, rate, MACs %, polarized) over the whole validation set, all processes."""
     model.eval()
     sums, stats, batches = torch.zeros(3, device=device), 0, 0
     for x, y, _ in loader:                              # unreadable images left out
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = y.to(device)
+        x, y = imagenet_data.on_device(x, device), y.to(device)
         with autocast():
             out = model(x)
         logits, info = gc.split_output(out)
@@ -223,6 +151,7 @@ def setup(args):
         torch.cuda.set_device(device)
     elif rank == 0:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
+    common.use_threads(args, device, log)
     return device, rank, world, distributed, log
 
 
@@ -260,6 +189,10 @@ def main(argv=None):
     device, rank, world, distributed, log = setup(args)
     autocast = common.autocast_for(device, args.amp)
     run_dir = Path(args.out) / run_name(args)
+    finished = common.finished_row(run_dir, args, [k for k in vars(args) if k not in FREE])
+    if finished is not None:                        # the same command again: its results
+        log(f'reusing the finished run in {run_dir}: {json.dumps(finished)}')
+        return finished
     common.check_run_dir(run_dir, args, 'epochs', STRUCTURE,
                          [k for k in vars(args) if k not in FREE])
     if rank == 0:
@@ -272,7 +205,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     """The baseline's accuracy, gated training (4.1), BN recalibration, evaluation, export."""
     log('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
-    train_loader, val_loader, names = loaders(args, world, rank)
+    train_loader, val_loader, names = imagenet_data.loaders(args, world, rank)
     baseline = dense_network(args, len(names), device)
     if args.gating == 'none':                           # the dense baseline, trained here
         last = train(baseline, args, run_dir, (train_loader, val_loader), device, autocast,
@@ -300,10 +233,10 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     last = train(model, args, run_dir, (train_loader, val_loader), device, autocast, (rank, world))
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)
-    batches = itertools.chain.from_iterable(itertools.repeat(train_loader))
-    with common.stage(f'BN recalibration over {args.recal_batches} batches', log), autocast():
-        gc.recalibrate_bn(model, (x.contiguous(memory_format=torch.channels_last)
-                                  for x, _, _ in itertools.islice(batches, args.recal_batches)))
+    label, recal = common.recal_batches(iter(train_loader), args.recal_batches,
+                                        len(train_loader), log)
+    with common.stage(label, log), autocast():
+        gc.recalibrate_bn(model, (imagenet_data.on_device(x, device) for x, _, _ in recal))
     if distributed:                                             # one set of BN statistics for all
         for buf in model.buffers():
             if buf.is_floating_point():
@@ -323,15 +256,14 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         if args.gating == 'dynamic':  # Fig. 4, over the whole validation set
             full = torch.utils.data.DataLoader(val_loader.dataset.dataset, 100,
                                                num_workers=args.workers,
-                                               collate_fn=collate_readable)
+                                               collate_fn=imagenet_data.collate_readable)
             with autocast():
-                batches = ((x.to(device).contiguous(memory_format=torch.channels_last), y)
-                           for x, y, _ in full)
+                batches = ((imagenet_data.on_device(x, device), y) for x, y, _ in full)
                 rates = common.per_class_rates(model, batches, len(names))
             common.write_class_rates(rates, names, common.gate_names(model), run_dir)
         with common.stage('export'):
             common.export(model, baseline, x2, run_dir, row)
-        common.warn_if_missed(row, why='--synthetic has random labels: no channel is worth '
+        common.warn_if_missed(row, last, why='--synthetic has random labels: no channel is worth '
                               'more than another' if args.synthetic else 'NOTES.md 20')
         common.finish(row, run_dir)
     return row
@@ -351,24 +283,23 @@ def train(model, args, run_dir, data, device, autocast, processes):
     if rank == 0:
         common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
     ids = [device] if device.type == 'cuda' else None
-    step_model = DistributedDataParallel(model, device_ids=ids) if distributed else model
-    step_model = torch.compile(step_model) if args.compile else step_model
+    step = common.TrainStep(model, opt, args, autocast, common.compile_mode(args.compile, device),
+                            scaler, DistributedDataParallel(model, device_ids=ids) if distributed
+                            else model)
     log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), '
         f'lr {args.lr} / 10 at epochs {args.milestones}')
     log(common.ROW.format(*common.HEADER[:5], 'top-1', *common.HEADER[6:]))
     steps = len(train_loader)
     for epoch in range(start, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
+        imagenet_data.seed_epoch(train_loader, args.seed, epoch, rank)
         unreadable = []
 
         def batches():
             for x, y, bad in train_loader:
                 unreadable.append(bad)
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                yield x, y.to(device, non_blocking=True)
-        m = common.train_epoch(model, step_model, batches(), opt, args, autocast,   # gate loss
-                               lambda i: common.progress(epoch, i, args.epochs, steps),
-                               epoch + 1, steps, log, scaler)             # per replica
+                yield imagenet_data.on_device(x, device), y.to(device, non_blocking=True)
+        m = common.train_epoch(step, batches(), lambda i: common.progress(epoch, i, args.epochs,
+                               steps), epoch + 1, steps, log)      # gate loss per replica
         m['unreadable_images'] = sum(unreadable)
         if m['unreadable_images']:
             print(f'warning: epoch {epoch + 1}: skipped {sum(unreadable)} unreadable training '
