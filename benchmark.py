@@ -276,64 +276,69 @@ def any_table(size=224):
               f'{time.perf_counter() - t0:7.1f}')
 
 
-def loader_table(folder, device, batch=64, batches=8):
-    """The ImageNet input pipeline apart from the model (issue 20): train_imagenet.py's own
-    training loader (PIL decode, RandomResizedCrop 224, flip, ToTensor, normalize) in img/s
-    at 0, 1, ... cpu_count workers, then decoding alone per image: PIL, torchvision.io's
-    decode_jpeg on the CPU and, on CUDA, decode_jpeg on the GPU (batched)."""
+def loader_table(folder, device, batch=32, batches=10, rounds=5):
+    """The ImageNet input pipeline apart from the model (issue 20), in img/s, medians of
+    interleaved rounds: train_imagenet.py's training loader (decode, RandomResizedCrop 224,
+    flip, uint8 out) beside the usual float32 transform (+ ToTensor + Normalize in the
+    workers) at 0, 1, 2 ... cpu_count workers, over the first `batches` batches of an epoch
+    (the workers' start-up included); then one image at a time in one thread (as a
+    worker runs): decoding alone (PIL, torchvision.io on the CPU), each transform step, and
+    on CUDA decode_jpeg on the GPU (nvJPEG, batched)."""
     import imagenet_data
     import train_imagenet
     from PIL import Image
-    rows = []
-    print(f"{'pipeline':50} {'img/s':>8}")
-    for workers in sorted({0, 1, 2, os.cpu_count() or 1}):
-        args = train_imagenet.parse_args(['--data-dir', str(folder), '--batch-size', str(batch),
-                                          '--workers', str(workers), '--device', 'cpu'])
-        loader = imagenet_data.loaders(args, 1, 0)[0]
-        it = iter(loader)
-        next(it)                                            # workers started, first batch
-        t0, n = time.perf_counter(), 0
-        for _ in range(min(batches, len(loader) - 1)):
-            n += len(next(it)[0])
-        rows.append(dict(row=f'train loader, {workers} workers', img_s=n / (time.perf_counter()
-                                                                            - t0)))
-        del it, loader
-    files = sorted(str(p) for p in Path(folder, 'train').glob('*/*.jpg'))[:256]
-    data = [torchvision.io.read_file(f) for f in files]
-    t0 = time.perf_counter()
-    for f in files:
-        Image.open(f).convert('RGB')
-    rows.append(dict(row='decode only, PIL, 1 process', img_s=len(files) / (time.perf_counter()
-                                                                           - t0)))
-    args = train_imagenet.parse_args(['--data-dir', str(folder), '--device', 'cpu'])
+    args = train_imagenet.parse_args(['--data-dir', str(folder), '--device', 'cpu',
+                                      '--batch-size', str(batch)])
     transform = imagenet_data.loaders(args, 1, 0)[0].dataset.transform     # ends in uint8
     crop = torchvision.transforms.Compose(transform.transforms[:2])         # RRC, flip
-    float_normalized = torchvision.transforms.Compose([                     # the usual recipe
-        crop, torchvision.transforms.ToTensor(),
-        torchvision.transforms.Normalize(imagenet_data.MEAN, imagenet_data.STD)])
-    for name, steps in (('decode + crop + flip, PIL', crop),
-                        ('+ PILToTensor: uint8 (the loader)', transform),
-                        ('+ ToTensor + Normalize: float32 (usual)', float_normalized)):
-        t0 = time.perf_counter()
-        for f in files:
-            steps(Image.open(f).convert('RGB'))
-        rows.append(dict(row=name + ', 1 process', img_s=len(files) / (time.perf_counter() - t0)))
-    t0 = time.perf_counter()
-    for d in data:
-        torchvision.io.decode_jpeg(d)
-    rows.append(dict(row='decode only, torchvision.io, CPU', img_s=len(files) / (
-        time.perf_counter() - t0)))
+    usual = torchvision.transforms.Compose([crop, torchvision.transforms.ToTensor(),
+                                            torchvision.transforms.Normalize(imagenet_data.MEAN,
+                                                                             imagenet_data.STD)])
+    loaders = {}
+    for workers in sorted({0, 1, 2, os.cpu_count() or 1}):
+        for name, steps in (('uint8 (the loader)', transform), ('float32 (usual)', usual)):
+            args = train_imagenet.parse_args(['--data-dir', str(folder), '--batch-size',
+                                              str(batch), '--workers', str(workers), '--device',
+                                              'cpu'])
+            loader = imagenet_data.loaders(args, 1, 0)[0]
+            loader.dataset.transform = steps
+
+            def epoch(loader=loader):                 # workers' start-up included
+                it = iter(loader)
+                return [next(it) for _ in range(batches)]
+            loaders[f'train loader, {name}, {workers} workers'] = epoch
+    times = {name: [] for name in loaders}
+    for r in range(rounds):                           # each a fresh epoch, rotating order
+        names = list(loaders)[r % len(loaders):] + list(loaders)[:r % len(loaders)]
+        for name in names:
+            t0 = time.perf_counter()
+            loaders[name]()
+            times[name].append(time.perf_counter() - t0)
+    rows = [dict(row=name, img_s=batch * batches / statistics.median(t))
+            for name, t in times.items()]
+    files = sorted(str(p) for p in Path(folder, 'train').glob('*/*.jpg'))[:48]
+    data = [torchvision.io.read_file(f) for f in files]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                          # as one DataLoader worker runs
+    steps = {'decode only, PIL': lambda: [Image.open(f).convert('RGB') for f in files],
+             'decode only, torchvision.io, CPU': lambda: [torchvision.io.decode_jpeg(d)
+                                                          for d in data]}
+    for name, t in (('decode + crop + flip, PIL', crop),
+                    ('decode + crop + flip + PILToTensor: uint8', transform),
+                    ('decode + crop + flip + ToTensor + Normalize', usual)):
+        steps[name] = lambda t=t: [t(Image.open(f).convert('RGB')) for f in files]
+    medians = timed(steps, rounds, torch.device('cpu'))
+    torch.set_num_threads(threads)
+    rows += [dict(row=f'{name}, 1 thread', img_s=len(files) / m) for name, m in medians.items()]
     if device.type == 'cuda':
-        torchvision.io.decode_jpeg(data[:8], device=device)           # warm-up
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(0, len(data), 64):
-            torchvision.io.decode_jpeg(data[i:i + 64], device=device)
-        torch.cuda.synchronize()
-        rows.append(dict(row='decode only, torchvision.io, GPU (nvjpeg)', img_s=len(files) / (
-            time.perf_counter() - t0)))
+        gpu = {'decode, torchvision.io, GPU': lambda: [torchvision.io.decode_jpeg(
+            data[i:i + 16], device=device) for i in range(0, len(data), 16)]}
+        rows.append(dict(row='decode only, torchvision.io, GPU (nvJPEG, batches of 16)',
+                         img_s=len(files) / timed(gpu, rounds, device)[
+                             'decode, torchvision.io, GPU']))
+    print(f"{'pipeline':56} {'img/s':>8}")
     for r in rows:
-        print(f"{r['row']:50} {r['img_s']:8.0f}")
+        print(f"{r['row']:56} {r['img_s']:8.0f}")
     return rows
 
 

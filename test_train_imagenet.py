@@ -233,3 +233,15 @@ def test_loader_yields_uint8_and_on_device_normalizes_as_torchvision(imagenet):
     got = imagenet_data.on_device(x, 'cpu')
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, usual, rtol=0, atol=4e-6)
+
+
+def test_benchmark_times_the_input_pipeline(imagenet):
+    """benchmark.py --loader's table on real JPEGs: both loaders at each worker count and
+    the one-thread steps, each a positive rate."""
+    import benchmark
+    rows = benchmark.loader_table(imagenet, torch.device('cpu'), batch=2, batches=2, rounds=1)
+    names = [r['row'] for r in rows]
+    assert 'train loader, uint8 (the loader), 0 workers' in names
+    assert 'train loader, float32 (usual), 1 workers' in names
+    assert 'decode + crop + flip + PILToTensor: uint8, 1 thread' in names
+    assert all(r['img_s'] > 0 for r in rows)
