@@ -1,24 +1,25 @@
 """Channel selection using Gumbel Softmax (Herrmann, Bowen and Zabih, ECCV 2020).
 
-One module, bottom-up in the paper's order (section numbers refer to it): the estimator
-(1.1, 3.2), static and dynamic gates (3.2), FLOPs(Z) (3.4), gated blocks and ResNets (3.4,
-4, 4.4), the losses (Eq. 1, 2.1, 3.1, 3.4), training settings (3.2, 4.1), inference (3.3),
-BN recalibration (4.1) and DenseNet early exits (5). Deployment (physical pruning,
-skipping work per input, exit timing) is gumbel_export.py.
+Reading map, in the paper's order (section -> where it lives here):
 
-CIFAR ResNets (He et al. 2016, option-A shortcut), MACs at 32x32 as the paper counts them
-(conv and linear multiply-accumulates; `python benchmark.py --macs` measures them):
+    1.1, 3.2  straight-through Gumbel estimator     straight_through_gumbel, gate_probability
+    1.2       the batch activation loss, Eq. (1)    batch_activation_loss
+    2.1       AIG's per-gate loss                   per_gate_loss
+    3.1       Property 1; polarization              expected_activation_loss, polarized
+    3.2       static and dynamic gates; decay       StaticGate, DynamicGate, param_groups
+    3.3       inference strategies                  set_inference, evaluation, ensemble_predict
+    3.4       gated blocks; FLOPs(Z); L_FLOPs       BasicBlock, Bottleneck, block_macs, flops_loss
+    4, 4.4    gated ResNets, channel/layer gates    resnet_cifar (resnet56 ...), gate_resnet
+    4.1       BN recalibration                      recalibrate_bn
+    5         DenseNet early exits                  DenseNetExits, exit_net_macs
 
-    name        depth  blocks/stage  params   MACs
-    resnet20      20        3        0.27 M    40.55 M
-    resnet32      32        5        0.46 M    68.86 M
-    resnet44      44        7        0.66 M    97.17 M
-    resnet56      56        9        0.85 M   125.49 M
-    resnet110    110       18        1.73 M   252.89 M
-
-A gated network returns (logits, GateInfo), a dense one logits (`split_output` reads both).
-Decisions Z multiply activations after BN and ReLU, so an off channel contributes exactly
-zero downstream: the masked network computes what a physically pruned one would.
+The file runs bottom-up instead, each part using only what is above it: estimator, gates,
+blocks, FLOPs(Z), networks, losses, training settings, inference, BN recalibration, early
+exits. A gated network returns (logits, GateInfo), a dense one logits (`split_output`
+reads both). Decisions Z multiply activations after BN and ReLU, so an off channel
+contributes exactly zero downstream: the masked network computes what a physically pruned
+one would (gumbel_export.py prunes it; `python benchmark.py --macs` prints the CIFAR
+ResNets' MACs: resnet56 125.49 M at 32x32).
 """
 import contextlib
 import copy
@@ -29,6 +30,17 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+__all__ = [
+    'INIT_P', 'POLAR', 'straight_through_gumbel', 'gate_probability', 'Decision',
+    'StaticGate', 'DynamicGate', 'gates', 'ShortcutA', 'BasicBlock', 'Bottleneck',
+    'conv_macs', 'branch_convs', 'basic_block_macs', 'bottleneck_macs', 'block_macs',
+    'resnet_macs', 'GateInfo', 'split_output', 'ResNet', 'resnet_cifar', 'resnet20',
+    'resnet32', 'resnet44', 'resnet56', 'resnet110', 'gate_resnet', 'batch_activation_loss',
+    'flops_loss', 'per_gate_loss', 'expected_activation_loss', 'polarized', 'polarization_loss',
+    'param_groups', 'set_sampling', 'set_inference', 'evaluation', 'ensemble_predict',
+    'recalibrate_bn', 'exit_net_macs', 'DenseNetExits', 'densenet_cifar', 'GATINGS',
+    'GRANULARITIES', 'STRATEGIES', 'BRANCH_MACS']
 
 INIT_P = 0.98            # initial on-probability; the official code's logits (0.1, 4) give 0.980
 POLAR = 0.01             # a gate is polarized when p < POLAR or p > 1 - POLAR
@@ -55,15 +67,16 @@ def _at_least_float(x):
 
 
 def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
-    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2); hard=False returns the
-    soft relaxation itself, in (0, 1), which the paper found to train worse (3.2).
-    logits: (..., 2) = (w0 "off", w1 "on"); P(Z=1) = p = sigmoid(w1 - w0). Returns Z in
-    {0., 1.} of shape (...), at least float32. Forward: the hard sample Z = [w1 + g1 > w0 +
-    g0]; backward: the gradient of the soft sample sigmoid((w1 - w0 + g1 - g0) / T), T the
-    temperature (the paper fixes T = 1). g1 - g0 of two Gumbel(0, 1) variables is
-    Logistic(0, 1), drawn as log(U) - log(1 - U) from one U = torch.rand(logits.shape[:-1]):
-    F.gumbel_softmax(hard=True)[..., 1]'s distribution with half the noise, and a forward
-    value of exactly 0 or 1 (hard + (soft - soft), not hard - soft + soft, which rounds)."""
+    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2).
+
+        p = P(Z = 1) = sigmoid(w1 - w0),    logits (..., 2) = (w0 "off", w1 "on")
+        forward:   Z = [w1 + g1 > w0 + g0]                      in {0., 1.}, shape (...)
+        backward:  d sigmoid((w1 - w0 + g1 - g0) / T)           T the temperature (3.2: 1)
+
+    g1 - g0 of two Gumbel(0, 1) draws is Logistic(0, 1), drawn as log(U) - log(1 - U) from
+    one U ~ Uniform(0, 1): F.gumbel_softmax(hard=True)[..., 1]'s distribution with half the
+    noise. hard=False returns the soft relaxation itself, in (0, 1) (the paper found it
+    trains worse, 3.2). Returns at least float32."""
     if logits.shape[-1] != 2:
         raise ValueError('logits must have last dimension 2 (off, on), '
                          f'got shape {tuple(logits.shape)}')
@@ -77,7 +90,9 @@ def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
     soft = torch.sigmoid(y / temperature)
     if not hard:
         return soft
-    return (y > 0).to(y.dtype) + (soft - soft.detach())                  # exactly 0/1: NOTES.md 2
+    # hard + (soft - soft.detach()): exactly 0/1 forward (hard - soft + soft rounds), soft's
+    # gradient backward (NOTES.md 2)
+    return (y > 0).to(y.dtype) + (soft - soft.detach())
 
 
 def gate_probability(logits):
@@ -98,6 +113,12 @@ def _init_logits(channels, init_p):
     return torch.tensor([-half, half]).repeat(channels, 1)
 
 
+class Decision(NamedTuple):
+    """What a gate module decides for a batch; blocks return {gate name: Decision}."""
+    z: torch.Tensor            # (B, C) 0/1: channel c of sample b on
+    p: torch.Tensor            # (B, C): its on-probability
+
+
 class _Gate(nn.Module):
     """How a gate decides (3.3) and samples (3.2): settings shared by both kinds of gate,
     shown in repr. Training samples; evaluation follows `strategy` ('threshold' at `tau`,
@@ -114,13 +135,14 @@ class _Gate(nn.Module):
                 f'soft={self.soft}, temperature={self.temperature}')
 
     def decide(self, logits):
-        """logits (B, C, 2) -> (z, p), each (B, C): decisions and on-probabilities."""
+        """logits (B, C, 2) -> Decision(z, p), each (B, C)."""
         p = gate_probability(logits)
         if self.training or self.strategy == 'sample':
-            return straight_through_gumbel(logits, self.temperature, hard=not self.soft), p
+            return Decision(straight_through_gumbel(logits, self.temperature,
+                                                    hard=not self.soft), p)
         if self.strategy == 'all_on':
-            return torch.ones_like(p), p
-        return self.keep(p).to(p.dtype), p
+            return Decision(torch.ones_like(p), p)
+        return Decision(self.keep(p).to(p.dtype), p)
 
     def keep(self, p):
         """Threshold inference (3.3): Z = 1 iff p > tau, strictly (NOTES.md 11)."""
@@ -128,9 +150,9 @@ class _Gate(nn.Module):
 
 
 class StaticGate(_Gate):
-    """Data-independent gates (pruning, 3.2): two free logits per channel. forward(x) ->
-    (z, p), each (B, C): decisions (drawn per sample, or with per_batch once for the whole
-    batch: NOTES.md 17) and on-probabilities; x is only read for its batch size."""
+    """Data-independent gates (pruning, 3.2): two free logits per channel.
+    forward(x) -> Decision(z, p), each (B, C), z drawn per sample (per_batch: once for the
+    whole batch, NOTES.md 17); x is only read for its batch size."""
 
     def __init__(self, channels, init_p=INIT_P):
         super().__init__(channels)
@@ -142,14 +164,14 @@ class StaticGate(_Gate):
 
     def forward(self, x):
         z, p = self.decide(self.logits.expand(1 if self.per_batch else x.shape[0], -1, -1))
-        return z.expand(x.shape[0], -1), p.expand(x.shape[0], -1)
+        return Decision(z.expand(x.shape[0], -1), p.expand(x.shape[0], -1))
 
 
 class DynamicGate(_Gate):
     """Data-dependent gates (conditional computation, 3.2): global average pool -> 1-d conv
     -> BN -> ReLU -> 1-d conv -> two logits per channel. The 1-d convs have kernel 1 on the
     pooled (C_in,) vector: linear maps, written as such (NOTES.md 5).
-    forward(x: (B, C_in, H, W)) -> (z, p), each (B, channels)."""
+    forward(x: (B, C_in, H, W)) -> Decision(z, p), each (B, channels)."""
 
     def __init__(self, in_channels, channels, hidden=16, init_p=INIT_P):
         super().__init__(channels)
@@ -177,90 +199,23 @@ def gates(model):
     return [m for m in model.modules() if isinstance(m, _Gate)]
 
 
-# ----------------------------------------------------------------------------- FLOPs(Z)
-# The paper's FLOPs are conv and linear multiply-accumulates (3.4), per sample: ints without
-# gates, (B,) float64 tensors given decisions Z (float64 keeps them exact: NOTES.md 7).
-
-def _out_hw(m, hw):
-    """Spatial size after a Conv2d, MaxPool2d or Identity on an input of size hw."""
-    if isinstance(m, nn.Identity):
-        return tuple(hw)
-    k, s, p, d = (nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride, m.padding,
-                                                       m.dilation))
-    return tuple((h + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, h in enumerate(hw))
-
-
-def conv_macs(conv, hw, n_in=None, n_out=None):
-    """MACs per sample of `conv` on an input of spatial size hw, with n_in input and n_out
-    output channels active (ints or (B,) tensors; default all)."""
-    h, w = _out_hw(conv, hw)
-    n_in = conv.in_channels // conv.groups if n_in is None else n_in
-    n_out = conv.out_channels if n_out is None else n_out
-    return h * w * conv.kernel_size[0] * conv.kernel_size[1] * n_in * n_out
-
-
-def _branch(block):
-    convs = [block.conv1, block.conv2]
-    return convs + [block.conv3] if isinstance(block, Bottleneck) else convs
-
-
-def block_macs(block, hw, z=None):
-    """FLOPs(Z) of one residual block on an input of spatial size hw, given its decisions
-    z = {gate name: (B, C) 0/1} (None: the block without gates). An off channel removes its
-    conv's output and the next conv's input; an off layer gate removes the branch. With z,
-    the gates' own MACs are included. Returns (MACs, output size)."""
-    convs, sizes = _branch(block), [tuple(hw)]
-    for conv in convs:
-        sizes.append(_out_hw(conv, sizes[-1]))
-    shortcut = 0 if block.downsample is None else sum(
-        conv_macs(m, hw) for m in block.downsample.modules() if isinstance(m, nn.Conv2d))
-    if z is None:
-        return sum(conv_macs(c, s) for c, s in zip(convs, sizes)) + shortcut, sizes[-1]
-    n1, n2 = (None if z.get(k) is None else z[k].sum(1, dtype=torch.float64)
-              for k in ('gate1', 'gate2'))
-    any1, any2 = (1 if n is None else (n > 0).double() for n in (n1, n2))
-    if len(convs) == 2:
-        branch = conv_macs(convs[0], sizes[0], n_out=n1) + conv_macs(convs[1], sizes[1], n_in=n1)
-    else:   # with gate2 empty conv1 feeds nothing; with gate1 empty conv3 sees a constant
-        branch = (conv_macs(convs[0], sizes[0], n_out=n1) * any2
-                  + conv_macs(convs[1], sizes[1], n1, n2)
-                  + conv_macs(convs[2], sizes[2], n_in=n2) * any1)
-        if isinstance(getattr(block, 'gate1', None), DynamicGate):  # that constant, per input
-            branch = branch + n2 * convs[2].out_channels * (1 - any1)   # (prune folds it)
-    if z.get('gate') is not None:
-        branch = branch * z['gate'][:, 0].double()
-    return branch + shortcut + sum(getattr(block, name).macs for name in z), sizes[-1]
-
-
-def resnet_macs(model, hw, z=None):
-    """FLOPs(Z) of a ResNet on inputs of spatial size hw: stem, every block (z: one decision
-    dict per block, as block_macs takes; None: the network without gates) and the classifier.
-    MaxFLOPs is resnet_macs(model, hw)."""
-    macs = conv_macs(model.conv1, hw)
-    hw = _out_hw(model.maxpool, _out_hw(model.conv1, hw))
-    for k, block in enumerate(model.blocks()):
-        m, hw = block_macs(block, hw, None if z is None else z[k])
-        macs = macs + m
-    return macs + model.fc.in_features * model.fc.out_features
-
-
 # ----------------------------------------------------------------------------- blocks
 
 def _mask(x, decision):
-    """x (B, C, H, W) times a gate's decisions, decision = (z (B, C), p); None: all on."""
-    return x if decision is None else x * decision[0][:, :, None, None].to(x.dtype)
+    """x (B, C, H, W) times a Decision's z (B, C); None: all on."""
+    return x if decision is None else x * decision.z[:, :, None, None].to(x.dtype)
 
 
 def _decide(block, x, names):
-    """Run the block's gates among `names` on its input -> {name: (z, p)}."""
+    """Run the block's gates among `names` on its input -> {name: Decision}."""
     return {n: g(x) for n in names if (g := getattr(block, n, None)) is not None}
 
 
-def _residual(block, x, branch, layer):
-    """out = ReLU(shortcut(x) + Z * branch), Z (B, 1) the layer gate's decisions (layer:
-    (z, p), None without a layer gate; AIG's placement, NOTES.md 6)."""
+def _residual(block, x, branch, layer_decision):
+    """ReLU(shortcut(x) + z * branch), z (B, 1) the layer gate's (AIG's placement, NOTES.md
+    6); layer_decision None: no layer gate."""
     identity = x if block.downsample is None else block.downsample(x)
-    return block.relu(_mask(branch, layer) + identity)
+    return block.relu(_mask(branch, layer_decision) + identity)
 
 
 class ShortcutA(nn.Module):
@@ -283,7 +238,7 @@ def _conv3x3(cin, cout, stride=1):
 class BasicBlock(nn.Module):
     """3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, plus shortcut, ReLU. granularity
     'channel': gate1 on conv1's output channels; 'layer': one gate that keeps or drops the
-    whole branch (the block is then its shortcut, ReLU applied). -> (out, {name: (z, p)})."""
+    whole branch (the block is then its shortcut, ReLU applied). -> (out, {name: Decision})."""
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
@@ -300,9 +255,9 @@ class BasicBlock(nn.Module):
             self.gate = _make_gate(gating, inplanes, 1, init_p)
 
     def forward(self, x):
-        d = _decide(self, x, ('gate1', 'gate'))
-        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))
-        out = self.bn2(self.conv2(out))
+        d = _decide(self, x, ('gate1', 'gate'))                 # x (B, C_in, H, W)
+        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))    # (B, planes, H', W')
+        out = self.bn2(self.conv2(out))                                    # (B, planes, H', W')
         return _residual(self, x, out, d.get('gate')), d
 
 
@@ -310,7 +265,7 @@ class Bottleneck(nn.Module):
     """1x1 -> [gate1] -> 3x3 (stride) -> [gate2] -> 1x1 (x4), torchvision's ResNet v1.5. Both
     channel gates read the block input, so every decision is known before the block runs and
     inference can skip work (NOTES.md 4). `width`: the inner width (default planes).
-    -> (out, {name: (z, p)})."""
+    -> (out, {name: Decision})."""
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
@@ -331,11 +286,114 @@ class Bottleneck(nn.Module):
             self.gate = _make_gate(gating, inplanes, 1, init_p)
 
     def forward(self, x):
-        d = _decide(self, x, ('gate1', 'gate2', 'gate'))
-        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))
-        out = _mask(self.relu(self.bn2(self.conv2(out))), d.get('gate2'))
-        out = self.bn3(self.conv3(out))
+        d = _decide(self, x, ('gate1', 'gate2', 'gate'))        # x (B, C_in, H, W)
+        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))    # (B, width, H, W)
+        out = _mask(self.relu(self.bn2(self.conv2(out))), d.get('gate2'))  # (B, width, H', W')
+        out = self.bn3(self.conv3(out))                                    # (B, 4 planes, H', W')
         return _residual(self, x, out, d.get('gate')), d
+
+
+# ----------------------------------------------------------------------------- FLOPs(Z) (3.4)
+# Conv and linear multiply-accumulates per sample: ints without gates, (B,) float64 given
+# decisions (float64 keeps them exact: NOTES.md 7). An off channel removes its conv's
+# output and the next conv's input; an off layer gate removes the branch.
+
+def _out_hw(m, hw):
+    """Spatial size after a Conv2d, MaxPool2d or Identity on an input of size hw."""
+    if isinstance(m, nn.Identity):
+        return tuple(hw)
+    k, s, p, d = (nn.modules.utils._pair(v) for v in (m.kernel_size, m.stride, m.padding,
+                                                       m.dilation))
+    return tuple((h + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, h in enumerate(hw))
+
+
+def conv_macs(conv, hw, n_in=None, n_out=None):
+    """MACs per sample of `conv` on an input of spatial size hw, n_in input and n_out output
+    channels on (ints or (B,) tensors; default all):
+
+        h_out * w_out * k_h * k_w * n_in * n_out
+    """
+    h, w = _out_hw(conv, hw)
+    n_in = conv.in_channels // conv.groups if n_in is None else n_in
+    n_out = conv.out_channels if n_out is None else n_out
+    return h * w * conv.kernel_size[0] * conv.kernel_size[1] * n_in * n_out
+
+
+def branch_convs(block):
+    """The convs of a block's residual branch, in order."""
+    return [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
+
+
+def _on(decisions, name):
+    """(B,) float64 channels on of gate `name` (a Decision or its z); None: no such gate."""
+    d = decisions.get(name)
+    return None if d is None else getattr(d, 'z', d).sum(1, dtype=torch.float64)
+
+
+def basic_block_macs(block, sizes, decisions):
+    """A BasicBlock's branch, n1 the channels gate1 keeps (sizes: the convs' input sizes):
+
+        conv_macs(conv1, n_out=n1) + conv_macs(conv2, n_in=n1)
+    """
+    n1 = _on(decisions, 'gate1')
+    return conv_macs(block.conv1, sizes[0], n_out=n1) + conv_macs(block.conv2, sizes[1], n_in=n1)
+
+
+def bottleneck_macs(block, sizes, decisions):
+    """A Bottleneck's branch, n1 and n2 the channels gate1 and gate2 keep:
+
+        conv_macs(conv1, n_out=n1) [n2 > 0] + conv_macs(conv2, n1, n2)
+            + conv_macs(conv3, n_in=n2) [n1 > 0]
+
+    With gate2 empty conv1 feeds nothing; with gate1 empty conv3 sees a constant, which
+    for dynamic gates costs n2 * C_out per input (prune folds it for static ones)."""
+    n1, n2 = _on(decisions, 'gate1'), _on(decisions, 'gate2')
+    any1, any2 = (1 if n is None else (n > 0).double() for n in (n1, n2))
+    macs = (conv_macs(block.conv1, sizes[0], n_out=n1) * any2
+            + conv_macs(block.conv2, sizes[1], n1, n2)
+            + conv_macs(block.conv3, sizes[2], n_in=n2) * any1)
+    if n1 is not None and isinstance(block.gate1, DynamicGate):
+        macs = macs + n2 * block.conv3.out_channels * (1 - any1)
+    return macs
+
+
+BRANCH_MACS = {BasicBlock: basic_block_macs, Bottleneck: bottleneck_macs}
+
+
+def block_macs(block, hw, z=None):
+    """FLOPs(Z) of one residual block on an input of size hw, z its decisions {gate name:
+    Decision (or its z)}; None: the block without gates. -> (MACs, output size):
+
+        branch (x the layer gate's z) + shortcut + the gates' own MACs
+    """
+    z = z or {}
+    convs, sizes = branch_convs(block), [tuple(hw)]
+    for conv in convs:
+        sizes.append(_out_hw(conv, sizes[-1]))
+    shortcut = 0 if block.downsample is None else sum(
+        conv_macs(m, hw) for m in block.downsample.modules() if isinstance(m, nn.Conv2d))
+    branch = BRANCH_MACS[type(block)](block, sizes, z)
+    if z.get('gate') is not None:
+        branch = branch * getattr(z['gate'], 'z', z['gate'])[:, 0].double()
+    return branch + shortcut + sum(getattr(block, name).macs for name in z), sizes[-1]
+
+
+def _once(cache, hw, count):
+    """count(hw), kept in `cache` per input size: MaxFLOPs is counted once per size."""
+    if hw not in cache:
+        cache[hw] = count(hw)
+    return cache[hw]
+
+
+def resnet_macs(model, hw, z=None):
+    """FLOPs(Z) of a ResNet on inputs of size hw: stem, every block (z: each block's
+    decisions, as block_macs takes them; None: without gates, MaxFLOPs) and the classifier."""
+    macs = conv_macs(model.conv1, hw)
+    hw = _out_hw(model.maxpool, _out_hw(model.conv1, hw))
+    for k, block in enumerate(model.blocks()):
+        m, hw = block_macs(block, hw, None if z is None else z[k])
+        macs = macs + m
+    return macs + model.fc.in_features * model.fc.out_features
 
 
 # ----------------------------------------------------------------------------- networks
@@ -375,6 +433,11 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = fc
         self.gating = gating
+        self._max_macs = {}                         # input size -> MaxFLOPs
+
+    def max_macs(self, hw):
+        """MaxFLOPs (3.4) at input size hw: the network without gates, computed once."""
+        return _once(self._max_macs, tuple(hw), lambda size: resnet_macs(self, size))
 
     def blocks(self):
         for i in range(1, self.num_stages + 1):
@@ -383,18 +446,17 @@ class ResNet(nn.Module):
     def forward(self, x):
         hw = x.shape[-2:]
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        decisions = []
+        decisions = []                              # per block: {gate name: Decision}
         for block in self.blocks():
             x, d = block(x)
             decisions.append(d)
         logits = self.fc(torch.flatten(self.avgpool(x), 1))
         if self.gating is None:
             return logits
-        zp = [v for d in decisions for v in d.values()]
-        z = [{k: v[0] for k, v in d.items()} for d in decisions]
-        macs = resnet_macs(self, hw, z) * x.new_ones(x.shape[0], dtype=torch.float64)
-        return logits, GateInfo([v[0] for v in zp], [v[1] for v in zp], macs,
-                                resnet_macs(self, hw))
+        every = [d for block in decisions for d in block.values()]
+        macs = resnet_macs(self, hw, decisions) * x.new_ones(x.shape[0], dtype=torch.float64)
+        return logits, GateInfo([d.z for d in every], [d.p for d in every], macs,
+                                self.max_macs(hw))
 
 
 def resnet_cifar(depth, num_classes=10, gating=None, granularity='channel', init_p=INIT_P):
@@ -409,7 +471,8 @@ def resnet_cifar(depth, num_classes=10, gating=None, granularity='channel', init
         for i in range(n):
             s = stride if i == 0 else 1
             shortcut = ShortcutA(planes, s) if s != 1 or inplanes != planes else None
-            blocks.append(BasicBlock(inplanes, planes, s, shortcut, gating, granularity, init_p))
+            blocks.append(BasicBlock(inplanes, planes, stride=s, downsample=shortcut,
+                                     gating=gating, granularity=granularity, init_p=init_p))
             inplanes = planes
         layers.append(nn.Sequential(*blocks))
     model = ResNet(_conv3x3(3, 16), nn.BatchNorm2d(16), nn.Identity(), layers,
@@ -445,11 +508,13 @@ def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
                 raise ValueError('gate_resnet supports groups=1 and dilation=1 convs only')
             if isinstance(old, torchvision.models.resnet.Bottleneck):
                 new = Bottleneck(old.conv1.in_channels, old.conv3.out_channels // 4,
-                                 old.conv2.stride, old.downsample, gating, granularity, init_p,
+                                 stride=old.conv2.stride, downsample=old.downsample,
+                                 gating=gating, granularity=granularity, init_p=init_p,
                                  width=old.conv1.out_channels)
             elif isinstance(old, torchvision.models.resnet.BasicBlock):
-                new = BasicBlock(old.conv1.in_channels, old.conv1.out_channels, old.conv1.stride,
-                                 old.downsample, gating, granularity, init_p)
+                new = BasicBlock(old.conv1.in_channels, old.conv1.out_channels,
+                                 stride=old.conv1.stride, downsample=old.downsample,
+                                 gating=gating, granularity=granularity, init_p=init_p)
             else:
                 raise ValueError(f'unknown block type {type(old).__name__} in {name}')
             missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
@@ -716,6 +781,7 @@ class DenseNetExits(nn.Module):
                 self.transitions.append(_Transition(c, c // 2))
                 c //= 2
         self.bn, self.fc = nn.BatchNorm2d(c), nn.Linear(c, num_classes)
+        self._max_macs = {}                         # input size -> MaxFLOPs
 
     def stage(self, k, x):
         """Transition into dense block k (k > 0), then the block."""
@@ -739,8 +805,8 @@ class DenseNetExits(nn.Module):
         exit_logits.append(logits)
         for k in reversed(range(len(zs))):                  # the output each image takes
             logits = zs[k] * exit_logits[k] + (1 - zs[k]) * logits
-        return logits, GateInfo(zs, ps, exit_net_macs(self, hw, zs), exit_net_macs(self, hw),
-                                exit_logits)
+        max_macs = _once(self._max_macs, tuple(hw), lambda size: exit_net_macs(self, size))
+        return logits, GateInfo(zs, ps, exit_net_macs(self, hw, zs), max_macs, exit_logits)
 
 
 def densenet_cifar(depth=100, growth_rate=12, num_classes=10, exits=True,

@@ -15,6 +15,7 @@ import copy
 import io
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -44,17 +45,43 @@ def counted_macs(model, x):
     return counter.get_total_flops() // 2
 
 
+ADDED_MARGIN = 4.0   # round_gates: an added channel's w1 - w0 sits this far above logit(tau)
+
+
+class Folded(NamedTuple):
+    """A conv with the eval-mode BN after it folded in."""
+    weight: torch.Tensor       # (C_out, C_in, k, k): the conv's weight times the BN's scale
+    bias: torch.Tensor         # (C_out,): the BN's shift
+
+
+def _bn_scale(bn):
+    """An eval-mode BN's per-channel scale, gamma / sqrt(running_var + eps)."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+def _logit(p):
+    """log(p / (1 - p)): the logit difference w1 - w0 at which a gate's p equals p."""
+    return math.log(p / (1 - p))
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
 def _fold(conv, bn):
-    """conv then eval-mode BN as one conv: (weight * s, shift), s = gamma / sqrt(var + eps)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    """conv then eval-mode BN as one conv:
+
+        weight * s,  beta - (mean - conv bias) * s,    s = _bn_scale(bn)
+    """
+    scale = _bn_scale(bn)
     mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-    return (conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale
+    return Folded((conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale)
 
 
 def _folded(block):
-    """[(w1, b1), (w2, b2) (, (w3, b3))]: each conv of the block with its BN folded in."""
+    """[Folded] for each conv of the block's branch, its BN folded in."""
     bns = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, gc.Bottleneck) else [])
-    return [_fold(c, bn) for c, bn in zip(gc._branch(block), bns)]
+    return [_fold(c, bn) for c, bn in zip(gc.branch_convs(block), bns)]
 
 
 def _pick(t, i, dim=0):
@@ -79,11 +106,12 @@ class ShortcutBlock(nn.Module):
 
     def __init__(self, downsample, bias):
         super().__init__()
-        self.downsample, self.relu = downsample, nn.ReLU(inplace=True)
+        self.downsample = downsample
         self.register_buffer('bias', bias.detach().flatten().clone())
 
     def forward(self, x):
-        return gc._residual(self, x, self.bias.view(1, -1, 1, 1), None), {}
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(identity + self.bias.view(1, -1, 1, 1)), {}
 
 
 # ----------------------------------------------------------------------------- pruning (3.1, 3.3)
@@ -131,7 +159,7 @@ def _prune_block(block):
     if not keep1.any() or (keep2 is not None and not keep2.any()):
         folded = _folded(block)
         on2 = None if keep2 is None else keep2.nonzero().flatten()
-        bias = _collapsed_branch(folded[-1][1], on2, folded[1][1], folded[-1][0])
+        bias = _collapsed_branch(folded[-1].bias, on2, folded[1].bias, folded[-1].weight)
         return ShortcutBlock(block.downsample, bias)
     block.conv1, block.bn1 = _sliced_conv(block.conv1, out=keep1), _sliced_bn(block.bn1, keep1)
     if keep2 is None:
@@ -157,9 +185,9 @@ def round_gates(model, lanes=16):
             continue
         p = gc.gate_probability(g.logits)
         on = g.keep(p)
-        want = min(g.channels, -(-int(on.sum()) // lanes) * lanes)
+        want = min(g.channels, _round_up(int(on.sum()), lanes))
         extra = (p.masked_fill(on, -1)).argsort(descending=True)[:want - int(on.sum())]
-        margin = math.log(g.tau / (1 - g.tau)) + 4.0                   # p well above tau
+        margin = _logit(g.tau) + ADDED_MARGIN
         g.logits[extra] = torch.tensor([0.0, margin], dtype=g.logits.dtype)
     return model
 
@@ -347,7 +375,7 @@ def lane_macs(net, x, lanes=16):
     total = []
 
     def hook(m, inputs, out):
-        c_out = -(-m.out_channels // lanes) * lanes
+        c_out = _round_up(m.out_channels, lanes)
         total.append(out.shape[-2] * out.shape[-1] * m.kernel_size[0] * m.kernel_size[1]
                      * m.in_channels // m.groups * c_out)
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
@@ -376,12 +404,12 @@ class _LeanGate(nn.Module):
             self.register_buffer('on', _threshold(gate).nonzero().flatten())
             return
         bn, fc2 = gate.bn, gate.fc2
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        scale = _bn_scale(bn)
         w, b = fc2.weight.view(gate.channels, 2, -1), fc2.bias.view(gate.channels, 2)
         self.register_buffer('w1', (gate.fc1.weight * scale[:, None]).contiguous())
         self.register_buffer('b1', bn.bias - bn.running_mean * scale)
         self.register_buffer('wd', (w[:, 1] - w[:, 0]).contiguous())
-        self.register_buffer('bd', b[:, 1] - b[:, 0] - math.log(gate.tau / (1 - gate.tau)))
+        self.register_buffer('bd', b[:, 1] - b[:, 0] - _logit(gate.tau))
 
     def forward(self, x):                                   # -> indices of the on channels
         if self.static:
@@ -507,6 +535,7 @@ def exit_report(model, batches):
     exits = [dict(exit=k, share=took / n, acc_all=hit / n,
                   acc_taken=hit_taken / took if took else math.nan)
              for k, (took, hit, hit_taken) in enumerate(counts.tolist())]
-    return dict(exits=exits, counted_macs=macs[0].item(), accounted_macs=macs[1].item(),
-                full_macs=macs[2].item(), seconds=seconds[0].item(),
-                seconds_to_the_end=seconds[1].item())
+    counted, accounted, full = macs.tolist()
+    with_exits, to_the_end = seconds.tolist()
+    return dict(exits=exits, counted_macs=counted, accounted_macs=accounted, full_macs=full,
+                seconds=with_exits, seconds_to_the_end=to_the_end)
