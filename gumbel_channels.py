@@ -324,10 +324,15 @@ def branch_convs(block):
     return [block.conv1, block.conv2] + ([block.conv3] if isinstance(block, Bottleneck) else [])
 
 
+def _z(decision):
+    """The (B, C) z of a Decision, or a bare z as given."""
+    return decision.z if isinstance(decision, Decision) else decision
+
+
 def _on(decisions, name):
-    """(B,) float64 channels on of gate `name` (a Decision or its z); None: no such gate."""
+    """(B,) float64 channels on of gate `name`; None: no such gate."""
     d = decisions.get(name)
-    return None if d is None else getattr(d, 'z', d).sum(1, dtype=torch.float64)
+    return None if d is None else _z(d).sum(1, dtype=torch.float64)
 
 
 def basic_block_macs(block, sizes, decisions):
@@ -374,7 +379,7 @@ def block_macs(block, hw, z=None):
         conv_macs(m, hw) for m in block.downsample.modules() if isinstance(m, nn.Conv2d))
     branch = BRANCH_MACS[type(block)](block, sizes, z)
     if z.get('gate') is not None:
-        branch = branch * getattr(z['gate'], 'z', z['gate'])[:, 0].double()
+        branch = branch * _z(z['gate'])[:, 0].double()
     return branch + shortcut + sum(getattr(block, name).macs for name in z), sizes[-1]
 
 

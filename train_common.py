@@ -397,7 +397,7 @@ def print_summary(rows):
     print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned %':>8}  (dense "
           f"{rows[0]['baseline_acc']:.2f}%)")
     for r in sorted(rows, key=lambda r: r['t']):
-        missed = abs(r['macs_percent'] - 100 * r['t']) > 3
+        missed = missed_t(r)
         print(f"{r['t']:5.2f} {r['macs_percent']:7.2f} {r['polarized']:6.2f} "
               f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):8.2f}"
               + ('  <- missed t by more than 3 points' if missed else ''))
@@ -576,7 +576,7 @@ def usable_cpus():
     CPU quota when one is set."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     try:
-        quota, period = open('/sys/fs/cgroup/cpu.max').read().split()
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
         if quota != 'max':
             n = min(n, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
@@ -801,6 +801,11 @@ def print_exit_report(report):
           f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
 
 
+def missed_t(row, points=3):
+    """Whether a final row's delivered MACs miss 100 t by more than `points`."""
+    return abs(row['macs_percent'] - 100 * row['t']) > points
+
+
 def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
     """One line on stderr when the delivered net's MACs miss 100 t by more than `points`, and
     a note when they moved by more than 1 point from the last epoch row's thrMACs%."""
@@ -810,7 +815,7 @@ def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
                  'replaced' if row['gating'] == 'dynamic' else '--round-to rounded the gates')
         print(f"note: MACs at threshold {before:.1f}% in the last epoch row, "
               f"{row['macs_percent']:.1f}% in the final line: {cause} (4.1)")
-    if abs(row['macs_percent'] - 100 * row['t']) > points:
+    if missed_t(row, points):
         print(f"warning: the delivered net runs {row['macs_percent']:.1f}% of the dense MACs, "
               f"more than {points} points from t = {row['t']:g} (training reached "
               f"{row['train_macs_percent']:.1f}%; {why})", file=sys.stderr)
