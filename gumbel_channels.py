@@ -13,13 +13,11 @@ Reading map, in the paper's order (section -> where it lives here):
     4.1       BN recalibration                      recalibrate_bn
     5         DenseNet early exits                  DenseNetExits, exit_net_macs
 
-The file runs bottom-up instead, each part using only what is above it: estimator, gates,
+The file itself runs bottom-up, each part using only what is above it: estimator, gates,
 blocks, FLOPs(Z), networks, losses, training settings, inference, BN recalibration, early
-exits. A gated network returns (logits, GateInfo), a dense one logits (`split_output`
-reads both). Decisions Z multiply activations after BN and ReLU, so an off channel
-contributes exactly zero downstream: the masked network computes what a physically pruned
-one would (gumbel_export.py prunes it; `python benchmark.py --macs` prints the CIFAR
-ResNets' MACs: resnet56 125.49 M at 32x32).
+exits. A gated network returns (logits, GateInfo), a dense one logits. Decisions Z multiply
+activations after BN and ReLU, so an off channel adds exactly zero downstream: the masked
+network computes what a physically pruned one would (gumbel_export.py prunes it).
 """
 import contextlib
 import copy
@@ -62,21 +60,16 @@ def _check_t(t):
 # ----------------------------------------------------------------------------- estimator
 
 def _at_least_float(x):
-    """Gate math in float32 at least (bf16 logits under autocast), float64 kept."""
+    """x in float32 at least: bf16 logits under autocast are raised, float64 kept."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
-    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2).
-
-        p = P(Z = 1) = sigmoid(w1 - w0),    logits (..., 2) = (w0 "off", w1 "on")
-        forward:   Z = [w1 + g1 > w0 + g0]                      in {0., 1.}, shape (...)
-        backward:  d sigmoid((w1 - w0 + g1 - g0) / T)           T the temperature (3.2: 1)
-
-    g1 - g0 of two Gumbel(0, 1) draws is Logistic(0, 1), drawn as log(U) - log(1 - U) from
-    one U ~ Uniform(0, 1): F.gumbel_softmax(hard=True)[..., 1]'s distribution with half the
-    noise. hard=False returns the soft relaxation itself, in (0, 1) (the paper found it
-    trains worse, 3.2). Returns at least float32."""
+    """Straight-through Gumbel-softmax for on/off gates (1.1, 3.2), at least float32.
+        logits (..., 2) = (w0 "off", w1 "on"),   g0, g1 ~ Gumbel(0, 1),   T = temperature
+        forward:   Z = [w1 + g1 > w0 + g0]                   in {0., 1.}, shape (...)
+        backward:  dZ := d sigmoid((w1 - w0 + g1 - g0) / T)  (the paper fixes T = 1)
+    hard=False returns the soft relaxation sigmoid((w1 - w0 + g1 - g0) / T) itself (3.2)."""
     if logits.shape[-1] != 2:
         raise ValueError('logits must have last dimension 2 (off, on), '
                          f'got shape {tuple(logits.shape)}')
@@ -86,18 +79,19 @@ def straight_through_gumbel(logits, temperature=1.0, generator=None, hard=True):
     rng = {} if generator is None else {'generator': generator}  # None breaks torch.compile
     u = torch.rand(logits.shape[:-1], dtype=logits.dtype, device=logits.device, **rng)
     u = u.clamp(min=torch.finfo(u.dtype).tiny)                  # U = 0 would give -inf noise
-    y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)  # logistic: NOTES.md 1
+    # g1 - g0 ~ Logistic(0, 1) = log U - log(1 - U): one uniform draw, not two (NOTES.md 1)
+    y = logits[..., 1] - logits[..., 0] + torch.log(u) - torch.log1p(-u)
     soft = torch.sigmoid(y / temperature)
     if not hard:
         return soft
-    # hard + (soft - soft.detach()): exactly 0/1 forward (hard - soft + soft rounds), soft's
-    # gradient backward (NOTES.md 2)
+    # exactly 0/1 forward (hard - soft + soft could round), soft's gradient backward (NOTES.md 2)
     return (y > 0).to(y.dtype) + (soft - soft.detach())
 
 
 def gate_probability(logits):
-    """3.2: the on-probability p = 1 / (1 + exp(w0 - w1)) of logits (..., 2) = (w0, w1), at
-    least float32. The one place p is computed."""
+    """The on-probability of logits (..., 2) = (w0, w1) (3.2), at least float32.
+        p = P(Z = 1) = sigmoid(w1 - w0) = 1 / (1 + exp(w0 - w1))
+    The one place p is computed."""
     logits = _at_least_float(logits)
     return torch.sigmoid(logits[..., 1] - logits[..., 0])
 
@@ -105,8 +99,7 @@ def gate_probability(logits):
 # ----------------------------------------------------------------------------- gates
 
 def _init_logits(channels, init_p):
-    """(C, 2) logits (-l/2, l/2) with l = logit(init_p): the minimum-norm pair for p (3.2;
-    the official code uses (0.1, 4), the same p = 0.98: NOTES.md 3)."""
+    """(C, 2) logits (-l/2, l/2), l = logit(init_p): the minimum-norm pair for p (NOTES.md 3)."""
     if not 0 < init_p < 1:
         raise ValueError(f'init_p must be in (0, 1), got {init_p!r}')
     half = math.log(init_p / (1 - init_p)) / 2
@@ -120,15 +113,16 @@ class Decision(NamedTuple):
 
 
 class _Gate(nn.Module):
-    """How a gate decides (3.3) and samples (3.2): settings shared by both kinds of gate,
-    shown in repr. Training samples; evaluation follows `strategy` ('threshold' at `tau`,
-    'sample' or 'all_on')."""
+    """The settings both kinds of gate share, shown in repr: how they decide (3.3), sample (3.2).
+    Training samples; evaluation follows `strategy`: 'threshold' at `tau`, 'sample', 'all_on'."""
 
     def __init__(self, channels):
         super().__init__()
         self.channels = channels
-        self.strategy, self.tau = 'threshold', 0.5
-        self.soft, self.temperature = False, 1.0
+        self.strategy = 'threshold'
+        self.tau = 0.5
+        self.soft = False
+        self.temperature = 1.0
 
     def extra_repr(self):
         return (f'channels={self.channels}, strategy={self.strategy!r}, tau={self.tau}, '
@@ -151,12 +145,12 @@ class _Gate(nn.Module):
 
 class StaticGate(_Gate):
     """Data-independent gates (pruning, 3.2): two free logits per channel.
-    forward(x) -> Decision(z, p), each (B, C), z drawn per sample (per_batch: once for the
-    whole batch, NOTES.md 17); x is only read for its batch size."""
+    forward(x) -> Decision(z, p), each (B, C); x is only read for its batch size."""
 
     def __init__(self, channels, init_p=INIT_P):
         super().__init__(channels)
-        self.macs, self.per_batch = 0, False
+        self.macs = 0
+        self.per_batch = False                    # True: one draw per batch (NOTES.md 17)
         self.logits = nn.Parameter(_init_logits(channels, init_p))          # (C, 2)
 
     def extra_repr(self):
@@ -168,14 +162,14 @@ class StaticGate(_Gate):
 
 
 class DynamicGate(_Gate):
-    """Data-dependent gates (conditional computation, 3.2): global average pool -> 1-d conv
-    -> BN -> ReLU -> 1-d conv -> two logits per channel. The 1-d convs have kernel 1 on the
-    pooled (C_in,) vector: linear maps, written as such (NOTES.md 5).
+    """Data-dependent gates (conditional computation, 3.2), two logits per channel from
+        x -> global average pool -> 1-d conv -> BN -> ReLU -> 1-d conv
     forward(x: (B, C_in, H, W)) -> Decision(z, p), each (B, channels)."""
 
     def __init__(self, in_channels, channels, hidden=16, init_p=INIT_P):
         super().__init__(channels)
         self.macs = in_channels * hidden + hidden * 2 * channels            # per sample
+        # the 1-d convs have kernel 1 on the pooled (C_in,) vector: linear maps (NOTES.md 5)
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)               # BN follows
         self.bn = nn.BatchNorm1d(hidden)
         self.fc2 = nn.Linear(hidden, 2 * channels)
@@ -212,8 +206,8 @@ def _decide(block, x, names):
 
 
 def _residual(block, x, branch, layer_decision):
-    """ReLU(shortcut(x) + z * branch), z (B, 1) the layer gate's (AIG's placement, NOTES.md
-    6); layer_decision None: no layer gate."""
+    """ReLU(shortcut(x) + z * branch), z (B, 1) the layer gate's; None: no layer gate.
+    AIG's placement of the layer gate (NOTES.md 6)."""
     identity = x if block.downsample is None else block.downsample(x)
     return block.relu(_mask(branch, layer_decision) + identity)
 
@@ -223,7 +217,8 @@ class ShortcutA(nn.Module):
 
     def __init__(self, planes, stride=2):
         super().__init__()
-        self.planes, self.stride = planes, stride
+        self.planes = planes
+        self.stride = stride
 
     def forward(self, x):
         x = x[:, :, ::self.stride, ::self.stride]
@@ -236,17 +231,20 @@ def _conv3x3(cin, cout, stride=1):
 
 
 class BasicBlock(nn.Module):
-    """3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, plus shortcut, ReLU. granularity
-    'channel': gate1 on conv1's output channels; 'layer': one gate that keeps or drops the
-    whole branch (the block is then its shortcut, ReLU applied). -> (out, {name: Decision})."""
+    """The basic residual block with gates (3.4) -> (out, {gate name: Decision}).
+        3x3 conv -> BN -> ReLU -> [gate1] -> 3x3 conv -> BN, + shortcut, ReLU
+    granularity 'channel': gate1 on conv1's output channels; 'layer': one `gate` that keeps or
+    drops the whole branch (the block is then its shortcut, ReLU applied)."""
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
                  granularity='channel', init_p=INIT_P):
         super().__init__()
         _check_choice('granularity', granularity, GRANULARITIES)
-        self.conv1, self.bn1 = _conv3x3(inplanes, planes, stride), nn.BatchNorm2d(planes)
-        self.conv2, self.bn2 = _conv3x3(planes, planes), nn.BatchNorm2d(planes)
+        self.conv1 = _conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         if granularity == 'channel':
@@ -262,10 +260,9 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> [gate1] -> 3x3 (stride) -> [gate2] -> 1x1 (x4), torchvision's ResNet v1.5. Both
-    channel gates read the block input, so every decision is known before the block runs and
-    inference can skip work (NOTES.md 4). `width`: the inner width (default planes).
-    -> (out, {name: Decision})."""
+    """torchvision's bottleneck (ResNet v1.5) with gates (3.4) -> (out, {gate name: Decision}).
+        1x1 conv -> [gate1] -> 3x3 conv (stride) -> [gate2] -> 1x1 conv (x4), + shortcut, ReLU
+    `width`: the inner width (default planes); granularity as in BasicBlock."""
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, gating=None,
@@ -273,13 +270,17 @@ class Bottleneck(nn.Module):
         super().__init__()
         _check_choice('granularity', granularity, GRANULARITIES)
         width = width or planes
-        self.conv1, self.bn1 = nn.Conv2d(inplanes, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = _conv3x3(width, width, stride), nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         if granularity == 'channel':
+            # both read the block input: every decision is known before the block runs, so
+            # inference can skip work (NOTES.md 4)
             self.gate1 = _make_gate(gating, inplanes, width, init_p)
             self.gate2 = _make_gate(gating, inplanes, width, init_p)
         else:
@@ -308,11 +309,9 @@ def _out_hw(m, hw):
 
 
 def conv_macs(conv, hw, n_in=None, n_out=None):
-    """MACs per sample of `conv` on an input of spatial size hw, n_in input and n_out output
-    channels on (ints or (B,) tensors; default all):
-
-        h_out * w_out * k_h * k_w * n_in * n_out
-    """
+    """MACs per sample of `conv` on an input of size hw, n_in of its inputs and n_out of its
+    outputs on (ints or (B,) tensors; default all):
+        h_out * w_out * k_h * k_w * n_in * n_out"""
     h, w = _out_hw(conv, hw)
     n_in = conv.in_channels // conv.groups if n_in is None else n_in
     n_out = conv.out_channels if n_out is None else n_out
@@ -336,29 +335,23 @@ def _on(decisions, name):
 
 
 def basic_block_macs(block, sizes, decisions):
-    """A BasicBlock's branch, n1 the channels gate1 keeps (sizes: the convs' input sizes):
-
-        conv_macs(conv1, n_out=n1) + conv_macs(conv2, n_in=n1)
-    """
+    """A BasicBlock's branch, sizes its convs' input sizes, n1 the channels gate1 keeps:
+        conv_macs(conv1, n_out=n1) + conv_macs(conv2, n_in=n1)"""
     n1 = _on(decisions, 'gate1')
     return conv_macs(block.conv1, sizes[0], n_out=n1) + conv_macs(block.conv2, sizes[1], n_in=n1)
 
 
 def bottleneck_macs(block, sizes, decisions):
     """A Bottleneck's branch, n1 and n2 the channels gate1 and gate2 keep:
-
         conv_macs(conv1, n_out=n1) [n2 > 0] + conv_macs(conv2, n1, n2)
-            + conv_macs(conv3, n_in=n2) [n1 > 0]
-
-    With gate2 empty conv1 feeds nothing; with gate1 empty conv3 sees a constant, which
-    for dynamic gates costs n2 * C_out per input (prune folds it for static ones)."""
+            + conv_macs(conv3, n_in=n2) [n1 > 0]"""
     n1, n2 = _on(decisions, 'gate1'), _on(decisions, 'gate2')
     any1, any2 = (1 if n is None else (n > 0).double() for n in (n1, n2))
-    macs = (conv_macs(block.conv1, sizes[0], n_out=n1) * any2
+    macs = (conv_macs(block.conv1, sizes[0], n_out=n1) * any2     # gate2 empty: conv1 unused
             + conv_macs(block.conv2, sizes[1], n1, n2)
-            + conv_macs(block.conv3, sizes[2], n_in=n2) * any1)
-    if n1 is not None and isinstance(block.gate1, DynamicGate):
-        macs = macs + n2 * block.conv3.out_channels * (1 - any1)
+            + conv_macs(block.conv3, sizes[2], n_in=n2) * any1)   # gate1 empty: input constant
+    if n1 is not None and isinstance(block.gate1, DynamicGate):   # conv3 on that constant: 1x1
+        macs = macs + n2 * block.conv3.out_channels * (1 - any1)  # (prune folds static ones)
     return macs
 
 
@@ -366,11 +359,9 @@ BRANCH_MACS = {BasicBlock: basic_block_macs, Bottleneck: bottleneck_macs}
 
 
 def block_macs(block, hw, z=None):
-    """FLOPs(Z) of one residual block on an input of size hw, z its decisions {gate name:
-    Decision (or its z)}; None: the block without gates. -> (MACs, output size):
-
+    """FLOPs(Z) of one residual block on an input of size hw -> (MACs, output size).
         branch (x the layer gate's z) + shortcut + the gates' own MACs
-    """
+    z: the block's decisions {gate name: Decision (or its z)}; None: the block without gates."""
     z = z or {}
     convs, sizes = branch_convs(block), [tuple(hw)]
     for conv in convs:
@@ -391,8 +382,8 @@ def _once(cache, hw, count):
 
 
 def resnet_macs(model, hw, z=None):
-    """FLOPs(Z) of a ResNet on inputs of size hw: stem, every block (z: each block's
-    decisions, as block_macs takes them; None: without gates, MaxFLOPs) and the classifier."""
+    """FLOPs(Z) of a ResNet on inputs of size hw: stem, blocks, classifier.
+    z: each block's decisions, as block_macs takes them; None: without gates (MaxFLOPs)."""
     macs = conv_macs(model.conv1, hw)
     hw = _out_hw(model.maxpool, _out_hw(model.conv1, hw))
     for k, block in enumerate(model.blocks()):
@@ -404,18 +395,12 @@ def resnet_macs(model, hw, z=None):
 # ----------------------------------------------------------------------------- networks
 
 class GateInfo(NamedTuple):
-    """What the losses need from a gated forward pass.
-    z: list of (B, C_i) 0/1 decisions, one per gate module (C_i = 1 for a layer gate);
-    p: the matching on-probabilities; macs: (B,) float64 FLOPs(Z), the MACs each sample
-    runs, gates' own MACs included; max_macs: MaxFLOPs, the MACs of the network without
-    gates at this input size; exit_logits: an early-exit network's every classifier's
-    logits on every image (the final classifier last), else None.
-    """
-    z: list
-    p: list
-    macs: torch.Tensor
-    max_macs: int
-    exit_logits: Optional[list] = None
+    """What the losses need from a gated forward pass, one entry per gate module in z and p."""
+    z: list                    # (B, C_i) 0/1 decisions; C_i = 1 for a layer or exit gate
+    p: list                    # (B, C_i) on-probabilities
+    macs: torch.Tensor         # (B,) float64 FLOPs(Z): each sample's MACs, the gates' own too
+    max_macs: int              # MaxFLOPs: the MACs of the network without gates, this size
+    exit_logits: Optional[list] = None    # an exit net's every classifier's logits, final last
 
 
 def split_output(out):
@@ -424,12 +409,13 @@ def split_output(out):
 
 
 class ResNet(nn.Module):
-    """conv1 -> bn1 -> ReLU -> maxpool -> layer1..layerN -> avgpool -> fc, torchvision's names,
-    built by resnet_cifar and gate_resnet. Returns logits (gating None) or (logits, GateInfo)."""
+    """A ResNet in torchvision's names -> logits (gating None) or (logits, GateInfo).
+        conv1 -> bn1 -> ReLU -> maxpool -> layer1 .. layerN -> avgpool -> fc"""
 
     def __init__(self, conv1, bn1, maxpool, layers, fc, gating=None):
         super().__init__()
-        self.conv1, self.bn1 = conv1, bn1
+        self.conv1 = conv1
+        self.bn1 = bn1
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = maxpool
         self.num_stages = len(layers)
@@ -450,12 +436,12 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         hw = x.shape[-2:]
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))    # (B, C_1, H', W')
         decisions = []                              # per block: {gate name: Decision}
         for block in self.blocks():
             x, d = block(x)
             decisions.append(d)
-        logits = self.fc(torch.flatten(self.avgpool(x), 1))
+        logits = self.fc(torch.flatten(self.avgpool(x), 1))     # (B, classes)
         if self.gating is None:
             return logits
         every = [d for block in decisions for d in block.values()]
@@ -468,8 +454,6 @@ def resnet_cifar(depth, num_classes=10, gating=None, granularity='channel', init
     """CIFAR ResNet of depth 6n+2 (He et al. 2016, option-A shortcuts): 16/32/64 channels."""
     if not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0):
         raise ValueError(f'depth must be 6n+2, n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}')
-    _check_choice('gating', gating, GATINGS)
-    _check_choice('granularity', granularity, GRANULARITIES)
     n, inplanes, layers = (depth - 2) // 6, 16, []
     for planes, stride in ((16, 1), (32, 2), (64, 2)):
         blocks = []
@@ -496,15 +480,15 @@ def resnet110(**kw): return resnet_cifar(110, **kw)
 
 
 def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
-    """A torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks. Every dense
-    weight keeps torchvision's state_dict key, so pretrained weights load unchanged; only gate
-    parameters are new. `model` is left as it was. Grouped or dilated convs are refused."""
+    """A copy of a torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks (4.4).
+    Dense weights keep torchvision's state_dict keys, so pretrained weights load; only the
+    gates are new. Grouped or dilated convs are refused."""
     import torchvision
     if not isinstance(model, torchvision.models.ResNet):
         raise ValueError(f'model must be a torchvision.models.ResNet, got {type(model).__name__}')
     _check_choice('gating', gating, GATINGS)
     _check_choice('granularity', granularity, GRANULARITIES)
-    model, layers = copy.deepcopy(model), []
+    model, layers = copy.deepcopy(model), []                # `model` itself is left as it was
     for name in ('layer1', 'layer2', 'layer3', 'layer4'):
         blocks = []
         for old in getattr(model, name):
@@ -533,22 +517,24 @@ def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
 # ----------------------------------------------------------------------------- losses
 
 def batch_activation_loss(info, t):
-    """Eq. (1): L_B = (t - Q)^2, Q = 1/(|B||G|) sum_{i,j} Z_ij, the batch's activation rate
-    over every gate i (all channels of every gate module) and every sample j."""
+    """Eq. (1): the batch activation loss, every gate i (each channel) and sample j in B.
+        L_B = (t - Q)^2,    Q = 1 / (|B| |G|) sum_{i,j} Z_ij"""
     _check_t(t)
     q = torch.cat(info.z, dim=1).mean()                                     # (B, |G|) -> ()
     return (t - q) ** 2
 
 
 def flops_loss(info, t):
-    """3.4: L_FLOPs = (t - mean_j FLOPs(Z_j) / MaxFLOPs)^2, FLOPs the MACs each sample j runs."""
+    """3.4: the FLOPs loss, FLOPs(Z_j) the MACs sample j runs.
+        L_FLOPs = (t - 1/|B| sum_j FLOPs(Z_j) / MaxFLOPs)^2"""
     _check_t(t)
     return ((t - (info.macs / info.max_macs).mean()) ** 2).float()
 
 
 def per_gate_loss(info, targets):
-    """2.1 (AIG): L_G = 1/|G| sum_i (t_i - 1/|B| sum_j Z_ij)^2, one target rate t_i per gate
-    module (a channel-gate module's rate is its mean over channels and batch: NOTES.md 8)."""
+    """2.1 (AIG): the per-gate loss, one target rate t_i per gate module i.
+        L_G = 1/|G| sum_i (t_i - 1/|B| sum_j Z_ij)^2
+    A channel-gate module's rate is its mean over channels and batch (NOTES.md 8)."""
     if len(targets) != len(info.z):
         raise ValueError(f'targets must give one rate per gate module ({len(info.z)}), '
                          f'got {len(targets)}')
@@ -559,25 +545,26 @@ def per_gate_loss(info, targets):
 
 
 def expected_activation_loss(p, t, batch_size):
-    """Property 1 (3.1): E[L_B] = (t - E[Q])^2 + Var(Q), in closed form for independent
-    gates with on-probabilities p (G,), each Z_ij ~ Bernoulli(p_i) drawn per sample:
-        E[Q] = mean_i p_i,   Var(Q) = sum_i p_i (1 - p_i) / (G^2 |B|).
-    Returns (bias_sq, variance); the variance is 0 only if every p_i is 0 or 1."""
+    """Property 1 (3.1): E[L_B] of independent gates p (G,), Z_ij ~ Bernoulli(p_i) per sample.
+        E[L_B] = (t - E[Q])^2 + Var(Q)
+        E[Q] = mean_i p_i,    Var(Q) = sum_i p_i (1 - p_i) / (G^2 |B|)
+    -> (bias_sq, variance); the variance is 0 only if every p_i is 0 or 1."""
     _check_t(t)
     g = p.numel()
     return (t - p.mean()) ** 2, (p * (1 - p)).sum() / (g * g * batch_size)
 
 
 def polarized(p):
-    """3.1: which on-probabilities are polarized, p < 0.01 or p > 0.99 (bool, p's shape)."""
+    """3.1: which on-probabilities are polarized (bool, p's shape).
+        p < 0.01  or  p > 0.99"""
     return (p < POLAR) | (p > 1 - POLAR)
 
 
 def polarization_loss(info):
-    """Deviation (NOTES.md 20): mean over gates (and samples) of max(0, logit(1 - POLAR) -
-    |w1 - w0|), each logit difference's distance from polarization: it moves every undecided
-    gate toward its nearer pole at one pace (Var(Q) of Property 1 weighs a gate by (its MACs
-    / MaxFLOPs)^2, and its 4p(1 - p) shape fades near the poles)."""
+    """Deviation (NOTES.md 20): each logit difference's mean distance from polarization.
+        mean over gates (and samples) of max(0, logit(1 - POLAR) - |w1 - w0|)
+    Every undecided gate moves toward its nearer pole at one pace, where Var(Q) of Property 1
+    weighs a gate by (its MACs / MaxFLOPs)^2 and its 4p(1 - p) fades near the poles."""
     p = torch.cat(info.p, 1).clamp(1e-6, 1 - 1e-6)              # a finite logit, 0 gradient
     return F.relu(math.log((1 - POLAR) / POLAR) - (torch.log(p) - torch.log1p(-p)).abs()).mean()
 
@@ -585,16 +572,15 @@ def polarization_loss(info):
 # ----------------------------------------------------------------------------- training
 
 def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0):
-    """torch.optim parameter groups (3.2, 4.1). Gate parameters (a dynamic gate's whole
-    network too) get lr * gate_lr_mult and the decay weight_decay * gate_decay / |G| /
-    gate_lr_mult, |G| the number of gates (channels, or blocks for layer gates): SGD shrinks
-    a parameter by lr * decay per step, so this is the paper's per-step gate decay at any
-    multiplier (NOTES.md 19). The rest get the base values.
-
-    Why gates get less decay (3.2): for logits (w0, w1) with p = sigmoid(w1 - w0),
-        w0^2 + w1^2 = 1/2 ((w0 + w1)^2 + ln((1 - p) / p)^2),
-    whose second term is smallest at p = 1/2: decay works against polarization, and it is
-    summed over gates while the gate loss is averaged, hence the division by |G|."""
+    """torch.optim parameter groups (3.2, 4.1): the gates' lr and (smaller) decay apart.
+        dense:  lr,                  weight_decay
+        gates:  lr * gate_lr_mult,   weight_decay * gate_decay / |G| / gate_lr_mult
+    |G| the number of gates (channels, or blocks for layer gates); a dynamic gate's whole
+    network counts as gate. SGD shrinks a parameter by lr * decay per step, so the gates
+    keep the paper's per-step decay at any multiplier (NOTES.md 19). Why less decay (3.2):
+        w0^2 + w1^2 = 1/2 ((w0 + w1)^2 + ln((1 - p) / p)^2),    p = sigmoid(w1 - w0)
+    is smallest at p = 1/2, so decay works against polarization; it is summed over gates
+    while the gate loss is averaged, hence / |G|."""
     found = gates(model)
     gate_ids = {id(q) for g in found for q in g.parameters()}
     dense = [q for q in model.parameters() if id(q) not in gate_ids]
@@ -608,10 +594,9 @@ def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0
 
 
 def set_sampling(model, soft=False, temperature=1.0, per_batch=False):
-    """3.2: how gates sample in training: the straight-through estimator (default) or, with
-    soft=True, the soft Gumbel-softmax relaxation Z in (0, 1); the Gumbel temperature (the
-    paper fixes 1); and whether static gates draw once per batch instead of once per sample
-    (NOTES.md 17). Returns model."""
+    """How gates sample in training (3.2); returns model. soft=True: the soft relaxation,
+    Z in (0, 1), instead of straight-through; the Gumbel temperature (the paper fixes 1);
+    per_batch=True: static gates draw once per batch, not per sample (NOTES.md 17)."""
     if not temperature > 0:
         raise ValueError(f'temperature must be > 0, got {temperature!r}')
     for g in gates(model):
@@ -624,9 +609,8 @@ def set_sampling(model, soft=False, temperature=1.0, per_batch=False):
 # ----------------------------------------------------------------------------- inference
 
 def set_inference(model, strategy='threshold', tau=0.5):
-    """3.3: how gates decide in evaluation mode: 'threshold' (Z = 1 iff p > tau,
-    deterministic), 'sample' (stochastic, as in training) or 'all_on' (Z = 1).
-    Training mode always samples. Returns model."""
+    """How gates decide in evaluation mode (3.3); returns model. Training always samples.
+    'threshold': Z = 1 iff p > tau (deterministic); 'sample': as in training; 'all_on'."""
     _check_choice('strategy', strategy, STRATEGIES)
     if not 0 < tau < 1:
         raise ValueError(f'tau (threshold) must be in (0, 1), got {tau!r}')
@@ -637,8 +621,8 @@ def set_inference(model, strategy='threshold', tau=0.5):
 
 @contextlib.contextmanager
 def evaluation(model, strategy=None):
-    """with evaluation(model[, strategy]): the model in evaluation mode (its gates deciding
-    by `strategy`, default their own); its mode and gates' strategies are restored after."""
+    """with evaluation(model[, strategy]): evaluation mode, gates deciding by `strategy`
+    (default their own); the mode and the gates' strategies are restored after."""
     found, was_training = gates(model), model.training
     saved = [g.strategy for g in found]
     model.eval()
@@ -654,9 +638,9 @@ def evaluation(model, strategy=None):
 
 @torch.no_grad()
 def ensemble_predict(model, x, runs=8, vote=False):
-    """3.3: an ensemble of `runs` stochastic passes of one network (evaluation mode, gates
-    sampling). Returns (B, classes): the mean softmax, or with vote=True each class's share
-    of the runs' votes (argmax is the majority). The model's mode and strategies are restored."""
+    """An ensemble of `runs` stochastic passes of one network (3.3) -> (B, classes).
+    The mean softmax, or with vote=True each class's share of the votes (argmax: the
+    majority, NOTES.md 14). Evaluation mode, gates sampling; mode and strategies restored."""
     if runs < 1:
         raise ValueError(f'runs must be >= 1, got {runs!r}')
     total = 0
@@ -672,10 +656,10 @@ def ensemble_predict(model, x, runs=8, vote=False):
 
 @torch.no_grad()
 def recalibrate_bn(model, batches):
-    """4.1: reset every BatchNorm's running statistics and re-estimate them from `batches`
-    (tensors, or tuples whose first item is the input), with gates deciding by the current
-    inference strategy: the paper's learning-rate-0 pass, as an exact cumulative average
-    (NOTES.md 10). No parameter changes; the model's mode is restored."""
+    """Re-estimate every BatchNorm's running statistics from `batches` (4.1); returns model.
+    `batches`: tensors, or tuples whose first item is the input; gates decide by the current
+    inference strategy. The paper's lr-0 pass, as an exact cumulative average (NOTES.md 10);
+    no parameter changes; the model's mode is restored."""
     batches = iter(batches)
     first = next(batches, None)
     if first is None:                             # checked before any statistic is reset
@@ -686,7 +670,7 @@ def recalibrate_bn(model, batches):
     with evaluation(model):
         for bn in bns:
             bn.reset_running_stats()
-            bn.momentum = None
+            bn.momentum = None                    # None: a cumulative average
             bn.train()
         try:
             for x in itertools.chain([first], batches):
@@ -701,36 +685,41 @@ def recalibrate_bn(model, batches):
 # ----------------------------------------------------------------------------- early exits (5)
 
 class _DenseLayer(nn.Module):
-    """DenseNet-BC layer: BN-ReLU-1x1 conv (4k) -> BN-ReLU-3x3 conv (k), appended to its input."""
+    """DenseNet-BC layer, its output appended to its input.
+        BN -> ReLU -> 1x1 conv (4k) -> BN -> ReLU -> 3x3 conv (k)"""
 
     def __init__(self, cin, growth):
         super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
-        self.bn2, self.conv2 = nn.BatchNorm2d(4 * growth), _conv3x3(4 * growth, growth)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = _conv3x3(4 * growth, growth)
 
     def forward(self, x):
-        y = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))
+        y = self.conv2(F.relu(self.bn2(self.conv1(F.relu(self.bn1(x))))))   # (B, k, H, W)
         return torch.cat([x, y], 1)
 
 
 class _Transition(nn.Module):
-    """BN-ReLU-1x1 conv -> 2x2 average pool, between dense blocks."""
+    """Between dense blocks: BN -> ReLU -> 1x1 conv -> 2x2 average pool."""
 
     def __init__(self, cin, cout):
         super().__init__()
-        self.bn, self.conv = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x):
         return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2)
 
 
 class _Exit(nn.Module):
-    """A classifier (BN-ReLU-pool-linear) and its exit gate: a one-channel DynamicGate whose
-    Z = 1 means "leave here", so its p is the probability of leaving."""
+    """A classifier (BN -> ReLU -> pool -> linear) and its exit gate -> (logits, z, p).
+    The gate is a one-channel DynamicGate whose Z = 1 means "leave here": p = P(leave)."""
 
     def __init__(self, cin, num_classes, init_leave_p):
         super().__init__()
-        self.bn, self.fc = nn.BatchNorm2d(cin), nn.Linear(cin, num_classes)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
         self.gate = DynamicGate(cin, 1, init_p=init_leave_p)
         self.macs = cin * num_classes + self.gate.macs
 
@@ -739,9 +728,9 @@ class _Exit(nn.Module):
 
 
 def exit_net_macs(model, hw, z=None):
-    """FLOPs(Z) of an early-exit DenseNet on inputs of size hw, z the exit decisions (a list
-    of (B, 1), Z = 1: leave; None: every image runs to the end, no exit evaluated, which is
-    MaxFLOPs). A sample pays the stages it runs and every exit it passes."""
+    """FLOPs(Z) of an early-exit DenseNet on inputs of size hw: a sample pays the stages it
+    runs and every exit it passes. z: the exit decisions, each (B, 1), Z = 1: leave; None:
+    every image runs to the end and no exit is evaluated (MaxFLOPs)."""
     stages, size = [], tuple(hw)
     stem = conv_macs(model.conv1, size)
     for k, block in enumerate(model.blocks):
@@ -760,11 +749,12 @@ def exit_net_macs(model, hw, z=None):
 
 
 class DenseNetExits(nn.Module):
-    """DenseNet-BC for CIFAR (3 dense blocks, compression 0.5) with, when exits=True, a
-    classifier and an exit gate after dense blocks 1 and 2 (5, Table 5), starting at p(leave)
-    = init_leave_p. Training (and the masked evaluation) runs every image to the end and
-    returns the output each image takes, Z1 l1 + (1 - Z1)(Z2 l2 + (1 - Z2) l3), with GateInfo
-    (exit_logits set); gumbel_export.early_exit really skips the blocks after an exit."""
+    """DenseNet-BC for CIFAR (3 dense blocks, compression 0.5) with early exits (5, Table 5).
+    exits=True: a classifier and an exit gate after dense blocks 1 and 2, p(leave) starting
+    at init_leave_p. Every image runs to the end (training, masked evaluation); the output
+    each image takes, with GateInfo (exit_logits set), is
+        Z1 l1 + (1 - Z1) (Z2 l2 + (1 - Z2) l3)
+    gumbel_export.early_exit really skips the blocks after an exit."""
 
     def __init__(self, depth=100, growth_rate=12, num_classes=10, exits=True,
                  init_leave_p=1 - INIT_P):
@@ -774,7 +764,8 @@ class DenseNetExits(nn.Module):
                              f'got {depth!r}')
         n, c = (depth - 4) // 6, 2 * growth_rate
         self.conv1 = _conv3x3(3, c)
-        self.blocks, self.transitions = nn.ModuleList(), nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        self.transitions = nn.ModuleList()
         self.exits = nn.ModuleList()
         for k in range(3):
             self.blocks.append(nn.Sequential(*(_DenseLayer(c + i * growth_rate, growth_rate)
@@ -785,7 +776,8 @@ class DenseNetExits(nn.Module):
                     self.exits.append(_Exit(c, num_classes, init_leave_p))
                 self.transitions.append(_Transition(c, c // 2))
                 c //= 2
-        self.bn, self.fc = nn.BatchNorm2d(c), nn.Linear(c, num_classes)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
         self._max_macs = {}                         # input size -> MaxFLOPs
 
     def stage(self, k, x):
@@ -818,4 +810,3 @@ def densenet_cifar(depth=100, growth_rate=12, num_classes=10, exits=True,
                    init_leave_p=1 - INIT_P):
     """DenseNet-BC (k = 12) for CIFAR with early exits after dense blocks 1 and 2 (5)."""
     return DenseNetExits(depth, growth_rate, num_classes, exits, init_leave_p)
-

@@ -1,5 +1,4 @@
-"""Deployment of networks trained with gumbel_channels.py: turning gate decisions into
-skipped work.
+"""Deployment of gated networks (gumbel_channels.py): gate decisions turned into skipped work.
 
     prune(model)           static gates -> a plain ResNet with physically smaller convs and BNs
     deploy(net, x)         a pruned (or dense) net in its fastest inference form
@@ -34,8 +33,8 @@ __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_
 # ----------------------------------------------------------------------------- shared pieces
 
 def counted_macs(model, x):
-    """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them
-    (conv, mm, addmm, and here mv and addmv; 2 FLOPs per MAC). The independent check of
+    """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them.
+    Conv, mm, addmm, and here mv and addmv (2 FLOPs per MAC): the independent check of
     GateInfo.macs and of what each export spends."""
     from torch.utils.flop_counter import FlopCounterMode
     mv = {torch.ops.aten.mv: lambda mat, vec, **_: 2 * mat[0] * mat[1],   # not in its table
@@ -55,12 +54,14 @@ class Folded(NamedTuple):
 
 
 def _bn_scale(bn):
-    """An eval-mode BN's per-channel scale, gamma / sqrt(running_var + eps)."""
+    """An eval-mode BN's per-channel scale.
+        gamma / sqrt(running_var + eps)"""
     return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
 
 def _logit(p):
-    """log(p / (1 - p)): the logit difference w1 - w0 at which a gate's p equals p."""
+    """The logit difference w1 - w0 at which a gate's on-probability is p.
+        log(p / (1 - p))"""
     return math.log(p / (1 - p))
 
 
@@ -69,10 +70,8 @@ def _round_up(n, multiple):
 
 
 def _fold(conv, bn):
-    """conv then eval-mode BN as one conv:
-
-        weight * s,  beta - (mean - conv bias) * s,    s = _bn_scale(bn)
-    """
+    """conv, then an eval-mode BN, as one conv -> Folded(weight, bias).
+        weight * s,    beta - (mean - conv bias) * s,    s = _bn_scale(bn)"""
     scale = _bn_scale(bn)
     mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
     return Folded((conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale)
@@ -90,10 +89,10 @@ def _pick(t, i, dim=0):
 
 
 def _collapsed_branch(bias, on2=None, shift2=None, w3=None):
-    """(1, C_out, 1, 1): what a branch whose gate1 (or a Bottleneck's gate2) is all off still
-    adds, from folded parameters. The last conv sees zeros, so its BN leaves `bias`; in a
-    Bottleneck with only gate1 empty, conv3 (folded weight w3) also maps the constants
-    ReLU(bn2(0)) = ReLU(shift2) of gate2's on channels on2 (indices), at 1x1: n2 * C_out MACs."""
+    """What a branch still adds when its gate1 (or gate2) keeps nothing: (1, C_out, 1, 1).
+    From folded parameters: the last conv sees zeros, so its BN leaves `bias`. In a Bottleneck
+    with only gate1 empty, conv3 (folded weight w3) also maps gate2's on channels on2
+    (indices), each the constant ReLU(bn2(0)) = ReLU(shift2), at 1x1: n2 * C_out MACs."""
     y = bias.view(1, -1, 1, 1)
     if on2 is not None and len(on2):
         y = y + F.conv2d(_pick(F.relu(shift2), on2).view(1, -1, 1, 1), _pick(w3, on2, 1))
@@ -101,8 +100,8 @@ def _collapsed_branch(bias, on2=None, shift2=None, w3=None):
 
 
 class ShortcutBlock(nn.Module):
-    """An exported block whose branch no longer runs: ReLU(shortcut(x) + bias), bias (C_out,)
-    the constant its branch left (0 for an off layer gate). Returns (out, {}) like a block."""
+    """An exported block whose branch no longer runs -> (out, {}), as a block returns.
+        ReLU(shortcut(x) + bias),    bias (C_out,) the constant its branch left (0: layer off)"""
 
     def __init__(self, downsample, bias):
         super().__init__()
@@ -138,8 +137,8 @@ def _sliced_bn(bn, keep):
 
 
 def _drop_gates(block):
-    """The block without its gates: each gate attribute becomes None (a block reads None as
-    "all on"), so code that checks `block.gate1 is None` keeps working."""
+    """The block without its gates; each gate attribute becomes None, which a block reads as
+    "all on" (so code that checks `block.gate1 is None` keeps working)."""
     for name in ('gate', 'gate1', 'gate2'):
         if name in block._modules:
             setattr(block, name, None)
@@ -161,22 +160,24 @@ def _prune_block(block):
         on2 = None if keep2 is None else keep2.nonzero().flatten()
         bias = _collapsed_branch(folded[-1].bias, on2, folded[1].bias, folded[-1].weight)
         return ShortcutBlock(block.downsample, bias)
-    block.conv1, block.bn1 = _sliced_conv(block.conv1, out=keep1), _sliced_bn(block.bn1, keep1)
+    block.conv1 = _sliced_conv(block.conv1, out=keep1)
+    block.bn1 = _sliced_bn(block.bn1, keep1)
     if keep2 is None:
         block.conv2 = _sliced_conv(block.conv2, in_=keep1)
     else:
         block.conv2 = _sliced_conv(block.conv2, keep2, keep1)
-        block.bn2, block.conv3 = _sliced_bn(block.bn2, keep2), _sliced_conv(block.conv3, in_=keep2)
+        block.bn2 = _sliced_bn(block.bn2, keep2)
+        block.conv3 = _sliced_conv(block.conv3, in_=keep2)
     return _drop_gates(block)
 
 
 @torch.no_grad()
 def round_gates(model, lanes=16):
-    """A copy of a statically gated network whose every channel gate keeps a multiple of
-    `lanes` channels under threshold inference (or none, or all): the off channels with the
-    highest p are turned on until the count is rounded up. oneDNN pads a conv's output
-    channels to its vector width (16 float32 on AVX-512), so widths on it are what a pruned
-    net's speed can follow. The net changes (more channels): recalibrate BN and evaluate."""
+    """A copy of a static-gated net whose channel gates each keep a multiple of `lanes`.
+    Under threshold inference each keeps none, all, or a multiple: the off channels with the
+    highest p are turned on until the count is rounded up. Why: oneDNN pads a conv's output
+    channels to its vector width (16 float32 on AVX-512), so a pruned net's speed follows
+    widths on it. The net changes (more channels): recalibrate BN and evaluate."""
     if lanes < 1:
         raise ValueError(f'lanes must be >= 1, got {lanes!r}')
     model = copy.deepcopy(model)
@@ -194,10 +195,10 @@ def round_gates(model, lanes=16):
 
 @torch.no_grad()
 def prune(model):
-    """Physical pruning: a gate-free copy of a statically gated network with smaller convs
-    and BNs, computing what threshold inference (each gate's tau) computes, in evaluation
-    mode. Blocks whose branch empties keep the constant their last BN adds. Returns an
-    ordinary ResNet (logits only) in evaluation mode; `model` is left as it was."""
+    """Physical pruning (3.1): a gate-free copy of a static-gated net, smaller convs and BNs.
+    It computes what threshold inference (each gate's tau) computes in evaluation mode;
+    blocks whose branch empties keep the constant their last BN adds. Returns an ordinary
+    ResNet (logits only) in evaluation mode; `model` is left as it was."""
     found = gc.gates(model)
     if not found:
         raise ValueError(f'model ({type(model).__name__}) has no gates: nothing to prune (gate '
@@ -232,9 +233,9 @@ def _folded_conv(conv, bn):
 
 @torch.no_grad()
 def fold_bn(net):
-    """A copy of a gate-free network (pruned, or dense: ours or torchvision's) in evaluation
-    mode with every BatchNorm that follows a conv folded into it: each module's (convK, bnK)
-    pair becomes a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
+    """A copy of a gate-free net in evaluation mode, each BatchNorm after a conv folded in.
+    For nets pruned or dense, ours or torchvision's: each module's (convK, bnK) pair becomes
+    a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
     net = copy.deepcopy(net).eval()
     if isinstance(net, torch.fx.GraphModule):              # gumbel_any's pruned nets
         return _fold_graph(net)
@@ -286,9 +287,9 @@ def _shortcut_folded(downsample):
 
 
 def onnx_graph(net, example_input):
-    """The ONNX graph (bytes, input 'x', output 'logits', any batch size) of a gate-free net
-    in evaluation mode: what deploy(net, x, 'onnxruntime') runs (BN folded first), and what
-    the training scripts write as pruned.onnx. Needs: pip install onnx."""
+    """The ONNX graph of a gate-free net in evaluation mode, as bytes (needs: pip install onnx).
+    Input 'x', output 'logits', any batch size: what deploy(net, x, 'onnxruntime') runs (BN
+    folded first), and what the training scripts write as pruned.onnx."""
     buf = io.BytesIO()
     torch.onnx.export(net, (example_input.contiguous(),), buf, input_names=['x'],
                       output_names=['logits'], dynamo=False,
@@ -320,7 +321,8 @@ class _Deployed(nn.Module):
 
     def __init__(self, net, compiled=None):
         super().__init__()
-        self.net, self.compiled = net, compiled
+        self.net = net
+        self.compiled = compiled
 
     @torch.no_grad()
     def forward(self, x):
@@ -332,13 +334,13 @@ BACKENDS = ('inductor', 'eager', 'onnxruntime')
 
 
 def deploy(net, example_input, backend='inductor'):
-    """The fastest inference form of a gate-free network (a pruned net, or a dense one to
-    compare with): BN folded into the convs, channels_last, and with backend 'inductor'
-    torch.compile with inductor's freezing (weights as constants; on CPU also max_autotune)
-    of a traced copy, compiled now on example_input. backend 'eager' stops before compiling.
-    Returns a module that computes what `net` computes in evaluation mode, without autograd.
-    backend 'onnxruntime' (CPU, optional: pip install onnxruntime onnx) runs the folded net's
-    ONNX graph instead."""
+    """The fastest inference form of a gate-free net (pruned, or dense to compare with).
+    A module that computes what `net` computes in evaluation mode, without autograd:
+        'inductor'     BN folded, channels_last, a traced copy torch.compiled with inductor's
+                       freezing (weights as constants; on CPU also max_autotune), compiled now
+                       on example_input
+        'eager'        BN folded, channels_last, not compiled
+        'onnxruntime'  the folded net's ONNX graph (CPU; pip install onnxruntime onnx)"""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if gc.gates(net):
@@ -369,9 +371,9 @@ def vector_lanes():
 
 
 def lane_macs(net, x, lanes=16):
-    """MACs of one forward of a gate-free `net` on x (per input) with every conv's output
-    channels rounded up to a multiple of `lanes`, the vector width oneDNN pads them to
-    (16 float32 on AVX-512): the MACs the CPU really spends."""
+    """MACs per input of a gate-free `net` on x, each conv's outputs rounded up to `lanes`.
+    oneDNN pads output channels to its vector width (16 float32 on AVX-512): these are the
+    MACs the CPU really spends."""
     total = []
 
     def hook(m, inputs, out):
@@ -392,10 +394,11 @@ def lane_macs(net, x, lanes=16):
 # ----------------------------------------------------------------------------- skipping (1.1)
 
 class _LeanGate(nn.Module):
-    """A gate's threshold decision for one input, with as little work as it allows. Static:
-    the on channels, fixed. Dynamic: BN folded into the first linear map, and one difference
-    of logits per channel instead of two logits, d = w1 - w0, compared with logit(tau):
-    p > tau iff d > logit(tau) (equal decisions, up to rounding at the threshold itself)."""
+    """A gate's threshold decision for one input, with as little work as it allows.
+    Static: the on channels, fixed. Dynamic: BN folded into the first linear map, and one
+    logit difference per channel instead of two logits (equal decisions, up to rounding at
+    the threshold itself):
+        p > tau    iff    d = w1 - w0 > logit(tau)"""
 
     def __init__(self, gate):
         super().__init__()
@@ -405,7 +408,8 @@ class _LeanGate(nn.Module):
             return
         bn, fc2 = gate.bn, gate.fc2
         scale = _bn_scale(bn)
-        w, b = fc2.weight.view(gate.channels, 2, -1), fc2.bias.view(gate.channels, 2)
+        w = fc2.weight.view(gate.channels, 2, -1)                          # (C, (off, on), hidden)
+        b = fc2.bias.view(gate.channels, 2)
         self.register_buffer('w1', (gate.fc1.weight * scale[:, None]).contiguous())
         self.register_buffer('b1', bn.bias - bn.running_mean * scale)
         self.register_buffer('wd', (w[:, 1] - w[:, 0]).contiguous())
@@ -420,8 +424,9 @@ class _LeanGate(nn.Module):
 
 
 class _SkipBlock(nn.Module):
-    """A gated block for one input at a time: its gates decide (threshold inference), then
-    its convs run on the sliced weights of the on channels only, BN folded in."""
+    """A gated block for one input at a time, running only the channels its gates keep.
+    The gates decide (threshold inference), then the convs run on the sliced weights of the
+    on channels, BN folded in."""
 
     def __init__(self, block):
         super().__init__()
@@ -441,8 +446,8 @@ class _SkipBlock(nn.Module):
             return F.relu(identity)
         i1, i2 = (None if g is None else g(x) for g in (self.gate1, self.gate2))  # None: all
         if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
-            last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
-            return F.relu_(identity + _collapsed_branch(last[1], i2, self.b2, last[0]))
+            w_last, b_last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
+            return F.relu_(identity + _collapsed_branch(b_last, i2, self.b2, w_last))
         if self.bottleneck:
             a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
             w2 = _pick(_pick(self.w2, i2), i1, 1)
@@ -453,12 +458,12 @@ class _SkipBlock(nn.Module):
 
 
 class SkipNet(nn.Module):
-    """Conditional computation that really skips work (dynamic gates, threshold inference):
-    for one input (1, 3, H, W), every block runs its convs on the sliced weights of the
-    channels its gates turn on, and an off layer gate skips its branch. Built from a gated
-    network in evaluation mode (a snapshot, BN folded into the convs and the gates: NOTES.md
-    16); returns the logits of the masked forward, and spends the MACs GateInfo.macs counts
-    less hidden x C per dynamic gate (one logit difference per channel instead of two)."""
+    """Conditional computation that really skips work (1.1): one input, threshold inference.
+    For x (1, 3, H, W), every block runs its convs on the sliced weights of the channels its
+    gates turn on, and an off layer gate skips its branch. A snapshot of a gated net in
+    evaluation mode, BN folded into the convs and gates (NOTES.md 16). Returns the masked
+    forward's logits and spends the MACs GateInfo.macs counts less hidden x C per dynamic
+    gate (one logit difference per channel instead of two)."""
 
     def __init__(self, model):
         super().__init__()
@@ -467,7 +472,8 @@ class SkipNet(nn.Module):
         model = copy.deepcopy(model).eval()
         self.stem = nn.Sequential(_folded_conv(model.conv1, model.bn1), model.relu, model.maxpool)
         self.blocks = nn.ModuleList(_SkipBlock(b) for b in model.blocks())
-        self.avgpool, self.fc = model.avgpool, model.fc
+        self.avgpool = model.avgpool
+        self.fc = model.fc
         self.eval()
 
     @torch.inference_mode()
@@ -484,10 +490,10 @@ class SkipNet(nn.Module):
 
 @torch.no_grad()
 def early_exit(model, x, use_exits=True):
-    """Inference of a DenseNetExits in evaluation mode that splits the batch: images leaving
-    at exit k (their gate's threshold decision) are not run through later blocks. Returns
-    (logits, exit index per image, len(exits) for the final classifier). use_exits=False
-    runs every image to the end."""
+    """Early-exit inference (5) that splits the batch -> (logits, exit taken per image).
+    A DenseNetExits in evaluation mode: images leaving at exit k (their gate's threshold
+    decision) do not run later blocks; the final classifier's index is len(exits).
+    use_exits=False runs every image to the end."""
     if model.training:
         raise ValueError('model must be in evaluation mode (model.eval()) for early_exit')
     x = model.conv1(x)
@@ -511,11 +517,11 @@ def early_exit(model, x, use_exits=True):
 
 @torch.no_grad()
 def exit_report(model, batches):
-    """Table 5 for an early-exit network, over (images, labels) batches, in evaluation mode
-    (restored after). Per exit (the final classifier last): the share of images that leave
-    there, its classifier's accuracy on all images and on the images it took. Also the MACs
-    that the batch split spends (FlopCounterMode / 2) beside the accounting's, and its wall
-    time beside running every image to the end."""
+    """Table 5 for an early-exit network over (images, labels) batches -> dict.
+    Per exit (the final classifier last): the share of images that leave there, its
+    classifier's accuracy on all images and on the images it took. Also the MACs the batch
+    split spends (FlopCounterMode / 2) beside the accounting's, and its wall time beside
+    running every image to the end. Evaluation mode, restored after."""
     counts, n, macs, seconds = 0, 0, torch.zeros(3, dtype=torch.float64), torch.zeros(2)
     with gc.evaluation(model):
         for x, y in batches:

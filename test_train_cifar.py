@@ -161,7 +161,8 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     steps = []
     for model, mode in zip(models, (None, 'default')):
         opt, _ = train_common.optimizer(model, args, 5e-4, [10])
-        steps.append(train_common.TrainStep(model, opt, args, autocast, mode))
+        steps.append(train_common.TrainStep(model, opt, train_common.gate_loss(args), autocast,
+                                            mode=mode))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     with torch._inductor.config.patch(fallback_random=True):
         for i in range(3):
@@ -182,7 +183,7 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     torch._dynamo.reset()                       # compiled anew, with inductor's own RNG
     model = train_common.sampling(small_any_cnn(init_p=0.5), args)      # every p still 0.5
     fresh = train_common.TrainStep(model, train_common.optimizer(model, args, 5e-4, [10])[0],
-                                   args, autocast, 'default')
+                                   train_common.gate_loss(args), autocast, mode='default')
     with torch.no_grad():
         ce = [fresh.losses(x, y, torch.tensor(0.5))[1].item() for _ in range(2)]
     assert ce[0] != ce[1]
@@ -227,7 +228,8 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
     args.t, args.granularity = 0.5, granularity
     model = small_any_cnn() if arch == 'any' else train_cifar.build(args, gated=gating != 'none')
     opt, _ = train_common.optimizer(model, args, 5e-4, [10])
-    step = train_common.TrainStep(model, opt, args, train_common.autocast_for(torch.device('cpu')))
+    step = train_common.TrainStep(model, opt, train_common.gate_loss(args),
+                                  train_common.autocast_for(torch.device('cpu')))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     torch._dynamo.reset()
     loss = torch.compile(step._losses, fullgraph=True, backend='aot_eager')(

@@ -202,8 +202,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         start, best, last = common.resume(run_dir, model, opt, sched, gen)
         print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
     common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
-    step = common.TrainStep(model, opt, args, autocast, common.compile_mode(args.compile,
-                                                                            args.device))
+    step = common.TrainStep(model, opt, common.gate_loss(args), autocast,
+                            mode=common.compile_mode(args.compile, args.device))
     x_train, y_train, x_test, y_test = data
     print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}, '
           f'run dir {run_dir}')
@@ -211,8 +211,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     steps = len(x_train) // batch_size
     for epoch in range(start, epochs):
         m = common.train_epoch(step, train_batches(x_train, y_train, batch_size, gen),
-                               lambda i: common.progress(epoch, i, epochs, steps), epoch + 1,
-                               steps)
+                               progress=lambda i: common.progress(epoch, i, epochs, steps),
+                               epoch=epoch + 1, steps=steps)
         lr = opt.param_groups[0]['lr']
         sched.step()
         test_acc, test_rate, test_macs, _ = evaluate(model, x_test, y_test, autocast)

@@ -479,19 +479,24 @@ def record_epoch(run_dir, ckpt, metrics, improved):
 
 # ----------------------------------------------------------------------------- the epoch
 
-def gate_loss(info, args, progress):
-    """The gate terms of the training loss at `progress` (0 -> 1) through fine-tuning:
-    loss weight x (L_FLOPs (3.4), Eq. (1) or the per-gate loss (2.1)), plus the polarization
-    term, its weight rising linearly from 0 (NOTES.md 20). The term is summed over the gates
-    (|G| x its mean): each gate feels the same push in a net of 336 gates or of 7,552."""
-    if args.loss == 'flops':
-        loss = gc.flops_loss(info, args.t)
-    elif args.loss == 'batch':
-        loss = gc.batch_activation_loss(info, args.t)
-    else:
-        loss = gc.per_gate_loss(info, args.targets or [args.t] * len(info.z))
-    n_gates = sum(z.shape[1] for z in info.z)
-    return args.loss_weight * loss + args.polarize * progress * n_gates * gc.polarization_loss(info)
+def gate_loss(args):
+    """The gate terms of the training loss, built once per run -> loss(info, progress).
+        loss_weight x L  +  polarize x progress x |G| x polarization_loss(info)
+    L: L_FLOPs (3.4, --loss flops), Eq. (1) (batch) or the per-gate loss (2.1, per-gate);
+    progress runs 0 -> 1 through fine-tuning, so the polarization term rises linearly from 0
+    (NOTES.md 20). |G| x its mean is its sum over the gates: each gate feels the same push in
+    a net of 336 gates or of 7,552."""
+    t, weight, polarize = args.t, args.loss_weight, args.polarize
+    targets = args.targets if args.loss == 'per-gate' else None
+    terms = {'flops': lambda info: gc.flops_loss(info, t),
+             'batch': lambda info: gc.batch_activation_loss(info, t),
+             'per-gate': lambda info: gc.per_gate_loss(info, targets or [t] * len(info.z))}
+    term = terms[args.loss]
+
+    def loss(info, progress):
+        n_gates = sum(z.shape[1] for z in info.z)
+        return weight * term(info) + polarize * progress * n_gates * gc.polarization_loss(info)
+    return loss
 
 
 def gate_stats(info):
@@ -605,21 +610,22 @@ def compile_mode(flag, device):
 
 
 class TrainStep:
-    """One training step: forward (fresh Gumbel noise at every call, 3.2), loss = CE of the
-    output each image takes (+ every exit classifier's CE for an early-exit net, 5) +
-    gate_loss, backward, optimizer step. With a compile `mode` the forward and loss (and with
-    them AOTAutograd's backward) and the optimizer step are torch.compiled; on CUDA
-    'reduce-overhead' replays them as CUDA graphs, so a step costs a few graph launches
-    instead of a thousand kernel launches (issue 20). `net` is what the forward calls (a DDP
-    wrapper of `model`); `scaler` (fp16) keeps the optimizer step eager.
-    Calling it returns (loss, ce, gate loss, correct count, gate stats or None), detached;
-    they live until the next call (CUDA graph outputs are reused)."""
+    """One training step: forward, loss, backward, optimizer step; called (x, y, progress).
+        loss = CE(the output each image takes) [+ each exit classifier's CE, 5]
+               + gate_loss(info, progress)
+    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. With a
+    compile `mode` the forward and loss (and with them AOTAutograd's backward) and the
+    optimizer step are torch.compiled; on CUDA 'reduce-overhead' replays them as CUDA graphs,
+    so a step costs a few graph launches instead of a thousand kernel launches (issue 20).
+    `net` is what the forward calls (a DDP wrapper of `model`); `scaler` (fp16) keeps the
+    optimizer step eager. Returns (loss, ce, gate loss, correct count, gate stats or None),
+    detached; they live until the next call (CUDA graph outputs are reused)."""
 
-    def __init__(self, model, opt, args, autocast, mode=None, scaler=None, net=None):
+    def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None):
         self.model = model
         self.net = net or model
         self.opt = opt
-        self.args = args
+        self.gate_loss = gate_loss
         self.autocast = autocast
         self.mode = mode
         self.scaler = scaler
@@ -642,7 +648,7 @@ class TrainStep:
                 ce = ce + F.cross_entropy(exit_logits, yb)
             if info is None:
                 return ce, ce, None, (logits.argmax(1) == yb).sum(), None
-            gl = gate_loss(info, self.args, progress)
+            gl = self.gate_loss(info, progress)
         return ce + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
 
     def _opt_step(self):            # compiled as a function: dynamo failed on bound opt.step

@@ -283,8 +283,9 @@ def train(model, args, run_dir, data, device, autocast, processes):
     if rank == 0:
         common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
     ids = [device] if device.type == 'cuda' else None
-    step = common.TrainStep(model, opt, args, autocast, common.compile_mode(args.compile, device),
-                            scaler, DistributedDataParallel(model, device_ids=ids) if distributed
+    step = common.TrainStep(model, opt, common.gate_loss(args), autocast,  # each replica's own
+                            mode=common.compile_mode(args.compile, device), scaler=scaler,
+                            net=DistributedDataParallel(model, device_ids=ids) if distributed
                             else model)
     log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), '
         f'lr {args.lr} / 10 at epochs {args.milestones}')
@@ -298,8 +299,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
             for x, y, bad in train_loader:
                 unreadable.append(bad)
                 yield imagenet_data.on_device(x, device), y.to(device, non_blocking=True)
-        m = common.train_epoch(step, batches(), lambda i: common.progress(epoch, i, args.epochs,
-                               steps), epoch + 1, steps, log)      # gate loss per replica
+        m = common.train_epoch(step, batches(), epoch=epoch + 1, steps=steps, log=log,
+                               progress=lambda i: common.progress(epoch, i, args.epochs, steps))
         m['unreadable_images'] = sum(unreadable)
         if m['unreadable_images']:
             print(f'warning: epoch {epoch + 1}: skipped {sum(unreadable)} unreadable training '
