@@ -156,9 +156,10 @@ def _prune_block(block):
     keep1 = _threshold(block.gate1)
     keep2 = _threshold(block.gate2) if bottleneck else None
     if not keep1.any() or (keep2 is not None and not keep2.any()):
-        folded = _folded(block)
+        folded = _folded(block)                                 # Folded(weight, bias) per conv
         on2 = None if keep2 is None else keep2.nonzero().flatten()
-        bias = _collapsed_branch(folded[-1].bias, on2, folded[1].bias, folded[-1].weight)
+        bias = _collapsed_branch(folded[-1].bias, on2=on2, shift2=folded[1].bias,
+                                 w3=folded[-1].weight)
         return ShortcutBlock(block.downsample, bias)
     block.conv1 = _sliced_conv(block.conv1, out=keep1)
     block.bn1 = _sliced_bn(block.bn1, keep1)
@@ -447,7 +448,8 @@ class _SkipBlock(nn.Module):
         i1, i2 = (None if g is None else g(x) for g in (self.gate1, self.gate2))  # None: all
         if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
             w_last, b_last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
-            return F.relu_(identity + _collapsed_branch(b_last, i2, self.b2, w_last))
+            return F.relu_(identity + _collapsed_branch(b_last, on2=i2, shift2=self.b2,
+                                                        w3=w_last))
         if self.bottleneck:
             a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
             w2 = _pick(_pick(self.w2, i2), i1, 1)

@@ -195,11 +195,12 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     milestones = common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
     warmup = first and DEPTHS.get(args.arch, 0) >= 110         # ResNet-110: lr 0.01 in epoch 0
     decay = args.dense_weight_decay if first else args.weight_decay
-    opt, sched = common.optimizer(model, args, decay, milestones, warmup)
+    opt, sched = common.optimizer(model, args, weight_decay=decay, milestones=milestones,
+                                  warmup=warmup)
     gen = torch.Generator().manual_seed(args.seed + (0 if first else 1))
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
-        start, best, last = common.resume(run_dir, model, opt, sched, gen)
+        start, best, last = common.resume(run_dir, model, opt, sched, gen=gen)
         print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
     common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
     step = common.TrainStep(model, opt, common.gate_loss(args), autocast,
@@ -220,7 +221,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
                     test_rate=test_rate, test_macs=test_macs,
                     images_per_s=m['images'] / m['seconds'])
         common.print_row(epoch + 1, lr, m, test_acc, test_macs, last['images_per_s'])
-        ckpt = common.checkpoint(model, opt, sched, epoch + 1, max(best, test_acc), args, last, gen)
+        ckpt = common.checkpoint(model, opt, sched, epoch=epoch + 1, best=max(best, test_acc),
+                                 args=args, metrics=last, gen=gen)
         common.record_epoch(run_dir, ckpt, last, improved=test_acc > best)
         best = max(best, test_acc)
     return model, last

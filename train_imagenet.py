@@ -275,7 +275,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
     distributed = world > 1 or dist.is_initialized()
     log = print if rank == 0 else (lambda *a, **k: None)
     scaler = common.grad_scaler_for(device, args.amp)
-    opt, sched = common.optimizer(model, args, args.weight_decay, args.milestones)
+    opt, sched = common.optimizer(model, args, weight_decay=args.weight_decay,
+                                  milestones=args.milestones)
     start, best, last = 0, -1.0, None
     if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
         start, best, last = common.resume(run_dir, model, opt, sched, scaler=scaler)
@@ -312,8 +313,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
                     test_macs=test_macs, images_per_s=m['images'] * world / m['seconds'])
         if rank == 0:
             common.print_row(epoch + 1, lr, m, top1, test_macs, last['images_per_s'])
-            ckpt = common.checkpoint(model, opt, sched, epoch + 1, max(best, top1), args, last,
-                                     scaler=scaler)
+            ckpt = common.checkpoint(model, opt, sched, epoch=epoch + 1, best=max(best, top1),
+                                     args=args, metrics=last, scaler=scaler)
             common.record_epoch(run_dir, ckpt, last, improved=top1 > best)
         best = max(best, top1)
     return last
