@@ -141,8 +141,11 @@ class _Analysis:
     every conv, linear and BN module the ids of the channels it reads and writes."""
 
     def __init__(self, gm, example_input, ignore):
-        self.gm, self.ids, self.ignore = gm, _Ids(), set(ignore or ())
-        self.convs, self.bns = {}, {}       # module name -> (in ids, out ids) / channel ids
+        self.gm = gm
+        self.ids = _Ids()
+        self.ignore = set(ignore or ())
+        self.convs = {}                     # module name -> (in ids, out ids)
+        self.bns = {}                       # module name -> channel ids
         self.fixed_id = self.ids.new(1, fixed=True)[0]
         self.run(example_input)
 

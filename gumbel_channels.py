@@ -172,7 +172,7 @@ class DynamicGate(_Gate):
         # the 1-d convs have kernel 1 on the pooled (C_in,) vector: linear maps (NOTES.md 5)
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)               # BN follows
         self.bn = nn.BatchNorm1d(hidden)
-        self.fc2 = nn.Linear(hidden, 2 * channels)
+        self.fc2 = nn.Linear(hidden, 2 * channels)      # outputs 2c, 2c + 1: channel c's (w0, w1)
         with torch.no_grad():
             self.fc2.bias.copy_(_init_logits(channels, init_p).flatten())   # (off, on) pairs
 
