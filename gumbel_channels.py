@@ -9,8 +9,9 @@ Reading map, in the paper's order (section -> where it lives here):
     3.2       static and dynamic gates; decay       StaticGate, DynamicGate, param_groups
     3.3       inference strategies                  set_inference, evaluation, ensemble_predict
     3.4       gated blocks; FLOPs(Z); L_FLOPs       BasicBlock, Bottleneck, block_macs, flops_loss
-    4, 4.4    gated ResNets, channel/layer gates    resnet_cifar (resnet56 ...), gate_resnet
     4.1       BN recalibration                      recalibrate_bn
+    4.2, 4.3  gated ResNets: ImageNet, CIFAR-10     gate_resnet, resnet_cifar (resnet56 ...)
+    4.4       channel vs layer granularity          the blocks' granularity='channel'/'layer'
     5         DenseNet early exits                  DenseNetExits, exit_net_macs
 
 The file itself runs bottom-up, each part using only what is above it: estimator, gates,
@@ -451,7 +452,7 @@ class ResNet(nn.Module):
 
 
 def resnet_cifar(depth, num_classes=10, gating=None, granularity='channel', init_p=INIT_P):
-    """CIFAR ResNet of depth 6n+2 (He et al. 2016, option-A shortcuts): 16/32/64 channels."""
+    """CIFAR ResNet of depth 6n+2 (4.3; He et al. 2016, option-A shortcuts): 16/32/64 channels."""
     if not (isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0):
         raise ValueError(f'depth must be 6n+2, n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}')
     n, inplanes, layers = (depth - 2) // 6, 16, []
@@ -480,7 +481,7 @@ def resnet110(**kw): return resnet_cifar(110, **kw)
 
 
 def gate_resnet(model, gating, granularity='channel', init_p=INIT_P):
-    """A copy of a torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks (4.4).
+    """A copy of a torchvision ResNet (resnet18/34/50, wide_resnet, ...) with gated blocks (4.2).
     Dense weights keep torchvision's state_dict keys, so pretrained weights load; only the
     gates are new. Grouped or dilated convs are refused."""
     import torchvision
