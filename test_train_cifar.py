@@ -252,7 +252,8 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
     (['--milestones', '0'], '--milestones'), (['--batch-size', '65'], 'fewer than one batch'),
     (['--gating', 'dynamic', '--batch-size', '1'], 'at least 2'),
     (['--compile', 'fast'], '--compile'), (['--evaluate', 'nowhere'], 'holds no run'),
-])
+    (['--recal', '50'], 'unrecognized arguments: --recal'),   # whole flags only: --evaluate
+])                                                            # reads argv for what was given
 def test_bad_arguments_give_one_line_errors(
     cifar, dense_ckpt, tmp_path, one_line_error, extra, words
 ):

@@ -78,7 +78,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as UsageError: one line, no usage dump."""
+    """argparse that reports bad input as UsageError: one line, no usage dump. Flags are
+    taken whole, never abbreviated: a command keeps its meaning when flags are added, and
+    settings_of_run can tell from argv which flags a command gives."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UsageError(message)
@@ -397,10 +402,9 @@ def print_summary(rows):
     print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned %':>8}  (dense "
           f"{rows[0]['baseline_acc']:.2f}%)")
     for r in sorted(rows, key=lambda r: r['t']):
-        missed = missed_t(r)
         print(f"{r['t']:5.2f} {r['macs_percent']:7.2f} {r['polarized']:6.2f} "
               f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):8.2f}"
-              + ('  <- missed t by more than 3 points' if missed else ''))
+              + ('  <- missed t by more than 3 points' if missed_t(r) else ''))
 
 
 def _diff(saved, args, keys):

@@ -263,8 +263,8 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
             common.write_class_rates(rates, names, common.gate_names(model), run_dir)
         with common.stage('export'):
             common.export(model, baseline, x2, run_dir, row)
-        common.warn_if_missed(row, last, why='--synthetic has random labels: no channel is worth '
-                              'more than another' if args.synthetic else 'NOTES.md 20')
+        common.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
+                              'worth more than another' if args.synthetic else 'NOTES.md 20')
         common.finish(row, run_dir)
     return row
 
