@@ -17,7 +17,7 @@ dynamic gates, varying per image).
     python benchmark.py --smoke     # seconds: tiny sizes, every row once (run by the tests)
     python benchmark.py --macs      # the CIFAR ResNets' parameters and MACs
     python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
-    python benchmark.py --any       # gumbel_any on 12 CNNs: gates, FLOPs(Z) vs counted MACs
+    python benchmark.py --any       # gumbel_any on 19 models: gates, FLOPs(Z) vs counted MACs
 """
 import argparse
 import contextlib
@@ -253,27 +253,104 @@ ANY = ('resnet18', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2', 'mobilenet_
        'convnext_tiny', 'shufflenet_v2_x1_0')
 
 
+class AudioCNN(torch.nn.Module):
+    """A 1D CNN on raw audio (M5's shape: a wide strided first conv, BatchNorm1d, pooling)."""
+
+    def __init__(self, classes=35):
+        super().__init__()
+        nn = torch.nn
+        widths, layers = (1, 32, 32, 64, 64), []
+        for k, (a, b) in enumerate(zip(widths, widths[1:])):
+            layers += [nn.Conv1d(a, b, 80 if k == 0 else 3, 16 if k == 0 else 1, padding=1 if k else 0),
+                       nn.BatchNorm1d(b), nn.ReLU(), nn.MaxPool1d(4 if k < 3 else 1)]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):                                       # (B, 1, samples)
+        return self.fc(self.features(x))
+
+
+class UNet(torch.nn.Module):
+    """A two-level U-Net: max-pool down, transposed convs up, concatenated skips."""
+
+    def __init__(self, classes=2, width=32):
+        super().__init__()
+        nn = torch.nn
+
+        def block(a, b):
+            return nn.Sequential(nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b),
+                                 nn.ReLU(), nn.Conv2d(b, b, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(b), nn.ReLU())
+        w = width
+        self.down = nn.ModuleList([block(3, w), block(w, 2 * w), block(2 * w, 4 * w)])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(4 * w, 2 * w, 2, 2),
+                                 nn.ConvTranspose2d(2 * w, w, 2, 2)])
+        self.merge = nn.ModuleList([block(4 * w, 2 * w), block(2 * w, w)])
+        self.head = nn.Conv2d(w, classes, 1)
+
+    def forward(self, x):
+        skips = []
+        for k, down in enumerate(self.down):
+            x = down(F.max_pool2d(x, 2) if k else x)
+            skips.append(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips[:-1])):
+            x = merge(torch.cat([up(x), skip], 1))
+        return self.head(x)
+
+
+def any_models(size):
+    """(name, model, example input, gate_any keywords): torchvision's classifiers at size,
+    then models beyond them (issue 30): 1D and 3D CNNs, a U-Net, a detection backbone with
+    FrozenBatchNorm2d (an OrderedDict of feature maps), a segmentation model (a dict), and
+    transformers whose attention gate_any does not see (refused, then uncovered='fixed')."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models import segmentation, video
+    image = torch.randn(2, 3, size, size)
+    rows = [(name, lambda name=name: torchvision.models.get_model(name), image, {})
+            for name in ANY]
+    rows += [
+        ('audio CNN (1D)', AudioCNN, torch.randn(2, 1, 16000), {}),
+        ('r3d_18 (3D)', video.r3d_18, torch.randn(2, 3, 16, 112, 112), {}),
+        ('U-Net (transposed)', UNet, torch.randn(2, 3, 128, 128), {}),
+        ('fpn resnet50 (frozen BN)', lambda: resnet_fpn_backbone(
+            backbone_name='resnet50', weights=None, trainable_layers=3), image, {}),
+        ('deeplabv3 mnv3 (dict)', lambda: segmentation.deeplabv3_mobilenet_v3_large(
+            weights=None, weights_backbone=None), image, {}),
+        ('swin_t', torchvision.models.swin_t, image, {}),
+        ('swin_t', torchvision.models.swin_t, image, dict(uncovered='fixed'))]
+    return rows
+
+
 def any_table(size=224):
-    """gumbel_any on torchvision's classifiers (random weights, 1000 classes): gate modules and
+    """gumbel_any on CNNs (random weights, BN statistics from the input): gate modules and
     channels, the dense MACs, and with half of every gate's channels on at random FLOPs(Z)
-    beside the pruned net's FlopCounterMode MACs, and the pruned net's largest logit
-    difference from threshold inference (relative to the largest logit)."""
-    print(f"{'model':20} {'gates':>5} {'channels':>8} {'dense MACs':>15} {'FLOPs(Z)':>15} "
-          f"{'pruned, counted':>15} {'logits diff':>11} {'seconds':>7}")
-    x = torch.randn(2, 3, size, size)
-    for name in ANY:
+    beside the pruned net's conv and linear MACs as FlopCounterMode counts them, and the
+    pruned net's largest output difference from threshold inference (relative to the
+    largest output); or the refusal."""
+    import warnings
+    print(f"{'model':26} {'gates':>5} {'channels':>8} {'dense MACs':>15} {'FLOPs(Z)':>15} "
+          f"{'pruned, counted':>15} {'out diff':>8} {'seconds':>7}")
+    for name, make, x, kw in any_models(size):
         t0 = time.perf_counter()
-        model = torchvision.models.get_model(name).eval()
-        gated = gumbel_any.gate_any(model, x).eval()
+        model = gc.recalibrate_bn(make().eval(), [x])     # BN statistics of x: a live signal
+        label = name + (' ' + ','.join(f'{k}={v}' for k, v in kw.items()) if kw else '')
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                gated = gumbel_any.gate_any(model, x, **kw).eval()
+        except ValueError as e:
+            print(f'{label:26} refused: {str(e)[:140]}...')
+            continue
         set_static_rate(gated, 0.5, torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logits, info = gated(x)
+            out, info = gated(x)
             pruned = ge.prune(gated)
-            diff = ((pruned(x) - logits).abs().max() / logits.abs().max()).item()
-        print(f'{name:20} {len(gated.gates):5} {sum(g.channels for g in gated.gates):8} '
+            diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(
+                gumbel_any._tensors(pruned(x)), gumbel_any._tensors(out)))
+        print(f'{label:26} {len(gated.gates):5} {sum(g.channels for g in gated.gates):8} '
               f'{info.max_macs:15,} {info.macs[0].item():15,.0f} '
-              f'{ge.counted_macs(pruned, x[:1]):15,} {diff:11.1e} '
-              f'{time.perf_counter() - t0:7.1f}')
+              f"{gumbel_any.conv_linear_macs(pruned, x[:1])['']:15,} {diff:8.1e} "
+              f'{time.perf_counter() - t0:7.1f}', flush=True)
 
 
 def loader_table(folder, device, batch=32, batches=10, rounds=5):
@@ -443,7 +520,7 @@ def main():
                     help='tiny sizes, two rounds, no inductor: checks that it runs')
     ap.add_argument('--macs', action='store_true', help="print the CIFAR ResNets' MACs and exit")
     ap.add_argument('--any', action='store_true',
-                    help='gumbel_any on 12 torchvision CNNs (FLOPs(Z) vs counted MACs) and exit')
+                    help='gumbel_any on 19 models (FLOPs(Z) vs counted MACs) and exit')
     ap.add_argument('--convs', action='store_true',
                     help='time single pruned convs against dense ones (CPU) and exit')
     ap.add_argument('--gpu-check', action='store_true', help='the prepared GPU check (issue '

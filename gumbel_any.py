@@ -1,11 +1,13 @@
 """The paper's static gates in any CNN a user brings (MobileNet, EfficientNet, RegNet, ConvNeXt,
-DenseNet, ShuffleNet, VGG, their own blocks): gate, train toward t, prune physically.
+DenseNet, ShuffleNet, VGG, U-Nets, 1D and 3D CNNs, detection backbones, their own blocks):
+gate, train toward t, prune physically.
 
     gated = gate_any(model, example_input)    # a StaticGate on every prunable channel group
     logits, info = gated(x)                   # info.macs: FLOPs(Z) per sample (3.4)
     pruned = gated.pruned()                   # or gumbel_export.prune(gated): a plain module
 
-How channels are grouped. The model is traced with torch.fx and run once on example_input;
+How channels are grouped. The model is traced with torch.fx (in training and in evaluation
+mode, so that code reading self.training follows the mode) and run once on example_input;
 every channel of every tensor carries an id, and ids that must be kept or removed together
 are merged (union-find):
 - a residual add or any elementwise product (squeeze-excitation's scale) merges the channels
@@ -14,75 +16,133 @@ are merged (union-find):
   depthwise conv ties its output channel to its input channel);
 - a reshape that splits channels into (groups, channels) and a chunk into equal parts merge
   the positions they pair, so the pruned net's reshape stays valid (channel shuffle);
-- anything else that reads across channels (LayerNorm, a slice of the channel dimension, a
-  parameter broadcast onto channels, an unknown op) and the network's input and output fix
-  the channels it touches: they are never gated.
+- anything else that reads across channels (LayerNorm, a slice or a literal index of the
+  channel dimension, a parameter broadcast onto channels, an unknown op or module) and the
+  network's input and output fix the channels it touches: they are never gated.
 Each remaining group of ids is one gate channel, one Bernoulli decision; the channels whose
-ids come from the same set of convs share one StaticGate module.
+ids come from the same set of layers share one StaticGate module.
 
-Where decisions act. Z multiplies the input of every conv and linear layer, the only ops that
-mix channels: an off channel reaches no mixing op, so the masked network computes what the
-network without that channel computes (NOTES.md 21), and FLOPs(Z) counts the conv and linear
-MACs of that network exactly: n_in * n_out (per group for grouped convs) times kernel and
-positions, per sample.
+Where decisions act. Z multiplies the input of every conv (1D, 2D, 3D, transposed) and
+linear layer, modules or F.conv*d / F.linear calls on module parameters, the only ops that mix
+channels: an off channel reaches no mixing op, so the masked network computes what the network
+without that channel computes (NOTES.md 21). FLOPs(Z) counts the conv and linear MACs of that
+network exactly, per sample: n_in * n_out (per group for grouped convs) times kernel and
+positions, summed over every call of a layer. Work gate_any does not see (inside a module
+named in `ignore`, or with uncovered='fixed' an op it does not know) is a fixed cost. Attention's
+batched products (bmm, scaled dot product) are not conv or linear MACs and are not counted.
+
+Every number is checked. gate_any compares FLOPs(Z) with every gate on against the conv and
+linear MACs torch.utils.flop_counter counts in the model, module by module, and refuses to go
+on when they differ; it warns when less than half of the MACs can be gated, naming the ops
+that fixed the channels.
 """
 import copy
+import importlib
+import math
 import operator
+import warnings
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.node import _get_qualified_name
+from torch.utils.flop_counter import FlopCounterMode
 
 try:                                                    # beside gumbel_channels, or in a package
     from . import gumbel_channels as gc
 except ImportError:
     import gumbel_channels as gc
 
-__all__ = ['gate_any', 'GatedNet', 'any_macs']
+__all__ = ['gate_any', 'GatedNet', 'any_macs', 'conv_linear_macs']
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                         nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
-                        nn.Dropout, nn.Dropout2d)
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+                        nn.PReLU, nn.modules.dropout._DropoutNd)
+_POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                 nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                 nn.Upsample)
 _UNARY = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid,
-          torch.sigmoid, torch.tanh, F.dropout, 'relu', 'relu_', 'sigmoid', 'sigmoid_', 'tanh',
-          'contiguous', 'clone', 'float', 'to', 'type_as'}
+          torch.sigmoid, torch.tanh, F.leaky_relu, F.mish, F.elu, F.dropout, F.dropout1d,
+          F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout, 'relu', 'relu_', 'sigmoid',
+          'sigmoid_', 'tanh', 'contiguous', 'clone', 'float', 'to', 'type_as'}
 _BINARY = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
            operator.truediv, torch.add, torch.mul, torch.sub, torch.div, 'add', 'add_', 'mul',
-           'mul_', 'sub', 'div'}
-_POOL = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d}
+           'mul_', 'sub', 'div', 'div_'}
+_POOL = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+         F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d,
+         F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate}
 _REDUCE = {torch.mean, torch.sum, torch.amax, 'mean', 'sum', 'amax'}
 _RESHAPE = {torch.flatten, torch.reshape, 'flatten', 'view', 'reshape'}
 _MOVE = {torch.permute, torch.transpose, 'permute', 'transpose', torch.squeeze, 'squeeze',
          torch.unsqueeze, 'unsqueeze'}
 _SPLIT = {torch.chunk, 'chunk', torch.split, 'split'}
+_SHAPE_ONLY = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.rand_like,    # read
+               torch.randn_like, torch.full_like, 'new_empty', 'new_zeros', 'new_ones',  # no
+               'new_full'}                                                               # value
+# F.conv*d / F.linear: argument names after (input, weight, bias); transposed convs
+_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_TRANSPOSED_FNS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_CONV_ARGS = ('stride', 'padding', 'dilation', 'groups')
+_TRANSPOSED_ARGS = ('stride', 'padding', 'output_padding', 'groups', 'dilation')
 
 
-def _leaf(m):
-    """Modules the trace keeps whole besides torch.nn's: torchvision's StochasticDepth (its
-    forward branches on self.training, which a trace would freeze)."""
-    return type(m).__name__ == 'StochasticDepth'
+def _is_norm(m):
+    """A BatchNorm of any dimension or subclass, or a BN with frozen statistics (torchvision's
+    FrozenBatchNorm2d): a per-channel affine map in evaluation mode."""
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) or any(
+        c.__name__ == 'FrozenBatchNorm2d' for c in type(m).__mro__)
+
+
+def _is_layer(m):
+    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+
+
+def _kind(m):
+    if isinstance(m, nn.Linear):
+        return 'linear'
+    return 'transposed' if m.transposed else 'conv'
 
 
 class _Tracer(fx.Tracer):
+    """torch.fx's tracer that keeps whole the layers and norms (subclasses too: timm's Linear
+    and BatchNormAct2d), torchvision's StochasticDepth (its forward branches on
+    self.training), and the modules named in `ignore`; it remembers the innermost module
+    that failed to trace."""
+
+    def __init__(self, ignore):
+        super().__init__()
+        self.ignore = ignore
+        self.failed = None
+
     def is_leaf_module(self, m, qualname):
-        return _leaf(m) or super().is_leaf_module(m, qualname)
+        return _is_layer(m) or _is_norm(m) or type(m).__name__ == 'StochasticDepth' \
+            or qualname in self.ignore or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = f'{self.path_of_module(m) or "the top module"} ({type(m).__name__})'
+            raise
 
 
 class _Ids:
-    """Channel ids and their union-find: which channels must be kept or removed together."""
+    """Channel ids and their union-find: which channels must be kept or removed together;
+    for each fixed id, the op that fixed it."""
 
     def __init__(self):
-        self.parent, self.fixed, self.source = [], set(), {}
+        self.parent, self.why, self.source = [], {}, {}
 
-    def new(self, n, fixed=False, source=None):
+    def new(self, n, why=None, source=None):
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
-        if fixed:
-            self.fixed.update(range(start, start + n))
-        for i in range(start, start + n) if source else ():
-            self.source[i] = source
+        for i in range(start, start + n):
+            if why:
+                self.why[i] = why
+            if source:
+                self.source[i] = source
         return torch.arange(start, start + n)
 
     def find(self, i):
@@ -102,14 +162,22 @@ class _Ids:
             if ri != rj:
                 self.parent[rj] = ri
 
-    def fix(self, ids):
-        self.fixed.update(torch.unique(ids).tolist())
+    def fix(self, ids, why):
+        for i in torch.unique(ids).tolist():
+            self.why.setdefault(i, why)
 
     def per_index(self, ids, dim):
         """One id per index along dim: every id in that slice merged. -> (size of dim,)."""
         rows = ids.movedim(dim, 0).reshape(ids.shape[dim], -1)
         self.union(rows[:, :1], rows)
         return rows[:, 0].clone()
+
+    def fixed_roots(self):
+        """{root: why} of every group holding a fixed id (the first reason, by id)."""
+        roots = {}
+        for i in sorted(self.why):
+            roots.setdefault(self.find(i), self.why[i])
+        return roots
 
 
 def _varies(ids, dim):
@@ -128,46 +196,65 @@ def _tensors(value):
 
 
 def _fixed_like(value, fixed_id):
-    """A value's ids when it is beyond analysis: one fixed id for every element."""
+    """A value's ids when it is beyond analysis: one fixed id for every element, in the value's
+    own structure (tuple, namedtuple, list, dict)."""
     if isinstance(value, torch.Tensor):
         return fixed_id.expand(value.shape)
+    if isinstance(value, dict):
+        return type(value)((k, _fixed_like(v, fixed_id)) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return type(value)(_fixed_like(v, fixed_id) for v in value)
+        items = [_fixed_like(v, fixed_id) for v in value]
+        return type(value)(*items) if hasattr(value, '_fields') else type(value)(items)
     return None
 
 
-class _Analysis:
-    """Runs the traced graph on example_input, value and ids side by side, and records for
-    every conv, linear and BN module the ids of the channels it reads and writes."""
+def _where(node):
+    """The module path a node runs in, '' for the top module."""
+    stack = node.meta.get('nn_module_stack') or {}
+    return next(reversed(stack.values()))[0] if stack else ''
 
-    def __init__(self, gm, example_input, ignore):
+
+def _describe(node, gm):
+    if node.op == 'call_module':
+        return f'{node.target} ({type(gm.get_submodule(node.target)).__name__})'
+    name = getattr(node.target, '__name__', str(node.target))
+    call = f'.{name}()' if node.op == 'call_method' else f'{name}()'
+    return f'{call} in {_where(node) or "the top module"}'
+
+
+class _Analysis:
+    """Runs traced graphs on example_input, value and ids side by side, and records for every
+    layer (conv, linear, or an F.conv*d / F.linear call on module parameters) the ids of the
+    channels it reads and writes, its kind, and where it is called; for every BN its ids."""
+
+    def __init__(self, gm, ignore):
         self.gm = gm
         self.ids = _Ids()
-        self.ignore = set(ignore or ())
-        self.convs = {}                     # module name -> (in ids, out ids)
-        self.bns = {}                       # module name -> channel ids
-        self.fixed_id = self.ids.new(1, fixed=True)[0]
-        self.run(example_input)
+        self.ignore = ignore
+        self.layers = {}            # layer name -> dict(ins, outs, kind, kernel, groups)
+        self.sites = {}             # the last graph's layer calls: node name -> (layer, path)
+        self.bns = {}               # module name -> channel ids
+        self.fixed_id = self.ids.new(1, why='the network input')[0]
 
-    def barrier(self, args, value):
+    def barrier(self, args, value, why):
         """An op beyond analysis: the ids it reads are fixed, its output is one fixed id."""
         for t in _tensors(args):
-            self.ids.fix(t)
+            self.ids.fix(t, why)
         return _fixed_like(value, self.fixed_id)
 
-    def run(self, x):
-        values, ids = {}, {}
+    def run(self, graph, x):
+        values, ids, self.sites = {}, {}, {}
         load = lambda a: fx.node.map_arg(a, lambda n: values[n])                  # noqa: E731
         # an argument's ids where it holds tensors, its value where it does not (sizes)
         load_ids = lambda a: fx.node.map_arg(                                     # noqa: E731
             a, lambda n: values[n] if ids[n] is None else ids[n])
-        for node in self.gm.graph.nodes:
+        for node in graph.nodes:
             if node.op == 'placeholder':
                 values[node], ids[node] = x, self.fixed_id.expand(x.shape)
                 continue
             if node.op == 'output':
                 for t in _tensors(load_ids(node.args)):
-                    self.ids.fix(t)
+                    self.ids.fix(t, "the network's output")
                 continue
             args, kwargs = load(node.args), load(node.kwargs)
             if node.op == 'get_attr':
@@ -191,27 +278,29 @@ class _Analysis:
 
     def rule(self, node, args, kwargs, id_args, id_kwargs, value):
         """The ids of node's output, merging or fixing the ids it combines."""
-        target = node.target
+        target, why = node.target, _describe(node, self.gm)
         if node.op == 'call_module':
             module = self.gm.get_submodule(target)
-            x = id_args[0]
-            if isinstance(module, nn.Conv2d):
-                return self.conv(node.target, module, x, value)
-            if isinstance(module, nn.Linear):
-                return self.linear(node.target, module, x, value)
-            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            x = id_args[0] if id_args else None
+            if target in self.ignore:
+                return self.barrier(id_args, value, f'ignore={target!r}')
+            if _is_layer(module):
+                return self.layer(target, node, _kind(module), x, value, module.weight,
+                                  getattr(module, 'groups', 1))
+            if _is_norm(module):
                 channels = self.ids.per_index(x, 1)
                 if target in self.bns:
                     self.ids.union(self.bns[target], channels)
                 self.bns[target] = channels
                 return x
-            if isinstance(module, _ELEMENTWISE_MODULES) or _leaf(module):
+            if isinstance(module, _ELEMENTWISE_MODULES) or type(module).__name__ == \
+                    'StochasticDepth':
                 return x
             if isinstance(module, _POOL_MODULES):
                 return self.pool(x, value)
             if isinstance(module, nn.Flatten):
-                return self.reshape(node, x.flatten(module.start_dim, module.end_dim))
-            return self.barrier(id_args, value)
+                return self.reshape(node, x.flatten(module.start_dim, module.end_dim), why)
+            return self.barrier(id_args, value, why)
         key = target if node.op == 'call_function' else str(target)
 
         def apply(name=None):                   # the same op on the ids
@@ -219,71 +308,109 @@ class _Analysis:
                 return getattr(id_args[0], name or target)(*id_args[1:], **id_kwargs)
             return target(*id_args, **id_kwargs)
         try:
+            if key in _CONV_FNS or key in _TRANSPOSED_FNS or key is F.linear:
+                layer = self.call_layer(node, id_args, value)
+                if layer is not None:
+                    return layer
             if key in _UNARY:
                 return id_args[0]
             if key in _BINARY:
-                a, b = id_args[:2]
-                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                    self.ids.union(a, b)
-                    return torch.broadcast_tensors(a, b)[0]
-                return a if isinstance(a, torch.Tensor) else b
+                return self.elementwise(*id_args[:2])
             if key in _POOL:
                 return self.pool(id_args[0], value)
+            if key is F.pad and len(args[1]) <= 2 * (args[0].dim() - 2):   # spatial padding
+                return self.pool(id_args[0], value)
             if key in _REDUCE:
-                return self.reduce(id_args[0], args, kwargs, value)
+                return self.reduce(id_args[0], args, kwargs, value, why)
             if key in _RESHAPE:                 # ids may be expanded views: reshape, not view
-                return self.reshape(node, apply('reshape' if key == 'view' else None))
+                return self.reshape(node, apply('reshape' if key == 'view' else None), why)
             if key in _MOVE or key is torch.cat:
                 return apply()
             if key in _SPLIT:
-                return self.split(id_args, id_kwargs, value)
+                return self.split(id_args, id_kwargs, value, why)
             if key is operator.getitem:
-                return self.getitem(id_args)
+                return self.getitem(id_args[0], args[1], why)
+            if key in _SHAPE_ONLY:
+                return _fixed_like(value, self.fixed_id)
         except (TypeError, RuntimeError, IndexError):          # an unusual call of a known op
             pass
-        return self.barrier(id_args, value)
+        return self.barrier(id_args, value, why)
 
-    def conv(self, name, conv, x, value):
-        channels = self.ids.per_index(x, 1)                                     # (C_in,)
-        if name in self.convs:
-            self.ids.union(self.convs[name][0], channels)
-            out = self.convs[name][1]
+    def layer(self, name, node, kind, x, value, weight, groups):
+        """A conv or linear layer's call: its input channels (merged over calls), its output
+        channels (new ids the first time, the same ids at every later call)."""
+        linear = kind == 'linear'
+        channels = self.ids.per_index(x, -1 if linear else 1)                   # (C_in,)
+        if name in self.layers:
+            seen = self.layers[name]
+            self.ids.union(seen['ins'], channels)
+            out = seen['outs']
         else:
-            out = self.ids.new(conv.out_channels, fixed=name in self.ignore, source=name)
-        g = conv.groups
-        if g > 1:                                               # a group is one decision
-            self.ids.union(channels.view(g, -1)[:, :1], torch.cat(
-                [channels.view(g, -1), out.view(g, -1)], 1))
-        self.convs[name] = (channels, out)
-        return out.view(1, -1, 1, 1).expand(value.shape)
+            out = self.ids.new(weight.shape[1] * groups if kind == 'transposed'
+                               else weight.shape[0], source=name)
+            seen = self.layers[name] = dict(kind=kind, groups=groups,
+                                            kernel=math.prod(weight.shape[2:]))
+        if groups > 1:                                          # a group is one decision
+            self.ids.union(channels.view(groups, -1)[:, :1], torch.cat(
+                [channels.view(groups, -1), out.view(groups, -1)], 1))
+        seen.update(ins=channels, outs=out)
+        self.sites[node.name] = (name, node.target if node.op == 'call_module' else _where(node))
+        if linear:
+            return out.expand(value.shape)
+        return out.view(1, -1, *[1] * (value.dim() - 2)).expand(value.shape)
 
-    def linear(self, name, linear, x, value):
-        features = self.ids.per_index(x, -1)                                    # (F_in,)
-        if name in self.convs:
-            self.ids.union(self.convs[name][0], features)
-            out = self.convs[name][1]
-        else:
-            out = self.ids.new(linear.out_features, fixed=name in self.ignore, source=name)
-        self.convs[name] = (features, out)
-        return out.expand(value.shape)
+    def call_layer(self, node, id_args, value):
+        """F.conv*d / F.linear whose weight (and bias) are module parameters: a layer named
+        after the weight; None for any other call (then beyond analysis)."""
+        call = _bound(node)
+        weight, bias = call.get('weight'), call.get('bias')
+        if not _param_node(self.gm, weight) or not (bias is None or _param_node(self.gm, bias)) \
+                or any(isinstance(v, fx.Node) for k, v in call.items()
+                       if k not in ('input', 'weight', 'bias')):
+            return None
+        kind = 'linear' if node.target is F.linear else \
+            'conv' if node.target in _CONV_FNS else 'transposed'
+        return self.layer(weight.target, node, kind, id_args[0], value,
+                          self.gm.get_parameter(weight.target), call.get('groups', 1))
+
+    def elementwise(self, a, b):
+        """a op b elementwise: the channels combined position by position merge; a tensor that
+        is one fixed value across the other's channels (a per-sample scale: drop-path) merges
+        nothing."""
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return a if isinstance(a, torch.Tensor) else b
+        for this, other in ((a, b), (b, a)):
+            if self.constant_across(this, other):
+                return torch.broadcast_tensors(other, this)[0]
+        self.ids.union(a, b)
+        return torch.broadcast_tensors(a, b)[0]
+
+    def constant_across(self, this, other):
+        if not bool((this == self.fixed_id).all()):
+            return False
+        shape = (1,) * (other.dim() - this.dim()) + tuple(this.shape)
+        full = torch.broadcast_tensors(other, this)[0]
+        return all(shape[d] == 1 for d in range(len(shape)) if _varies(full, d)) \
+            if len(shape) == full.dim() else False
 
     def pool(self, x, value):
-        """Spatial pooling of (B, C, H, W): needs one id per channel."""
+        """A per-channel spatial op (pooling, interpolation, spatial padding) of (B, C, ...):
+        needs one id per channel."""
         channels = self.ids.per_index(x, 1)
         return channels.view(1, -1, *[1] * (value.dim() - 2)).expand(value.shape)
 
-    def reduce(self, x, args, kwargs, value):
+    def reduce(self, x, args, kwargs, value, why):
         dims = kwargs.get('dim', args[1] if len(args) > 1 else None)
         dims = [dims] if isinstance(dims, int) else list(dims or range(x.dim()))
         dims = [d % x.dim() for d in dims]
         if any(_varies(x, d) for d in dims):                   # a sum across channels mixes
-            return self.barrier([x], value)
+            return self.barrier([x], value, why)
         keep = kwargs.get('keepdim', args[2] if len(args) > 2 else False)
         for d in sorted(dims, reverse=True):
             x = x.narrow(d, 0, 1) if keep else x.select(d, 0)
         return x
 
-    def reshape(self, node, out):
+    def reshape(self, node, out, why):
         """A reshape may split channels into (groups, channels): the positions it pairs are
         merged so that a pruned net, reshaping fewer channels the same way, stays valid; a
         channel count written into the code cannot follow pruning, so it fixes them."""
@@ -294,41 +421,72 @@ class _Analysis:
             sizes = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
             size = sizes[varying[-1]] if varying[-1] < len(sizes) else None
             if isinstance(size, int) and size != -1:
-                self.ids.fix(out)
+                self.ids.fix(out, f'a channel count written into {why}')
         return out
 
-    def split(self, id_args, id_kwargs, value):
+    def split(self, id_args, id_kwargs, value, why):
         """chunk / split into equal parts: the positions the parts pair are merged, so that
         a pruned net splits its fewer channels at the same places."""
         x, size = id_args[0], id_args[1]
         dim = id_kwargs.get('dim', id_args[2] if len(id_args) > 2 else 0) % x.dim()
         parts = [p.shape[dim] for p in value]
         if isinstance(size, (list, tuple)) or len(set(parts)) > 1:
-            return self.barrier([x], value)                    # sizes written into the code
+            return self.barrier([x], value, f'split sizes written into {why}')
         if len(parts) > 1:
             pairs = x.movedim(dim, 0).reshape(len(parts), parts[0], -1)
             self.ids.union(pairs[:1], pairs)
         return tuple(p.movedim(0, dim) for p in x.movedim(dim, 0).split(parts[0]))
 
-    def getitem(self, id_args):
-        x, index = id_args
+    def getitem(self, x, index, why):
+        """x[index]: an index that selects along a dimension whose ids vary (a slice, a list
+        or a permutation of channels) is written for the unpruned channels: it fixes them."""
         if not isinstance(x, torch.Tensor):
             return x[index]
-        out = x[index]
-        if set(torch.unique(out).tolist()) != set(torch.unique(x).tolist()):
-            self.ids.fix(x)                                    # a slice of some channels
-        return out
+        parts = list(index) if isinstance(index, tuple) else [index]
+        for k, i in enumerate(parts):
+            if i is Ellipsis:
+                taken = sum(1 for j in parts if j is not None and j is not Ellipsis)
+                parts[k:k + 1] = [slice(None)] * (x.dim() - taken)
+                break
+        dim = 0
+        for i in parts:
+            if i is None:
+                continue
+            whole = isinstance(i, slice) and i == slice(None)
+            spans = i.dim() if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1
+            if not whole and any(_varies(x, d) for d in range(dim, min(dim + spans, x.dim()))):
+                self.ids.fix(x, f'a literal channel index in {why}')
+                break
+            dim += spans
+        return x[index]
 
 
-def _gate_groups(analysis):
+def _bound(node):
+    """An F.conv*d / F.linear call's arguments by name."""
+    names = ('input', 'weight', 'bias') + (
+        () if node.target is F.linear else _CONV_ARGS if node.target in _CONV_FNS
+        else _TRANSPOSED_ARGS)
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _param_node(gm, node):
+    """Whether node reads a parameter of the model (get_attr)."""
+    if not (isinstance(node, fx.Node) and node.op == 'get_attr'):
+        return False
+    try:
+        return isinstance(gm.get_parameter(node.target), nn.Parameter)
+    except AttributeError:
+        return False
+
+
+def _gate_groups(ids):
     """The prunable channel groups (union-find roots) by gate module: {the layers that write
     them: [root, ...]}, in forward order. A gate module holds the groups the same layers
     write."""
-    ids = analysis.ids
     roots = {}
     for i in range(len(ids.parent)):
         roots.setdefault(ids.find(i), []).append(i)
-    fixed = {ids.find(i) for i in ids.fixed}
+    fixed = ids.fixed_roots()
     modules = {}
     for root, members in roots.items():
         sources = tuple(sorted({ids.source[i] for i in members if i in ids.source}))
@@ -354,37 +512,84 @@ class _Mask(nn.Module):
 
 
 class _Layer(nn.Module):
-    """Where a conv, linear or BN module of a GatedNet reads and writes: the gate channel (a
-    column of zfull) of each input and output channel; groups and kernel for the MACs."""
+    """Where a conv or linear layer (a module, or the weight an F.conv*d / F.linear call reads)
+    or a BN of a GatedNet reads and writes: the gate channel (a column of zfull) of each input
+    and output channel; kind ('conv', 'transposed', 'linear'), kernel size and groups for the
+    MACs."""
 
-    def __init__(self, name, module, ins, outs):
+    def __init__(self, name, ins, outs, kind='norm', kernel=1, groups=1):
         super().__init__()
         self.name = name
-        self.groups = getattr(module, 'groups', 1)
-        self.kernel = module.kernel_size[0] * module.kernel_size[1] \
-            if isinstance(module, nn.Conv2d) else 1
+        self.kind = kind
+        self.kernel = kernel
+        self.groups = groups
         self.register_buffer('ins', ins, persistent=False)
         self.register_buffer('outs', outs, persistent=False)
 
+    def dense_macs(self):
+        """MACs per output position (per input position for a transposed conv), all on."""
+        return self.kernel * len(self.ins) * len(self.outs) // self.groups
+
     def extra_repr(self):
-        return f'{self.name!r}, in={len(self.ins)}, out={len(self.outs)}, groups={self.groups}'
+        return f'{self.name!r}, {self.kind}, in={len(self.ins)}, out={len(self.outs)}, ' \
+               f'groups={self.groups}'
+
+
+def conv_linear_macs(model, *inputs):
+    """{module path: MACs}: the conv and linear (mm, addmm, mv, addmv) MACs of model(*inputs)
+    as torch.utils.flop_counter counts them, for every module that runs (its calls summed;
+    '': the whole model; paths as model.named_modules() names them).
+    Attention's bmm and scaled dot products are not counted. Runs with autograd on: without
+    it nn.MultiheadAttention takes a fused path that the counter does not see."""
+    mv = {torch.ops.aten.mv: lambda mat, vec, **_: 2 * mat[0] * mat[1],   # not in its table
+          torch.ops.aten.addmv: lambda bias, mat, vec, *_, **__: 2 * mat[0] * mat[1]}
+    ops = {torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.mm,
+           torch.ops.aten.addmm, torch.ops.aten.mv, torch.ops.aten.addmv}
+    counter = FlopCounterMode(display=False, custom_mapping=mv)
+
+    def total():
+        return sum(f for op, f in counter.get_flop_counts().get('Global', {}).items()
+                   if op in ops) // 2
+    macs, started, hooks = {}, [], []
+
+    def enter(module, args):
+        started.append(total())
+
+    def leave(module, args, out, name):                # every module that ran, 0 or more
+        macs[name] = macs.get(name, 0) + total() - started.pop()
+    for name, m in model.named_modules() if isinstance(model, nn.Module) else ():
+        hooks += [m.register_forward_pre_hook(enter),
+                  m.register_forward_hook(lambda m, a, o, name=name: leave(m, a, o, name))]
+    try:
+        with counter, torch.enable_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    macs[''] = total()
+    return macs
 
 
 class GatedNet(nn.Module):
     """A traced CNN with StaticGates (3.2) on its prunable channel groups. forward(x) ->
-    (logits, GateInfo): info.macs the conv and linear MACs per sample of the network without
-    the off channels (FLOPs(Z), 3.4), info.max_macs those of the dense network at x's size.
-    gates: the StaticGate modules, in GateInfo order; sources: the layers each one gates."""
+    (output, GateInfo): the model's own output (tensor, tuple, dict ...); info.macs the conv
+    and linear MACs per sample of the network without the off channels (FLOPs(Z), 3.4) plus
+    the fixed cost of work beyond the gates, info.max_macs those of the dense network at x's
+    size. gates: the StaticGate modules, in GateInfo order; sources: the layers each gates.
+    Follows train() / eval() as the model does (a model whose code reads self.training
+    runs its evaluation-mode trace in evaluation mode)."""
 
-    def __init__(self, net, gates, sources, layers, norms, input_shape):
+    def __init__(self, net, eval_net, sites, gates, sources, layers, norms, input_shape):
         super().__init__()
-        self.input_shape = input_shape              # (C, H, W) of the traced example
+        self.input_shape = input_shape              # (C, ...) of the traced example
         self.net = net                              # fx.GraphModule: forward(x, zfull)
+        self.__dict__['_eval_net'] = eval_net       # same modules, evaluation-mode code; None
+        self.sites = sites                          # node name -> (layer name, module path)
         self.gates = nn.ModuleList(gates)
         self.sources = sources
         self.layers = nn.ModuleList(layers)         # convs and linears: FLOPs(Z), pruning
         self.norms = nn.ModuleList(norms)           # BNs: pruning
-        self._sizes = {}                            # input shape -> (positions, MaxFLOPs)
+        self._sizes = {}                            # input shape -> (positions, fixed, max)
 
     def extra_repr(self):
         return f'gates={len(self.gates)}, channels={sum(g.channels for g in self.gates)}'
@@ -396,35 +601,59 @@ class GatedNet(nn.Module):
         ones = torch.ones(x.shape[0], 1, device=x.device)
         return zp, torch.cat([z for z, _ in zp] + [ones], 1)
 
+    def graph(self):
+        """The evaluation-mode graph (the pruned net's)."""
+        return (self._eval_net or self.net).graph
+
+    def run(self, x, zfull):
+        if self.training or self._eval_net is None:
+            return self.net(x, zfull)
+        return type(self._eval_net).forward(self.net, x, zfull)   # its code, our modules
+
+    def site_positions(self, x):
+        """{node name: output positions (input positions for a transposed conv)} of every
+        layer call, and the conv and linear MACs counted in the whole pass: one
+        evaluation-mode pass of x[:1] with every gate on."""
+        positions, sites = {}, self.sites
+
+        class Shapes(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if n.name in sites:
+                    kind = layer_kind[sites[n.name][0]]
+                    ref = self.env[n.args[0]] if kind == 'transposed' else out
+                    positions[n.name] = ref[0, ..., 0].numel() if kind == 'linear' \
+                        else ref[0, 0].numel()
+                return out
+        layer_kind = {layer.name: layer.kind for layer in self.layers}
+        ones = torch.ones(1, sum(g.channels for g in self.gates) + 1, device=x.device)
+        training = self.net.training
+        try:
+            self.net.eval()
+            counted = conv_linear_macs(Shapes(self.net, graph=self.graph()).run, x[:1], ones)
+        finally:
+            self.net.train(training)
+        return positions, counted.get('', 0)
+
     def sizes(self, x):
-        """Output positions of every conv and linear layer at x's size, and MaxFLOPs: one
-        evaluation-mode pass per input size, cached."""
+        """Positions of every layer at x's size (summed over its calls), the fixed MACs (work
+        beyond the gates), and MaxFLOPs: one pass per input size, cached."""
         key = tuple(x.shape[1:])
         if key not in self._sizes:
-            positions, hooks = {}, []
-            for layer in self.layers:
-                def hook(m, inputs, out, name=layer.name):                  # (1, C, H, W)
-                    positions[name] = out[0, ..., 0].numel() if isinstance(m, nn.Linear) \
-                        else out[0, 0].numel()
-                hooks.append(self.net.get_submodule(layer.name).register_forward_hook(hook))
-            training = self.net.training
-            ones = torch.ones(1, sum(g.channels for g in self.gates) + 1, device=x.device)
-            try:
-                with torch.no_grad():
-                    self.net.eval()(x[:1], ones)
-            finally:
-                self.net.train(training)
-                for h in hooks:
-                    h.remove()
-            self._sizes[key] = positions, int(any_macs(self.layers, positions, ones.double()))
+            per_site, counted = self.site_positions(x)
+            positions = {layer.name: 0 for layer in self.layers}
+            for node, n in per_site.items():
+                positions[self.sites[node][0]] += n
+            dense = sum(positions[layer.name] * layer.dense_macs() for layer in self.layers)
+            self._sizes[key] = positions, counted - dense, counted
         return self._sizes[key]
 
     def forward(self, x):
         zp, zfull = self.decisions(x)
-        positions, max_macs = self.sizes(x)
-        logits = self.net(x, zfull)
-        macs = any_macs(self.layers, positions, zfull.double())
-        return logits, gc.GateInfo([z for z, _ in zp], [p for _, p in zp], macs, max_macs)
+        positions, fixed, max_macs = self.sizes(x)
+        out = self.run(x, zfull)
+        macs = any_macs(self.layers, positions, zfull.double()) + fixed
+        return out, gc.GateInfo([z for z, _ in zp], [p for _, p in zp], macs, max_macs)
 
     @torch.no_grad()
     def pruned(self):
@@ -432,16 +661,16 @@ class GatedNet(nn.Module):
         channels of threshold inference (each gate's tau), in evaluation mode, computing
         what this network computes in evaluation mode; this network is left as it was."""
         keep = [g.keep(gc.gate_probability(g.logits)) for g in self.gates]
-        keep = torch.cat(keep + [torch.ones(1, dtype=torch.bool, device=self.layers[0].ins.device)])
+        device = self.layers[0].ins.device if len(self.layers) else None
+        keep = torch.cat(keep + [torch.ones(1, dtype=torch.bool, device=device)])
         x = torch.zeros(1, *self.input_shape, device=keep.device)
-        return _prune(self.net, self.layers, self.norms, keep, x)
+        return _prune(fx.GraphModule(self.net, self.graph()), self.layers, self.norms, keep, x)
 
 
 def any_macs(layers, positions, zfull):
-    """FLOPs(Z) (3.4) of a GatedNet's conv and linear layers, per sample: for each, output
-    positions x kernel x n_in x n_out, n the channels on (a grouped conv's group is one
-    decision: a x b MACs per position for each group on). zfull (B, channels + 1) float64.
-    -> (B,) float64."""
+    """FLOPs(Z) (3.4) of a GatedNet's conv and linear layers, per sample: for each, positions
+    x kernel x n_in x n_out, n the channels on (a grouped conv's group is one decision: a x b
+    MACs per position for each group on). zfull (B, channels + 1) float64. -> (B,) float64."""
     total = 0
     for layer in layers:
         if layer.groups == 1:
@@ -453,66 +682,213 @@ def any_macs(layers, positions, zfull):
     return total
 
 
-def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=None):
+def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
+             uncovered='raise'):
     """The paper's static gates (3.2) on every prunable channel group of any torch.fx-traceable
-    CNN (the module docstring says how channels are grouped). `ignore`: names of conv or
-    linear modules whose output channels stay ungated. `model` is left as it was (the gated
-    net is a copy). Returns a GatedNet: forward -> (logits, GateInfo), so the losses, BN
-    recalibration and threshold inference of gumbel_channels work unchanged."""
+    CNN (the module docstring says how channels are grouped). Returns a GatedNet: forward ->
+    (output, GateInfo), so the losses, BN recalibration and threshold inference of
+    gumbel_channels work unchanged; `model` is left as it was (the gated net is a copy).
+    ignore: names of modules kept whole and ungated (not traced into; the channels they read
+        and write stay on; their MACs are a fixed cost).
+    uncovered: 'raise' (default) when the model runs conv or linear MACs that gate_any does
+        not see; 'fixed' counts them as a fixed cost (their channels stay on) and warns."""
     if gating != 'static':
         raise ValueError("gate_any gives static gates (gating='static'); dynamic gates: "
                          'gumbel_channels.gate_resnet, for ResNets')
+    if uncovered not in ('raise', 'fixed'):
+        raise ValueError(f"uncovered must be 'raise' or 'fixed', got {uncovered!r}")
     if gc.gates(model):
-        raise ValueError('model has gates already')
-    model = copy.deepcopy(model)
+        raise ValueError('model has gates already: pass the dense model')
+    ignore = set([ignore] if isinstance(ignore, str) else ignore or ())
+    names = dict(model.named_modules())
+    if ignore - set(names):
+        raise ValueError(f'ignore names no module of the model: {sorted(ignore - set(names))}; '
+                         'names are as model.named_modules() gives them')
+    training, model = model.training, copy.deepcopy(model)
+    graphs = {}
+    for mode in (False, True):                 # code reading self.training follows the mode
+        tracer = _Tracer(ignore)
+        try:
+            graphs[mode] = tracer.trace(model.train(mode))
+        except Exception as e:
+            raise ValueError(_trace_refusal(tracer.failed, e)) from None
+    same = graphs[True].python_code('self').src == graphs[False].python_code('self').src
+    x = example_input[:1]
+    analysis = _Analysis(model.eval(), ignore)
     try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
+        with torch.no_grad():
+            if not same:
+                analysis.run(graphs[True], x)
+                trained = {name for name, _ in analysis.sites.values()}
+            analysis.run(graphs[False], x)
     except Exception as e:
-        raise ValueError(f'gate_any needs a model torch.fx can trace ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0][:160]})') from None
-    training = gm.training
-    with torch.no_grad():
-        analysis = _Analysis(gm.eval(), example_input[:1], ignore)
-    gm.train(training)
-    found, column, gates, sources = analysis.ids, {}, [], []
-    device = example_input.device
-    for srcs, roots in _gate_groups(analysis).items():
-        start = len(column)
-        column.update((root, start + k) for k, root in enumerate(roots))
+        raise ValueError(f'the model cannot run on example_input {tuple(example_input.shape)} '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:160]}): pass an input '
+                         'of the size it is trained at') from None
+    if not same and trained != {name for name, _ in analysis.sites.values()}:
+        extra = sorted(trained ^ {name for name, _ in analysis.sites.values()})
+        raise ValueError(f'the model runs other layers in training than in evaluation '
+                         f'({", ".join(extra[:4])}): gate_any needs the same layers in both '
+                         '(build it without its auxiliary heads, e.g. aux_logits=False)')
+    found, device = analysis.ids, example_input.device
+    column, gates, sources = {}, [], []
+    for srcs, roots in _gate_groups(found).items():
+        column.update({root: len(column) + k for k, root in enumerate(roots)})
         gates.append(gc.StaticGate(len(roots), init_p).to(device))
         sources.append(list(srcs))
 
     def columns(ids):                       # each id's column of zfull (the last: no gate)
         return torch.tensor([column.get(found.find(i), len(column)) for i in ids.tolist()],
                             dtype=torch.long, device=device)
-    layers = [_Layer(name, gm.get_submodule(name), columns(ins), columns(outs))
-              for name, (ins, outs) in analysis.convs.items()]
-    norms = [_Layer(name, gm.get_submodule(name), columns(ch), columns(ch))
-             for name, ch in analysis.bns.items()]
-    _insert_masks(gm, layers)
-    gated = GatedNet(gm, gates, sources, layers, norms, tuple(example_input.shape[1:]))
-    gated.sizes(example_input)          # cached now: a compiled forward at this size is one graph
+    layers = [_Layer(name, columns(v['ins']), columns(v['outs']), v['kind'], v['kernel'],
+                     v['groups']) for name, v in analysis.layers.items()]
+    norms = [_Layer(name, columns(ch), columns(ch)) for name, ch in analysis.bns.items()]
+    net = fx.GraphModule(model, graphs[False])
+    eval_net = None
+    if not same:                            # the training-mode code runs in self.net
+        _copy_missing(model, net, graphs[True])
+        eval_graph, net.graph = net.graph, graphs[True]
+        _insert_masks(net, net.graph, layers, 'gate_mask')
+        _insert_masks(net, eval_graph, layers, 'gate_mask_eval')
+        eval_net = fx.GraphModule(net, eval_graph)
+    else:
+        _insert_masks(net, net.graph, layers, 'gate_mask')
+    net.train(training)
+    gated = GatedNet(net, eval_net, dict(analysis.sites), gates, sources, layers, norms,
+                     tuple(example_input.shape[1:])).train(training)
+    _check_count(gated, model.eval(), x, ignore, uncovered, analysis)
+    model.train(training)
     return gated
 
 
-def _insert_masks(gm, layers):
-    """zfull becomes the graph's second input; each conv and linear reads its input times
-    the decisions of the channels it carries."""
-    graph, by_name = gm.graph, {layer.name: layer for layer in layers}
+def _trace_refusal(module, e):
+    where = f'torch.fx cannot trace {module}' if module else 'torch.fx cannot trace the model'
+    first = (str(e).splitlines() or [''])[0][:160]
+    leaf = f"ignore=['{module.split(' ')[0]}']" if module and module[0] != 't' \
+        else "ignore=['name']"
+    return (f'{where} ({type(e).__name__}: {first}). Decorate the function that branches on a '
+            f'tensor with torch.fx.wrap, or pass {leaf} to keep that module whole (its '
+            'channels stay ungated, its MACs a fixed cost)')
+
+
+def _copy_missing(root, gm, graph):
+    """Give gm every module and attribute `graph` uses that it lacks, taken from root."""
+    for node in graph.nodes:
+        if node.op not in ('call_module', 'get_attr'):
+            continue
+        *path, field = node.target.split('.')
+        src, dst = root, gm
+        for part in path:
+            src = getattr(src, part)
+            if not hasattr(dst, part):
+                setattr(dst, part, nn.Module())
+            dst = getattr(dst, part)
+        if not hasattr(dst, field):
+            setattr(dst, field, getattr(src, field))
+
+
+def _insert_masks(gm, graph, layers, prefix):
+    """zfull becomes the graph's second input; each conv and linear call reads its input
+    times the decisions of the channels it carries."""
+    by_name = {layer.name: layer for layer in layers}
     x = next(n for n in graph.nodes if n.op == 'placeholder')
     with graph.inserting_after(x):
         zfull = graph.placeholder('zfull')
-    sites = [n for n in graph.nodes if n.op == 'call_module' and n.target in by_name]
-    for k, node in enumerate(sites):
-        layer = by_name[node.target]
-        gm.add_submodule(f'gate_mask{k}', _Mask(layer.ins, isinstance(
-            gm.get_submodule(node.target), nn.Linear)))
+    sites = [(n, _layer_called(n, by_name)) for n in graph.nodes]
+    for k, (node, layer) in enumerate((n, by_name[name]) for n, name in sites if name):
+        gm.add_submodule(f'{prefix}{k}', _Mask(layer.ins, layer.kind == 'linear'))
         with graph.inserting_before(node):
-            masked = graph.call_module(f'gate_mask{k}', (node.args[0], zfull))
+            masked = graph.call_module(f'{prefix}{k}', (node.args[0], zfull))
         node.args = (masked, *node.args[1:])
     graph.lint()
     gm.recompile()
 
+
+def _layer_called(node, layers):
+    """The name of the layer (in `layers`) a node calls: a module, or the weight of an
+    F.conv*d / F.linear call; None."""
+    if node.op == 'call_module':
+        return node.target if node.target in layers else None
+    if node.op == 'call_function' and (node.target in _CONV_FNS or node.target in
+                                       _TRANSPOSED_FNS or node.target is F.linear):
+        weight = _bound(node).get('weight')
+        if isinstance(weight, fx.Node) and weight.op == 'get_attr' and weight.target in layers:
+            return weight.target
+    return None
+
+
+def _check_count(gated, model, x, ignore, uncovered, analysis):
+    """FLOPs(Z) with every gate on against the conv and linear MACs FlopCounterMode counts in
+    the model, module by module: a difference outside the modules in `ignore` is refused
+    (or, uncovered='fixed', a fixed cost with a warning); a warning when less than half of
+    the MACs can be gated, naming the ops that fixed the channels."""
+    counted = conv_linear_macs(model, x)
+    per_site, _ = gated.site_positions(x)
+    by_name = {layer.name: layer for layer in gated.layers}
+    ours = {}
+    for node, n in per_site.items():
+        name, path = gated.sites[node]
+        for p in _ancestors(path):                     # the modules that ran (not ModuleLists)
+            if p == path or p in counted:
+                ours[p] = ours.get(p, 0) + n * by_name[name].dense_macs()
+    diff = {p: counted.get(p, 0) - ours.get(p, 0) for p in set(counted) | set(ours)}
+    diff = {p: d for p, d in diff.items() if d}
+    order = {p: k for k, p in enumerate(dict(model.named_modules()))}
+    deepest = sorted((p for p in diff if not any(q != p and _inside(q, p) for q in diff)),
+                     key=order.get)
+    kinds = {p: type(model.get_submodule(p)).__name__ for p in deepest}
+    modules = {n for node, (n, path) in gated.sites.items() if path == n}
+    unseen = [p for p in deepest if not any(_inside(p, i) for i in ignore)]  # others: ignored
+    wrong = [p for p in unseen if diff[p] < 0 or any(_inside(p, m) for m in modules)]
+    if wrong:
+        raise ValueError('gate_any cannot count the MACs of ' + ', '.join(
+            f'{p or "the model"} ({kinds[p]}: {counted.get(p, 0):,} counted, '
+            f'{ours.get(p, 0):,} by its weights)' for p in wrong) +
+            f": pass ignore={wrong!r} to keep those modules whole and ungated")
+    if unseen:
+        listed = ', '.join(f'{p or "the top module"} ({kinds[p]}) {diff[p]:,}' for p in unseen[:3])
+        listed += f' and {len(unseen) - 3} more modules' if len(unseen) > 3 else ''
+        if uncovered == 'raise':
+            raise ValueError(f'gate_any does not see these conv / linear MACs of the model: '
+                             f"{listed}. Pass uncovered='fixed' to count them as a fixed cost "
+                             '(their channels stay on), or name those modules in ignore= to '
+                             'keep them whole')
+        warnings.warn(f"gate_any: uncovered='fixed': {listed} MACs are a fixed cost, their "
+                      'channels stay on', stacklevel=3)
+    positions, fixed, total = gated.sizes(x)
+    z = torch.zeros(1, sum(g.channels for g in gated.gates) + 1, dtype=torch.float64)
+    z[:, -1] = 1                                               # every gate off
+    gateable = total - fixed - float(any_macs(gated.layers, positions, z).sum())
+    if total and gateable < total / 2:
+        reasons, fixed_roots = {}, analysis.ids.fixed_roots()
+        for layer in gated.layers:
+            seen = analysis.layers[layer.name]
+            roots = [analysis.ids.find(i) for i in torch.cat([seen['outs'], seen['ins']]).tolist()]
+            why = next((fixed_roots[r] for r in roots if r in fixed_roots), 'fixed channels')
+            reasons[why] = reasons.get(why, 0) + float(any_macs([layer], positions, z).sum())
+        for p in deepest:
+            kept = next((i for i in ignore if _inside(p, i)), None)
+            why = f'ignore={kept!r}' if kept else f'{p or "the top module"} ({kinds[p]})'
+            reasons[why] = reasons.get(why, 0) + diff[p]
+        top = [(w, m) for w, m in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+               if m >= total / 200]                            # those that round to 1% or more
+        warnings.warn(f'gate_any: only {100 * gateable / total:.0f}% of the MACs can be gated; '
+                      'the channels of the rest are fixed by ' + ', '.join(
+                          f'{w} ({100 * m / total:.0f}%)' for w, m in top), stacklevel=3)
+
+
+def _ancestors(path):
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a', '']."""
+    parts = path.split('.') if path else []
+    return ['.'.join(parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _inside(q, p):
+    """Whether module path q lies in p (or is p)."""
+    return p == '' or q == p or q.startswith(p + '.')
+
+
+# ----------------------------------------------------------------------------- pruning
 
 class _Constant(nn.Module):
     """What a conv or linear layer with no input channel left computes: its bias (or 0) at
@@ -520,74 +896,123 @@ class _Constant(nn.Module):
 
     def __init__(self, layer, bias, out_channels):
         super().__init__()
-        self.conv = isinstance(layer, nn.Conv2d)
-        if self.conv:
-            self.geometry = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+        self.kind = _kind(layer)
+        if self.kind != 'linear':
+            self.geometry = [layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                             layer.output_padding]
         self.register_buffer('bias', torch.zeros(out_channels) if bias is None else bias.clone())
 
     def forward(self, x):
-        if not self.conv:                       # contiguous: later ops may work in place
+        if self.kind == 'linear':               # contiguous: later ops may work in place
             return self.bias.to(x.dtype).expand(*x.shape[:-1], len(self.bias)).contiguous()
-        k, s, p, d = self.geometry
-        hw = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2)]
-        return self.bias.to(x.dtype).view(1, -1, 1, 1).expand(x.shape[0], -1, *hw).contiguous()
+        k, s, p, d, op = self.geometry
+        size = []
+        for i, n in enumerate(x.shape[2:]):
+            pad = 0 if p == 'valid' else p[i] if p != 'same' else None
+            if self.kind == 'transposed':
+                size.append((n - 1) * s[i] - 2 * pad + d[i] * (k[i] - 1) + op[i] + 1)
+            else:
+                size.append(n if pad is None else (n + 2 * pad - d[i] * (k[i] - 1) - 1) // s[i] + 1)
+        shape = (1, -1) + (1,) * len(size)
+        return self.bias.to(x.dtype).view(shape).expand(x.shape[0], -1, *size).contiguous()
+
+
+def _with(module, **tensors):
+    """A copy of module whose named parameters or buffers are replaced (same kind)."""
+    new = copy.copy(module)
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    for name, t in tensors.items():
+        if name in module._parameters:
+            new._parameters[name] = None if t is None else nn.Parameter(
+                t.clone(), requires_grad=module._parameters[name].requires_grad)
+        else:
+            new._buffers[name] = t.clone()
+    return new
 
 
 def _sliced(layer, keep_in, keep_out, groups):
-    """A conv or linear layer with only the kept input and output channels."""
-    if isinstance(layer, nn.Linear):
-        w = layer.weight[keep_out][:, keep_in]
-        bias = None if layer.bias is None else layer.bias[keep_out]
-        if w.shape[1] == 0 or w.shape[0] == 0:
-            return _Constant(layer, bias, w.shape[0])
-        new = nn.Linear(w.shape[1], w.shape[0], bias is not None).to(w)
+    """A conv (any dimension, transposed) or linear layer, or a subclass, with only the kept
+    input and output channels; a grouped conv keeps whole groups."""
+    kind, w = _kind(layer), layer.weight
+    bias = None if layer.bias is None else layer.bias[keep_out]
+    if groups == 1:
+        w = w[keep_out][:, keep_in] if kind != 'transposed' else w[keep_in][:, keep_out]
+    else:                                                  # whole groups
+        w = w[keep_out] if kind == 'conv' else w[keep_in]
+        groups = int(keep_out.view(groups, -1)[:, 0].sum())
+    n_in, n_out = int(keep_in.sum()), int(keep_out.sum())
+    if n_in == 0 or n_out == 0:
+        return _Constant(layer, bias, n_out)
+    new = _with(layer, weight=w, bias=bias)
+    if kind == 'linear':
+        new.in_features, new.out_features = n_in, n_out
     else:
-        if groups == 1:
-            w = layer.weight[keep_out][:, keep_in]
-        else:
-            w = layer.weight[keep_out]                     # whole groups: inputs per group kept
-            groups = int(keep_out.view(groups, -1)[:, 0].sum())
-        bias = None if layer.bias is None else layer.bias[keep_out]
-        if w.shape[0] == 0 or (groups == 1 and w.shape[1] == 0):
-            return _Constant(layer, bias, w.shape[0])
-        new = nn.Conv2d(w.shape[1] * groups, w.shape[0], layer.kernel_size, layer.stride,
-                        layer.padding, layer.dilation, groups, bias is not None,
-                        layer.padding_mode).to(w)
-    new.weight.copy_(w)
-    if bias is not None:
-        new.bias.copy_(bias)
+        new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
     return new
 
 
 def _sliced_bn(bn, keep):
     if not keep.any():
         return nn.Identity()                               # a tensor with no channel left
-    new = type(bn)(int(keep.sum()), bn.eps, bn.momentum, bn.affine,
-                   bn.track_running_stats).to(bn.running_mean if bn.running_mean is not None
-                                              else bn.weight)
-    for name in ('running_mean', 'running_var', 'weight', 'bias'):
-        if getattr(bn, name) is not None:
-            getattr(new, name).copy_(getattr(bn, name)[keep])
+    new = _with(bn, **{k: getattr(bn, k)[keep] for k in ('weight', 'bias', 'running_mean',
+                                                         'running_var')
+                       if isinstance(getattr(bn, k, None), torch.Tensor)})
+    if hasattr(new, 'num_features'):
+        new.num_features = int(keep.sum())
     return new
 
 
-def _prune(net, layers, norms, keep, x):
+def _module_of_call(gm, node):
+    """The nn module computing an F.conv*d / F.linear call on module parameters."""
+    call = _bound(node)
+    w = gm.get_parameter(call['weight'].target)
+    bias = call.get('bias')
+    bias = None if bias is None else gm.get_parameter(bias.target)
+    if node.target is F.linear:
+        new = nn.Linear(w.shape[1], w.shape[0], bias is not None)
+    else:
+        dim = {**_CONV_FNS, **_TRANSPOSED_FNS}[node.target]
+        kw = {k: call[k] for k in (_CONV_ARGS if node.target in _CONV_FNS else _TRANSPOSED_ARGS)
+              if k in call}
+        groups = kw.get('groups', 1)
+        if node.target in _CONV_FNS:
+            new = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1](
+                w.shape[1] * groups, w.shape[0], w.shape[2:], bias=bias is not None, **kw)
+        else:
+            new = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dim - 1](
+                w.shape[0], w.shape[1] * groups, w.shape[2:], bias=bias is not None, **kw)
+    return _with(new.to(w), weight=w.detach(), bias=None if bias is None else bias.detach())
+
+
+def _prune(gm, layers, norms, keep, x):
     """A copy of the traced net without its masks and zfull input, each conv, linear and BN
-    sliced to the channels `keep` (per column of zfull) keeps; ops that cannot take a tensor
-    left with no channel (a pool after a conv whose outputs are all off) are made to."""
-    gm = copy.deepcopy(net).eval()
+    sliced to the channels `keep` (per column of zfull) keeps (an F.conv*d / F.linear call
+    becomes the module it computes, sliced); ops that cannot take a tensor left with no
+    channel (a pool after a conv whose outputs are all off) are made to."""
+    gm = copy.deepcopy(gm).eval()
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == 'call_module' and node.target.startswith('gate_mask'):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
-            delattr(gm, node.target)
     graph.erase_node(next(n for n in graph.nodes if n.op == 'placeholder' and n.target == 'zfull'))
-    for layer in layers:
-        gm.set_submodule(layer.name, _sliced(gm.get_submodule(layer.name), keep[layer.ins],
-                                             keep[layer.outs], layer.groups))
+    by_name = {layer.name: layer for layer in layers}
+    calls = [n for n in graph.nodes if n.op == 'call_function' and _layer_called(n, by_name)]
+    for k, node in enumerate(calls):
+        name = f'pruned_call{k}'
+        gm.add_submodule(name, _module_of_call(gm, node))
+        by_name[name] = by_name[_layer_called(node, by_name)]
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
+        layer = by_name[target]                          # once, however often it is called
+        gm.set_submodule(target, _sliced(gm.get_submodule(target), keep[layer.ins],
+                                         keep[layer.outs], layer.groups))
     for norm in norms:
         gm.set_submodule(norm.name, _sliced_bn(gm.get_submodule(norm.name), keep[norm.ins]))
+    gm.delete_all_unused_submodules()
     gm.recompile()
     _EmptySafe(gm.eval()).run(x)
     graph.lint()
@@ -601,6 +1026,12 @@ def _on_empty(fn, x, *args, **kwargs):
     if x.shape[1] == 0:
         return fn(x.new_zeros(x.shape[0], 1, *x.shape[2:]), *args, **kwargs)[:, :0]
     return fn(x, *args, **kwargs)
+
+
+def _on_empty_call(name, x, *args, **kwargs):
+    """_on_empty of the function named `name` ('torch.nn.functional.max_pool2d')."""
+    module, _, attr = name.rpartition('.')
+    return _on_empty(getattr(importlib.import_module(module), attr), x, *args, **kwargs)
 
 
 class _OnEmpty(nn.Module):
@@ -628,8 +1059,10 @@ class _EmptySafe(fx.Interpreter):
                 raise
         if n.op == 'call_module':
             self.module.set_submodule(n.target, _OnEmpty(self.module.get_submodule(n.target)))
-        elif n.op == 'call_function':
-            n.target, n.args = _on_empty, (n.target, *n.args)
+        elif n.op == 'call_function':                    # by name: the code stays printable
+            n.target, n.args = _on_empty_call, (_get_qualified_name(n.target), *n.args)
         else:
-            raise RuntimeError(f'{n.target} cannot take a tensor with no channel')
+            raise ValueError(f'the pruned net cannot run: .{n.target}() gets a tensor with no '
+                             'channel left; pass its input\'s layer in gate_any(ignore=...) '
+                             'so that those channels stay on')
         return super().run_node(n)

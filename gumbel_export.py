@@ -237,6 +237,9 @@ def fold_bn(net):
     """A copy of a gate-free net in evaluation mode, each BatchNorm after a conv folded in.
     For nets pruned or dense, ours or torchvision's: each module's (convK, bnK) pair becomes
     a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
+    if gc.gates(net):
+        raise ValueError('fold_bn takes a gate-free net: prune the gated net first '
+                         '(gumbel_export.prune(model))')
     net = copy.deepcopy(net).eval()
     if isinstance(net, torch.fx.GraphModule):              # gumbel_any's pruned nets
         return _fold_graph(net)
@@ -258,8 +261,7 @@ def _fold_graph(gm):
         if node.op == 'call_module':
             calls.setdefault(node.target, []).append(node)
     for node in list(gm.graph.nodes):
-        if node.op != 'call_module' or not isinstance(gm.get_submodule(node.target),
-                                                      nn.BatchNorm2d):
+        if node.op != 'call_module' or not _is_bn2d(gm.get_submodule(node.target)):
             continue
         src = node.args[0]
         if not (isinstance(src, torch.fx.Node) and src.op == 'call_module'
@@ -274,6 +276,11 @@ def _fold_graph(gm):
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _is_bn2d(m):
+    """A BatchNorm2d, or torchvision's FrozenBatchNorm2d (fixed statistics, folded alike)."""
+    return isinstance(m, nn.BatchNorm2d) or type(m).__name__ == 'FrozenBatchNorm2d'
 
 
 def _conv_bn(m):
@@ -471,6 +478,10 @@ class SkipNet(nn.Module):
         super().__init__()
         if not gc.gates(model):
             raise ValueError('model must be a gated network (gating="dynamic" or "static")')
+        if not isinstance(model, gc.ResNet):
+            raise ValueError(f'SkipNet runs the gated ResNets of gumbel_channels; a '
+                             f'{type(model).__name__} has static gates: its fast form is '
+                             'gumbel_export.prune(model)')
         model = copy.deepcopy(model).eval()
         self.stem = nn.Sequential(_folded_conv(model.conv1, model.bn1), model.relu, model.maxpool)
         self.blocks = nn.ModuleList(_SkipBlock(b) for b in model.blocks())

@@ -1,6 +1,8 @@
 """gumbel_any: the paper's static gates on any CNN, one test per model family (issue 21): the
 channel groups are found, FLOPs(Z) is the pruned net's counted MACs exactly, and the pruned
 net computes the thresholded gated net."""
+import collections
+
 import pytest
 import torch
 import torch.nn as nn
@@ -150,3 +152,323 @@ def test_what_cannot_be_gated_is_refused_or_left_ungated():
             def forward(self, x):
                 return x if x.sum() > 0 else -x
         ga.gate_any(Branchy(), torch.randn(1, 3, 4, 4))
+
+
+# ----------------------------------------------------------------------------- issue 30: beyond
+# the classifiers, every number exact or a plain refusal
+
+def gate_and_check(model, x, **kw):
+    """check_exact for any output structure and input dimension; returns (gated, pruned)."""
+    model = randomized(model)
+    dense = model(x)
+    gated = random_decisions(ga.gate_any(model, x, **kw))
+    out, info = gated(x)
+    pruned = ge.prune(gated)
+    assert info.macs.tolist() == [ge.counted_macs(pruned, x[:1])] * len(x)
+    assert info.max_macs == ge.counted_macs(model, x[:1]) > info.macs[0]
+    for a, b, d in zip(leaves(pruned(x)), leaves(out), leaves(dense)):
+        scale = b.abs().max()
+        assert (a - b).abs().max() <= 1e-4 * scale
+    with gc.evaluation(gated, 'all_on'):
+        for a, d in zip(leaves(gated(x)[0]), leaves(dense)):
+            assert (a - d).abs().max() <= 1e-5 * d.abs().max()
+    return gated, pruned
+
+
+def leaves(out):
+    return ga._tensors(out)
+
+
+class Audio1d(nn.Module):
+    """An audio CNN: Conv1d, BatchNorm1d, 1D pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(1, 8, 9, 2, 4), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(8, 12, 3, padding=1), nn.BatchNorm1d(12), nn.ReLU(), nn.AvgPool1d(2),
+            nn.Conv1d(12, 12, 3, padding=1, groups=4), nn.ReLU(), nn.AdaptiveAvgPool1d(1))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+class Video3d(nn.Module):
+    """A 3D CNN: Conv3d, BatchNorm3d, 3D pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(3, 6, 3, padding=1), nn.BatchNorm3d(6), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Conv3d(6, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.AdaptiveAvgPool3d(1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+class UNet(nn.Module):
+    """A small U-Net: a transposed conv up, a concatenated skip, per-pixel logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = self.enc1(x)
+        b = self.enc2(F.max_pool2d(a, 2))
+        return self.head(self.dec(torch.cat([self.up(b), a], 1)))
+
+
+class TimmLinear(nn.Linear):
+    """A Linear subclass whose forward calls F.linear (as timm's does)."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Functional(nn.Module):
+    """F.conv2d and F.linear on module parameters, a Linear subclass, a conv called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b = nn.Parameter(torch.randn(8) * 0.1)
+        self.bn = nn.BatchNorm2d(8)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.proj = TimmLinear(8, 12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        y = F.relu(self.bn(F.conv2d(x, self.w, self.b, padding=1)))
+        y = F.relu(self.shared(F.relu(self.shared(y))))
+        y = F.relu(self.proj(y.mean((2, 3))))
+        return F.linear(y, self.fc.weight, self.fc.bias)
+
+
+def test_1d_and_3d_cnns_gate_and_prune_exactly():
+    torch.manual_seed(0)
+    for model, x in ((Audio1d(), torch.randn(2, 1, 64)), (Video3d(), torch.randn(2, 3, 4, 8, 8))):
+        gated, _ = gate_and_check(model, x)
+        assert {'body.0'} in [set(s) for s in gated.sources]
+
+
+def test_a_unet_gates_its_transposed_conv_and_prunes_exactly():
+    torch.manual_seed(0)
+    gated, pruned = gate_and_check(UNet(), torch.randn(2, 3, 8, 8))
+    assert any('up' in s for s in gated.sources)                   # gated, then sliced
+    assert pruned.up.out_channels < 8 or pruned.up.in_channels < 16
+
+
+def test_functional_calls_subclasses_and_a_module_called_twice_count_every_call():
+    torch.manual_seed(0)
+    model = Functional()
+    gated, pruned = gate_and_check(model, torch.randn(2, 3, 6, 6))
+    names = {layer.name for layer in gated.layers}
+    assert {'w', 'shared', 'proj', 'fc.weight'} <= names
+    positions = gated.sizes(torch.randn(1, 3, 6, 6))[0]
+    assert positions['shared'] == 2 * 36                           # both calls counted
+
+
+def test_frozen_batchnorm_is_gated_pruned_and_folded():
+    """A detection backbone's FrozenBatchNorm2d: a BN with fixed statistics."""
+    from torchvision.ops import FrozenBatchNorm2d
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.running_var.uniform_(0.5, 2)
+                m.bias.normal_(0, 0.1)
+    gated, pruned = gate_and_check(model, torch.randn(2, 3, 32, 32))
+    assert sum(g.channels for g in gated.gates) > 1000
+    folded = ge.fold_bn(pruned)
+    frozen = [sum(isinstance(m, FrozenBatchNorm2d) for m in n.modules()) for n in (pruned, folded)]
+    assert frozen[1] < frozen[0]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(folded(x), pruned(x), atol=1e-4)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's fused norm and activation: a BN subclass that calls F.batch_norm."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.1, self.eps)
+        return F.relu(x)
+
+
+def test_a_batchnorm_subclass_keeps_its_channels_gateable():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 3),
+                          BatchNormAct2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    gated, _ = gate_and_check(model, torch.randn(2, 3, 8, 8))
+    assert sum(g.channels for g in gated.gates) == 16
+
+
+@torch.fx.wrap
+def window_attention(x, weight):
+    """A function torch.fx does not trace into (as swin_t's attention is)."""
+    return F.linear(x, weight)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return window_attention(x, self.qkv.weight)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.attn = Attention()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)                   # (B, HW, 8)
+        return self.head(self.attn(t).mean(1))
+
+
+def test_macs_it_does_not_see_are_refused_or_counted_as_a_fixed_cost():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"attn \(Attention\) 1,024.*uncovered='fixed'"):
+        ga.gate_any(Tokens(), x)
+    with pytest.warns(UserWarning, match='fixed cost'):
+        gated, _ = gate_and_check(Tokens(), x, uncovered='fixed')
+    assert gated.sizes(x)[1] == 16 * 8 * 8                          # the attention's MACs
+
+
+class LoRALinear(nn.Linear):
+    """A Linear subclass with MACs beyond its weight's."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__(n_in, n_out)
+        self.a = nn.Parameter(torch.randn(2, n_in))
+        self.b = nn.Parameter(torch.randn(n_out, 2))
+
+    def forward(self, x):
+        return super().forward(x) + F.linear(F.linear(x, self.a), self.b)
+
+
+def test_a_layer_with_unexpected_macs_is_refused_then_kept_whole_with_ignore():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), LoRALinear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 4))
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"6 \(LoRALinear: 96 counted, 64 by its weights\).*"
+                                         r"ignore=\['6'\]"):
+        ga.gate_any(model, x)
+    gated, _ = gate_and_check(model, x, ignore=['6'])
+    assert gated.sources == [['0']]                                 # conv 2 feeds the kept one
+    assert gated.sizes(x)[1] == 96                                  # a fixed cost
+
+
+def drop_path(x, p, training):
+    """timm's drop path: a per-sample 0/1 scale in training, nothing in evaluation."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep.div_(1 - p)
+
+
+class Drops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        y = y + drop_path(F.relu(self.conv2(y)), 0.5, self.training)
+        return self.head(F.dropout(y.mean((2, 3)), 0.5, self.training))
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_the_gated_net_follows_train_and_eval_whichever_mode_it_was_gated_in(mode):
+    torch.manual_seed(0)
+    model, x = Drops(), torch.randn(8, 3, 6, 6)
+    gated = ga.gate_any(getattr(model, mode)(), x)
+    assert gated.training == (mode == 'train')
+    assert {'conv', 'conv2'} <= {s for src in gated.sources for s in src}   # drop path fixes none
+    with gc.evaluation(gated, 'all_on'):
+        assert torch.equal(gated(x)[0], gated(x)[0])
+        assert torch.allclose(gated(x)[0], model.eval()(x), atol=1e-6)
+    gated.train()
+    for g in gated.gates:
+        g.strategy = 'all_on'
+    assert not torch.equal(gated(x)[0], gated(x)[0])                    # dropout in training
+
+
+def test_outputs_keep_their_structure():
+    Out = collections.namedtuple('Out', 'logits extra')
+
+    class Structured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.conv2 = nn.Conv2d(8, 8, 1)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            f = F.relu(self.conv2(F.relu(self.conv(x)))).mean((2, 3))
+            return Out(self.head(f), {'features': f, 'list': [f * 2, (f,)]})
+
+    gated, pruned = gate_and_check(Structured(), torch.randn(2, 3, 6, 6))
+    out = gated(torch.randn(2, 3, 6, 6))[0]
+    assert isinstance(out, Out) and isinstance(out.extra['list'][1], tuple)
+    assert isinstance(pruned(torch.randn(2, 3, 6, 6)), Out)
+
+
+def test_a_literal_channel_permutation_fixes_the_channels_it_indexes():
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 6, 1)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.b(F.relu(self.a(x))[:, [7, 6, 5, 4, 3, 2, 1, 0]])
+            return self.head(F.relu(y).mean((2, 3)))
+
+    with pytest.warns(UserWarning, match=r'fixed by a literal channel index in getitem\(\) in '
+                                         r'the top module \(82%\)'):
+        gated, _ = gate_and_check(Permuted(), torch.randn(2, 3, 4, 4))
+    assert gated.sources == [['b']]                                   # a's channels fixed
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_errors_are_one_sentence_that_says_what_to_do():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), Branchy(), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"cannot trace 3 \(Branchy\).*torch\.fx\.wrap.*"
+                                         r"ignore=\['3'\]"):
+        ga.gate_any(model, x)
+    gated, _ = gate_and_check(model, x, ignore=['3'])                 # kept whole: a fixed cost
+    assert gated.sizes(x)[1] == 8 * 8 * 16
+    with pytest.raises(ValueError, match=r'ignore names no module'):
+        ga.gate_any(model, x, ignore=['nope'])
+    with pytest.raises(ValueError, match=r'prune\(model\)'):
+        ge.SkipNet(gated)
+    with pytest.raises(ValueError, match=r'prune the gated net first'):
+        ge.fold_bn(gated)
