@@ -159,6 +159,36 @@ def polarization(plt, folder, out, tau=0.5):
     return save(plt, fig, out / f'polarization_{folder.name}.png')
 
 
+def comparison(result, path):
+    """compare.py's figure: accuracy against MACs % of the dense start, every seed of every arm
+    a point, arms in colours, one panel per t; the dense start a dashed line. Needs
+    matplotlib (ImportError without it)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ts = sorted({r['t'] for r in result['rows']})
+    arms = list(dict.fromkeys(r['arm'] for r in result['rows']))
+    colours = {arm: plt.get_cmap('tab10')(k % 10) for k, arm in enumerate(arms)}
+    fig, axes = plt.subplots(1, len(ts), figsize=(5.5 * len(ts) + 2, 4.5), dpi=100,
+                             squeeze=False)
+    for ax, t in zip(axes[0], ts):
+        for arm in arms:
+            rows = [r for r in result['rows'] if r['t'] == t and r['arm'] == arm]
+            ax.scatter([r['macs_percent'] for r in rows], [r['acc'] for r in rows],
+                       color=colours[arm], label=arm, s=24, alpha=0.8)
+        ax.axhline(result['dense_acc'], color='black', linestyle='--', linewidth=0.8,
+                   label=f"dense start {result['dense_acc']:.2f}%")
+        ax.set(xlabel='MACs % of the dense start', ylabel='test accuracy % (final epoch)')
+        data = 'synthetic stripes' if result['settings']['synthetic'] \
+            else result['settings']['dataset']
+        ax.set_title(f"{result['settings']['arch']} on {data}, t = {t:g}: every seed a point",
+                     fontsize=9)
+        ax.margins(x=0.15, y=0.15)
+    axes[0][-1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return save(plt, fig, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('runs', nargs='+', help='run folders holding final.json')

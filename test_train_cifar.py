@@ -338,7 +338,7 @@ def test_reader_validates_the_cifar_format(tmp_path):
 def test_augmentation_crops_and_flips_on_the_device():
     """Each output is a 32x32 window of the zero-padded image, possibly mirrored."""
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    out = train_cifar.augment(x, torch.Generator().manual_seed(0))
+    out = cifar_data.augment(x, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(8):
         windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 
 import cifar_data
@@ -25,6 +24,7 @@ import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import train_common as common
+import train_loop
 from train_common import UsageError
 
 DEPTHS = {
@@ -32,13 +32,10 @@ DEPTHS = {
     **{f'densenet{d}': d for d in (16, 40, 100)},
 }
 ANY = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(DEPTHS))
-MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1) * 255
-STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')  # a checkpoint must match these
+STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic', 'dataset')  # a checkpoint must match
 DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
 FREE = ('resume', 'out', 'device', 'threads', 'compile', 'data_dir', 'tau', 'recal_batches',
         'also', 'runs', 'evaluate', 'round_to')
-CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 
 
 def parse_args(argv):
@@ -67,7 +64,10 @@ def parse_args(argv):
     a('--also', nargs='*', default=[], choices=('all_on', 'sample', 'ensemble'),
       help='more evaluations (3.3)')
     a('--runs', type=int, default=8, help='stochastic runs for --also sample / ensemble')
-    a('--data-dir', default='data', help='holds cifar-10-batches-py (downloaded there when absent)')
+    a('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
+      help="the data set, in torchvision's layout under --data-dir (downloaded there when "
+           'absent); grey 28 x 28 sets are padded to 32 x 32 on 3 channels')
+    a('--data-dir', default='data', help='holds the data set (cifar-10-batches-py for CIFAR-10)')
     a('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
     a('--out', default='runs', help='runs are written in subfolders of this folder')
     a('--resume', action='store_true', help="continue this configuration's unfinished run")
@@ -109,49 +109,28 @@ def parse_args(argv):
     return args
 
 
-# ----------------------------------------------------------------------------- data
-
-def augment(x, gen):
-    """Random crop (zero padding 4) and horizontal flip of uint8 (B, 3, 32, 32), on x's device."""
-    b = x.shape[0]
-    shift = torch.randint(0, 9, (2, b, 1), generator=gen).to(x.device)
-    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
-    padded = F.pad(x, (4, 4, 4, 4))
-    rows = (shift[0] + torch.arange(32, device=x.device))[:, :, None]        # (B, 32, 1)
-    cols = (shift[1] + torch.arange(32, device=x.device))[:, None, :]        # (B, 1, 32)
-    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # (B, 32, 32, 3)
-    out = out.permute(0, 3, 1, 2)
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-
-def prepare(x):
-    """uint8 (B, 3, 32, 32) -> normalized float, channels_last."""
-    x = (x.float() - MEAN.to(x.device)) / STD.to(x.device)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def train_batches(x, y, batch_size, gen):
-    perm = torch.randperm(len(x), generator=gen).to(x.device)
-    for i in range(0, len(x) - batch_size + 1, batch_size):     # drop the last partial batch
-        idx = perm[i:i + batch_size]
-        yield prepare(augment(x[idx], gen)), y[idx]
-
-
 # ----------------------------------------------------------------------------- training
 
 def build(args, gated):
     """The CIFAR network of --arch: dense, or with its gates (ResNets, any torchvision
     classifier) or exits (DenseNets)."""
     if args.arch in ANY:
-        model = torchvision.models.get_model(args.arch, num_classes=10).to(args.device)
+        model = torchvision.models.get_model(args.arch, num_classes=classes(args))
+        model = model.to(args.device)
         return gated_from(model, args) if gated else model.to(memory_format=torch.channels_last)
     depth = DEPTHS[args.arch]
     if args.arch.startswith('densenet'):
-        model = gc.densenet_cifar(depth, exits=gated, init_leave_p=1 - args.gate_init_p)
+        model = gc.densenet_cifar(depth, num_classes=classes(args), exits=gated,
+                                  init_leave_p=1 - args.gate_init_p)
     else:
-        model = gc.resnet_cifar(depth, gating=args.gating if gated else None,
+        model = gc.resnet_cifar(depth, num_classes=classes(args),
+                                gating=args.gating if gated else None,
                                 granularity=args.granularity, init_p=args.gate_init_p)
     return model.to(args.device, memory_format=torch.channels_last)
+
+
+def classes(args):
+    return 10 if args.synthetic else len(cifar_data.DATASETS[args.dataset][2])
 
 
 def gated_from(baseline, args):
@@ -165,71 +144,25 @@ def gated_from(baseline, args):
     return model
 
 
-def test_batches(x, y, size=1000):
-    """(prepared images, labels) of the test set in chunks, as every evaluation reads it."""
-    for i in range(0, len(x), size):
-        yield prepare(x[i:i + size]), y[i:i + size]
-
-
-@torch.no_grad()
-def evaluate(model, x, y, autocast):
-    """Accuracy % and (rate, MACs %, polarized) under the model's current inference strategy."""
-    model.eval()
-    correct, stats, batches = 0, 0, 0
-    for xb, yb in test_batches(x, y):
-        with autocast():
-            out = model(xb)
-        logits, info = gc.split_output(out)
-        correct += (logits.argmax(1) == yb).sum()
-        if info is not None:
-            stats, batches = stats + common.gate_stats(info), batches + 1
-    return 100 * correct.item() / len(x), *common.averages(stats, batches)
-
-
 def run_phase(phase, model, data, args, run_dir, autocast):
     """Train `model` for one phase ('dense' or 'gated') with checkpoints in run_dir; returns the
     trained model and the phase's last metrics row."""
     first = phase == 'dense'                            # He et al.'s recipe for the baseline
     epochs = args.dense_epochs if first else args.epochs
-    batch_size = args.dense_batch_size if first else args.batch_size
-    milestones = common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
-    warmup = first and DEPTHS.get(args.arch, 0) >= 110         # ResNet-110: lr 0.01 in epoch 0
-    decay = args.dense_weight_decay if first else args.weight_decay
-    opt, sched = common.optimizer(model, args, weight_decay=decay, milestones=milestones,
-                                  warmup=warmup)
-    gen = torch.Generator().manual_seed(args.seed + (0 if first else 1))
-    start, best, last = 0, -1.0, None
-    if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
-        start, best, last = common.resume(run_dir, model, opt, sched, gen=gen)
-        print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
-    common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
-    step = common.TrainStep(model, opt, common.gate_loss(args), autocast,
-                            mode=common.compile_mode(args.compile, args.device))
-    x_train, y_train, x_test, y_test = data
-    print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}, '
-          f'run dir {run_dir}')
-    print(common.ROW.format(*common.HEADER))
-    steps = len(x_train) // batch_size
-    for epoch in range(start, epochs):
-        m = common.train_epoch(step, train_batches(x_train, y_train, batch_size, gen),
-                               progress=lambda i: common.progress(epoch, i, epochs, steps),
-                               epoch=epoch + 1, steps=steps)
-        lr = opt.param_groups[0]['lr']
-        sched.step()
-        test_acc, test_rate, test_macs, _ = evaluate(model, x_test, y_test, autocast)
-        last = dict(phase=phase, epoch=epoch + 1, lr=lr, **m, test_acc=test_acc,
-                    test_rate=test_rate, test_macs=test_macs,
-                    images_per_s=m['images'] / m['seconds'])
-        common.print_row(epoch + 1, lr, m, test_acc, test_macs, last['images_per_s'])
-        ckpt = common.checkpoint(model, opt, sched, epoch=epoch + 1, best=max(best, test_acc),
-                                 args=args, metrics=last, gen=gen)
-        common.record_epoch(run_dir, ckpt, last, improved=test_acc > best)
-        best = max(best, test_acc)
-    return model, last
+    return train_loop.fit(
+        model, data, args, epochs=epochs,
+        batch_size=args.dense_batch_size if first else args.batch_size,
+        weight_decay=args.dense_weight_decay if first else args.weight_decay,
+        milestones=common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones,
+        warmup=first and DEPTHS.get(args.arch, 0) >= 110,   # ResNet-110: lr 0.01 in epoch 0
+        gen=torch.Generator().manual_seed(args.seed + (0 if first else 1)),
+        gate_loss=common.gate_loss(args), autocast=autocast,
+        mode=common.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
 
 
 def run_name(args, phase):
-    prefix = 'synthetic-' if args.synthetic else ''
+    prefix = 'synthetic-' if args.synthetic else '' if args.dataset == 'cifar10' \
+        else f'{args.dataset}-'
     if phase == 'dense':
         return f'{prefix}dense-{args.arch}-s{args.seed}'
     soft = '-soft' if args.soft_gates else ''
@@ -259,7 +192,7 @@ def main(argv=None):
         common.print_summary(list(finished.values()))
         return list(finished.values())
     dense_done = bool(args.init) or common.check_run_dir(
-        dense_dir, args, 'dense_epochs', ('arch', 'seed', 'synthetic'), DENSE_SETTINGS,
+        dense_dir, args, 'dense_epochs', ('arch', 'seed', 'synthetic', 'dataset'), DENSE_SETTINGS,
         reuse_finished=bool(runs))
     for run in runs:
         common.check_run_dir(out / run_name(run, 'gated'), run, 'epochs', STRUCTURE,
@@ -286,13 +219,13 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     print('args:', json.dumps(vars(args)))
     autocast = common.autocast_for(device)
     torch.manual_seed(args.seed)
-    data = cifar_data.load(args.data_dir, args.synthetic, device)
-    if len(data[2]) < 2:
-        raise UsageError(f'the test set has {len(data[2])} image(s): evaluation and export need '
-                         'at least 2')
+    data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
+    if len(data.x_test) < 2:
+        raise UsageError(f'the test set has {len(data.x_test)} image(s): evaluation and export '
+                         'need at least 2')
     sizes = [args.batch_size] * bool(runs) + [args.dense_batch_size] * (not dense_done)
-    if len(data[0]) < max(sizes, default=0):
-        raise UsageError(f'the training set has {len(data[0])} images, fewer than one batch '
+    if len(data.x_train) < max(sizes, default=0):
+        raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch '
                          f'({max(sizes)}): lower --batch-size / --dense-batch-size')
     if runs:  # the gated net's checks are cheap: first
         n_modules = len(gc.gates(build(args, gated=True)))
@@ -312,7 +245,7 @@ def pipeline(args, runs, dense_dir, dense_done, device):
         print(f'dense: reusing the finished baseline in {dense_dir}')
     else:
         baseline, _ = run_phase('dense', baseline, data, args, dense_dir, autocast)
-    base_acc = evaluate(baseline, data[2], data[3], autocast)[0]
+    base_acc = train_loop.evaluate(baseline, data, autocast)[0]
     if not runs:
         row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
         common.finish(row, dense_dir)
@@ -337,12 +270,12 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
         model = ge.round_gates(model, args.round_to)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    label, recal = common.recal_batches(train_batches(*data[:2], args.batch_size, gen),
-                                        args.recal_batches, len(data[0]) // args.batch_size)
+    label, recal = common.recal_batches(data.train_batches(args.batch_size, gen),
+                                        args.recal_batches, len(data.x_train) // args.batch_size)
     with common.stage(label), autocast():
         gc.recalibrate_bn(model, (xb for xb, _ in recal))
     with common.stage(f'evaluation at threshold {args.tau}'):
-        acc, rate, macs, polar = evaluate(model, data[2], data[3], autocast)
+        acc, rate, macs, polar = train_loop.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
@@ -353,24 +286,26 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
             if strategy == 'ensemble':
                 with autocast():
                     probs = torch.cat([gc.ensemble_predict(model, xb, args.runs)
-                                       for xb, _ in test_batches(*data[2:])])
-                row['ensemble_acc'] = 100 * (probs.argmax(1) == data[3]).float().mean().item()
+                                       for xb, _ in data.test_batches()])
+                row['ensemble_acc'] = 100 * (probs.argmax(1) == data.y_test).float().mean().item()
             else:
-                accs = [evaluate(model, data[2], data[3], autocast)[0]
+                accs = [train_loop.evaluate(model, data, autocast)[0]
                         for _ in range(args.runs if strategy == 'sample' else 1)]
                 row[f'{strategy}_acc'] = sum(accs) / len(accs)
     if args.gating == 'dynamic':  # Fig. 4: which classes each gate runs on
         with autocast():
-            rates = common.per_class_rates(model, test_batches(*data[2:]), 10)
-        common.write_class_rates(rates, CLASSES, common.gate_names(model), run_dir, tag(args))
+            rates = common.per_class_rates(model, data.test_batches(), len(data.classes))
+        common.write_class_rates(rates, data.classes, common.gate_names(model), run_dir,
+                                 tag(args))
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
-            row['table5'] = ge.exit_report(model, test_batches(*data[2:], size=500))
+            row['table5'] = ge.exit_report(model, data.test_batches(size=500))
         common.print_exit_report(row['table5'])
     with common.stage('export'):                                # 4. the pruned network
-        pruned = common.export(model, baseline, prepare(data[2][:2]), run_dir, row, tag(args))
+        pruned = common.export(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
+                               tag(args))
         if pruned is not None:
-            row['pruned_acc'] = evaluate(pruned, data[2], data[3], autocast)[0]
+            row['pruned_acc'] = train_loop.evaluate(pruned, data, autocast)[0]
     common.warn_if_missed(row, last)
     common.finish(row, run_dir, tag(args))
     return row

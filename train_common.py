@@ -729,10 +729,13 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
 
 
 def print_row(epoch, lr, m, test_acc, test_macs, images_per_s):
+    """One epoch's row (a test not run this epoch: '-')."""
+    test = '-' if test_acc is None else f'{test_acc:.2f}'
     print(ROW.format(epoch, f'{lr:.4f}', f'{m["ce"]:.3f}', f'{m["gate_loss"]:.4f}',
-                     f'{m["train_acc"]:.2f}', f'{test_acc:.2f}', f'{m["rate"]:.3f}',
+                     f'{m["train_acc"]:.2f}', test, f'{m["rate"]:.3f}',
                      f'{m["macs"]:.1f}', f'{m["polarized"]:.2f}', f'{m["seconds"]:.1f}',
-                     f'{images_per_s:.0f}', f'{test_macs:.1f}'), flush=True)
+                     f'{images_per_s:.0f}', '-' if test_macs is None else f'{test_macs:.1f}'),
+          flush=True)
 
 
 # ----------------------------------------------------------------------------- the end of a run

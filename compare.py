@@ -1,0 +1,470 @@
+"""Is it worth it? The learned gates beside magnitude pruning, fairly, on your own data.
+
+    python compare.py --dataset fashion-mnist --data-dir data --t 0.5      # every arm, 3 seeds
+    python compare.py --synthetic --arch resnet8 --dense-epochs 2 --epochs 3 --seeds 2  # offline
+
+From ONE dense start (trained here, or --init), each arm spends the same post-dense budget
+(--epochs: the gates' joint training counts as fine-tuning) with the same optimizer, lr
+schedule, weight decay, batch, augmentation and data order; every arm's BN is recalibrated
+and its FINAL-epoch test accuracy is reported (never the best epoch). The pruned arms match
+the gates' MACs, counted by one counter (FlopCounterMode) on the physically pruned nets:
+  gates    (a) the paper's static gates at t, trained with the weights (3.2, 3.4)
+  uniform  (b) one-shot L1 magnitude, the same share of channels kept in every layer
+  global   (c) Torch-Pruning's global group-norm magnitude (pip install torch-pruning)
+  random   (d) random channels at the gates' per-layer widths
+  l1       (e) L1-magnitude channels at the gates' widths
+  scratch  (f) the gates' widths trained from scratch for --dense-epochs + --epochs
+  dynamic  (g) the paper's dynamic gates at t (conditional computation: average MACs)
+  select   (h) the gates choose for --select-epochs, then the pruned net is fine-tuned
+               plainly for the rest, like (b) to (e)
+All prune the same channels: each residual block's inner ones (the gates' search space).
+Seeds are paired: seed s gives every arm the same data order. Each arm per t and seed is a
+run folder of its own (OUT/t0.5/s0/uniform) that is reused when finished, so a sweep can be
+stopped and continued. The table gives per arm the mean and std over seeds, the paired
+difference to the gates with its 95% interval, and McNemar's test on the test predictions;
+OUT/compare.json holds every number and OUT/compare.png draws accuracy against MACs.
+"""
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import cifar_data
+import gumbel_channels as gc
+import gumbel_export as ge
+import train_common as common
+import train_loop
+from train_common import UsageError
+
+ARMS = ('gates', 'uniform', 'global', 'random', 'l1', 'scratch', 'dynamic', 'select')
+DEPTHS = {f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)}
+# t quantiles (0.975) by degrees of freedom, for the paired intervals
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def parse_args(argv):
+    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
+    a = p.add_argument
+    a('--arch', default='resnet20', choices=list(DEPTHS), help='a CIFAR ResNet')
+    a('--t', type=float, nargs='+', default=[0.5], help='target rate(s) of the gates')
+    a('--seeds', type=int, default=3, help='paired seeds 0 .. N-1')
+    a('--arms', nargs='+', default=list(ARMS), choices=ARMS, metavar='ARM',
+      help=f'the arms to run, of {", ".join(ARMS)} (the module docstring says what each is)')
+    a('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
+      help="the data set, in torchvision's layout under --data-dir (downloaded when absent)")
+    a('--data-dir', default='data', help='holds the data set')
+    a('--synthetic', action='store_true', help='the offline stripes instead of a data set')
+    a('--train-size', type=int, help='train on this many training images (a fixed random '
+      'subset; default all)')
+    a('--init', help='the dense start: a checkpoint or state_dict (default: trained here)')
+    a('--dense-epochs', type=int, default=200, help='epochs of the dense start')
+    a('--dense-batch-size', type=int, default=128, help='batch of the dense start')
+    a('--dense-weight-decay', type=float, default=1e-4, help='weight decay of the dense start')
+    a('--epochs', type=int, default=100, help='the post-dense budget of every arm (4.1)')
+    a('--select-epochs', type=int, help='arm select: epochs of gate training before the '
+      'plain fine-tuning (default a third of --epochs)')
+    a('--batch-size', type=int, default=256, help='fine-tuning batch of every arm')
+    a('--lr', type=float, default=0.1, help='SGD lr of every phase (momentum 0.9)')
+    a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay')
+    a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
+    a('--final-test-only', action='store_true',
+      help='test after the last epoch only (faster; per-epoch test accuracy otherwise)')
+    a('--out', default='runs/compare', help='the sweep folder')
+    common.add_gate_args(p)
+    common.add_machine_args(p)
+    args = p.parse_args(argv)
+    common.check_args(args, dict(
+        common.GATE_RULES, seeds=common.AT_LEAST_1, dense_epochs=common.AT_LEAST_1,
+        dense_batch_size=common.AT_LEAST_1, epochs=common.AT_LEAST_1,
+        batch_size=common.AT_LEAST_1, recal_batches=common.AT_LEAST_1, lr=common.POSITIVE,
+        weight_decay=common.NON_NEGATIVE, dense_weight_decay=common.NON_NEGATIVE,
+        train_size=common.AT_LEAST_1, select_epochs=common.AT_LEAST_1,
+        threads=common.AT_LEAST_1, t=(lambda v: 0 < v < 1, 'in (0, 1)')))
+    args.select_epochs = args.select_epochs or max(1, args.epochs // 3)
+    if args.select_epochs >= args.epochs and 'select' in args.arms:
+        raise UsageError(f'--select-epochs must be fewer than --epochs ({args.epochs})')
+    args.milestones = args.milestones or common.milestones_at(args.epochs, (2, 5), (7, 10))
+    args.gating, args.granularity = 'static', 'channel'
+    return args
+
+
+# ----------------------------------------------------------------------------- channels
+
+def block_convs(model):
+    """(gate, the conv whose output channels it gates) of a channel-gated CIFAR ResNet, in
+    GateInfo order."""
+    pairs = [(getattr(b, f'gate{k}'), getattr(b, f'conv{k}')) for b in model.blocks()
+             for k in (1, 2) if getattr(b, f'gate{k}', None) is not None]
+    assert [g for g, _ in pairs] == gc.gates(model)
+    return pairs
+
+
+def l1_scores(model):
+    """Each gated channel's L1 norm of the filter that computes it, per gate."""
+    return [conv.weight.detach().abs().sum((1, 2, 3)) for _, conv in block_convs(model)]
+
+
+def top(scores, n):
+    """A keep mask of the n channels with the largest scores."""
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    keep[scores.argsort(descending=True)[:n]] = True
+    return keep
+
+
+def pruned_with(gated, keeps):
+    """The physically pruned copy of a static-gated ResNet keeping exactly `keeps` (a mask per
+    gate), and its MACs."""
+    gated = copy.deepcopy(gated)
+    with torch.no_grad():
+        for (gate, _), keep in zip(block_convs(gated), keeps):
+            gate.logits.copy_(torch.stack([torch.zeros(len(keep)),
+                                           torch.where(keep, 4.0, -4.0)], 1))
+    gc.set_inference(gated, 'threshold', 0.5)
+    return ge.prune(gated)
+
+
+def nearest(candidates, target):
+    """The (macs, net) of candidates (an iterable of them) whose MACs are nearest target."""
+    return min(candidates, key=lambda c: abs(c[0] - target))
+
+
+def uniform_keeps(template, target):
+    """(b): the same share of each gate's channels, those of largest L1 norm, the share (in
+    steps of one channel of the widest gate) whose pruned net's MACs are nearest target."""
+    scores = l1_scores(template)
+    most = max(len(s) for s in scores)
+    candidates = [[top(s, max(1, round(k / most * len(s)))) for s in scores]
+                  for k in range(1, most + 1)]
+    return nearest(((pruned_macs(template, keeps), keeps) for keeps in candidates), target)[1]
+
+
+def pruned_macs(template, keeps):
+    x = torch.zeros(1, 3, 32, 32, device=next(template.parameters()).device)
+    return ge.counted_macs(pruned_with(template, keeps), x)
+
+
+def tp_global(dense, x, target):
+    """(c): Torch-Pruning's global group-norm magnitude (GroupMagnitudeImportance, L2, mean-
+    normalized groups) on each block's inner channels, one shot, its global ratio bisected
+    until the pruned net's MACs are nearest `target`. -> (macs, net)."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        raise UsageError('arm global needs Torch-Pruning: pip install torch-pruning (or leave '
+                         'it out of --arms)') from None
+
+    def pruned(ratio):
+        net = copy.deepcopy(dense).eval()
+        inner = {b.conv1 for b in net.blocks()}
+        ignored = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                   and m not in inner]
+        tp.pruner.MetaPruner(net, x, tp.importance.GroupMagnitudeImportance(p=2),
+                             global_pruning=True, pruning_ratio=ratio,
+                             ignored_layers=ignored).step()
+        return ge.counted_macs(net, x), net
+    lo, hi, tried = 0.0, 0.99, []
+    for _ in range(14):                                 # MACs fall as the ratio rises
+        mid = (lo + hi) / 2
+        tried.append(pruned(mid))
+        lo, hi = (mid, hi) if tried[-1][0] > target else (lo, mid)
+    return nearest(tried, target)
+
+
+# ----------------------------------------------------------------------------- training
+
+def dense_start(args, data, out, autocast):
+    """The one dense net every arm starts from: --init, or trained once in OUT/dense."""
+    torch.manual_seed(0)
+    dense = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes)).to(
+        args.device, memory_format=torch.channels_last)
+    run_dir = out / 'dense'
+    settings = common.to_json({k: getattr(args, k) for k in (
+        'arch', 'dataset', 'synthetic', 'train_size', 'dense_epochs', 'dense_batch_size', 'lr',
+        'dense_weight_decay')})
+    if args.init:
+        common.load_init(dense, args.init)
+        return dense
+    if (run_dir / 'final.json').exists():
+        if json.loads((run_dir / 'final.json').read_text())['settings'] != settings:
+            raise UsageError(f'{run_dir} holds a dense start trained with other settings: pass '
+                             'the same ones, --init it, or choose another --out')
+        common.load_weights(dense, common.load_checkpoint(run_dir / 'last.pt')['model'],
+                            run_dir / 'last.pt', gated=False)
+        return dense
+    train_loop.fit(dense, data, args, epochs=args.dense_epochs,
+                   batch_size=args.dense_batch_size, weight_decay=args.dense_weight_decay,
+                   milestones=common.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
+                   gen=torch.Generator().manual_seed(0), gate_loss=None, autocast=autocast,
+                   run_dir=run_dir, phase='dense')             # tested every epoch: converged?
+    acc = train_loop.evaluate(dense, data, autocast)[0]
+    common.save_atomic(common.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
+    return dense
+
+
+def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='arm',
+              part=None, gen=None):
+    """Epochs part = (first, end) of the post-dense budget (default all of it) with the
+    fine-tuning recipe every arm shares (its lr milestones at the same epochs), the data in
+    seed's order (gen: carried on from an earlier part), then BN recalibrated."""
+    first, end = part or (0, args.epochs)
+    train_loop.fit(net, data, args, epochs=end - first, batch_size=args.batch_size,
+                   weight_decay=args.weight_decay,
+                   milestones=[m - first for m in args.milestones if first < m < end],
+                   gen=gen or torch.Generator().manual_seed(seed + 1), gate_loss=gate_loss,
+                   autocast=autocast, run_dir=run_dir, phase=phase,
+                   test_each_epoch=not args.final_test_only)
+    return recalibrated(net, data, args, seed, autocast)
+
+
+def recalibrated(net, data, args, seed, autocast):
+    """BN statistics re-estimated over --recal-batches training batches (4.1), gates (if any)
+    deciding by threshold inference."""
+    gc.set_inference(net, 'threshold', args.tau)
+    gen = torch.Generator().manual_seed(seed + 2)
+    steps = len(data.x_train) // args.batch_size
+    _, recal = common.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
+                                    steps, log=lambda *a, **k: None)
+    with autocast():
+        gc.recalibrate_bn(net, (xb for xb, _ in recal))
+    return net
+
+
+def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, gen=None):
+    """The paper's gates (static or dynamic) trained with the weights from the dense start."""
+    torch.manual_seed(seed)
+    run = argparse.Namespace(**{**vars(args), 't': t, 'gating': gating})
+    model = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes), gating=gating,
+                            init_p=args.gate_init_p)
+    model = common.sampling(model.to(args.device, memory_format=torch.channels_last), run)
+    common.load_weights(model, dense.state_dict(), 'the dense start', gated=True)
+    return fine_tune(model, data, run, seed, run_dir, autocast, gate_loss=common.gate_loss(run),
+                     phase=gating, part=part, gen=gen)
+
+
+def keeps_of(gated):
+    """Each static gate's channels on under threshold inference (3.3)."""
+    return [g.keep(gc.gate_probability(g.logits)).cpu() for g in gc.gates(gated)]
+
+
+def reinit(net):
+    """Fresh weights as resnet_cifar draws them (He et al.: Kaiming normal, fan out)."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.Linear)):
+            m.reset_parameters()
+    return net
+
+
+def run_arm(arm, t, seed, ctx):
+    """One arm at (t, seed): trained, or reused from its folder. -> its row."""
+    args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
+    run_dir = ctx['out'] / f't{t:g}' / f's{seed}' / arm
+    settings = dict(ctx['settings'], arm=arm, t=t, seed=seed)
+    if (run_dir / 'final.json').exists():
+        row = json.loads((run_dir / 'final.json').read_text())
+        if row['settings'] != common.to_json(settings):
+            raise UsageError(f'{run_dir} holds a finished arm with other settings: pass the '
+                             'same ones to reuse it, or another --out')
+        return row
+    print(f'--- arm {arm}, t = {t:g}, seed {seed}: {run_dir}', flush=True)
+    x = data.prepare(data.x_test[:1])
+    gates_row = ctx['rows'].get(('gates', t, seed))
+    need = arm in ('uniform', 'global', 'random', 'l1', 'scratch')
+    if need and gates_row is None:
+        gates_row = run_arm('gates', t, seed, ctx)
+        ctx['rows'][('gates', t, seed)] = gates_row
+    keeps = [torch.tensor(k, dtype=torch.bool) for k in gates_row['keeps']] if need else None
+    template = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes),
+                               gating='static').to(args.device)
+    common.load_weights(template, dense.state_dict(), 'the dense start', gated=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    extra = {}
+    if arm in ('gates', 'dynamic'):
+        net = gated_arm(dense, data, args, t, seed, 'static' if arm == 'gates' else 'dynamic',
+                        run_dir, autocast)
+        if arm == 'gates':
+            extra['keeps'] = [k.tolist() for k in keeps_of(net)]
+            net = ge.prune(net)
+    elif arm == 'select':
+        order, cut = torch.Generator().manual_seed(seed + 1), args.select_epochs
+        gated = gated_arm(dense, data, args, t, seed, 'static', run_dir / 'select', autocast,
+                          part=(0, cut), gen=order)
+        extra['keeps'] = [k.tolist() for k in keeps_of(gated)]
+        net = fine_tune(ge.prune(gated).train(), data, args, seed, run_dir / 'finetune',
+                        autocast, part=(cut, args.epochs), gen=order)   # one schedule, one order
+    elif arm == 'scratch':
+        net = reinit(pruned_with(template, keeps)).train()
+        total = args.dense_epochs + args.epochs
+        train_loop.fit(net, data, args, epochs=total, batch_size=args.dense_batch_size,
+                       weight_decay=args.dense_weight_decay,
+                       milestones=common.milestones_at(total, (1, 2), (3, 4)),
+                       gen=torch.Generator().manual_seed(seed + 1), gate_loss=None,
+                       autocast=autocast, run_dir=run_dir, phase='scratch',
+                       test_each_epoch=not args.final_test_only)
+        net = recalibrated(net, data, args, seed, autocast)
+    else:
+        if arm == 'global':
+            net = tp_global(dense, x, gates_row['macs'])[1]
+        else:
+            if arm == 'uniform':
+                keeps = uniform_keeps(template, gates_row['macs'])
+            elif arm == 'random':
+                keeps = [top(torch.rand(len(k), generator=gen), int(k.sum())) for k in keeps]
+            else:                                                   # l1
+                keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
+            net = pruned_with(template, keeps)
+        net = fine_tune(net.train(), data, args, seed, run_dir, autocast)
+    acc, _, macs_percent, _ = train_loop.evaluate(net, data, autocast)
+    predictions = train_loop.evaluate.predictions.cpu()
+    macs = ge.counted_macs(net, x) if arm != 'dynamic' else macs_percent / 100 * ctx['dense_macs']
+    row = dict(arm=arm, t=t, seed=seed, acc=acc, macs=macs,
+               macs_percent=100 * macs / ctx['dense_macs'], settings=common.to_json(settings),
+               train_acc=_last_train_acc(run_dir), **extra)
+    common.save_atomic(predictions.to(torch.int16), run_dir / 'predictions.pt')
+    common.save_atomic(common.to_json(row, indent=1), run_dir / 'final.json')
+    print(f'arm {arm}, t = {t:g}, seed {seed}: {acc:.2f}% at {row["macs_percent"]:.2f}% MACs')
+    return row
+
+
+def _last_train_acc(run_dir):
+    """The last epoch's training accuracy of the run (its last phase)."""
+    rows = [json.loads(line) for d in (run_dir, run_dir / 'finetune')
+            if (d / 'metrics.jsonl').exists()
+            for line in (d / 'metrics.jsonl').read_text().splitlines()]
+    return rows[-1]['train_acc'] if rows else None
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_interval(diffs):
+    """The mean of paired differences and its 95% half-width (Student's t); None for one."""
+    n = len(diffs)
+    if n < 2:
+        return statistics.fmean(diffs), None
+    q = T975[max(k for k in T975 if k <= n - 1)]
+    return statistics.fmean(diffs), q * statistics.stdev(diffs) / math.sqrt(n)
+
+
+def discordant(a_right, b_right):
+    """(b, c): the images a gets right and b wrong, and the reverse (bool tensors)."""
+    return int((a_right & ~b_right).sum()), int((~a_right & b_right).sum())
+
+
+def mcnemar_p(b, c):
+    """McNemar's exact two-sided p for discordant counts b and c: 2 P(X <= min(b, c)) for
+    X ~ Binomial(b + c, 1/2), at most 1."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def summary(rows, truth, out):
+    """Per t and arm: mean and std of accuracy and MACs over seeds, the paired difference to
+    the gates (95% interval), McNemar pooled over seeds; printed, returned."""
+    table = []
+    for t in sorted({r['t'] for r in rows}):
+        gates = {r['seed']: r for r in rows if r['t'] == t and r['arm'] == 'gates'}
+        for arm in ARMS:
+            got = sorted((r for r in rows if r['t'] == t and r['arm'] == arm),
+                         key=lambda r: r['seed'])
+            if not got:
+                continue
+            accs, macs = [r['acc'] for r in got], [r['macs_percent'] for r in got]
+            entry = dict(t=t, arm=arm, seeds=len(got), acc=statistics.fmean(accs),
+                         acc_std=statistics.stdev(accs) if len(got) > 1 else None,
+                         macs_percent=statistics.fmean(macs),
+                         train_acc=_mean([r['train_acc'] for r in got]))
+            paired = [r for r in got if r['seed'] in gates]
+            if arm != 'gates' and paired:
+                diff, half = t_interval([r['acc'] - gates[r['seed']]['acc'] for r in paired])
+                counts = [discordant(_right(out, gates[r['seed']], truth), _right(out, r, truth))
+                          for r in paired]                  # pooled over the seeds
+                b, c = sum(n for n, _ in counts), sum(n for _, n in counts)
+                entry.update(diff=diff, diff_half=half, mcnemar_b=b, mcnemar_c=c,
+                             mcnemar_p=mcnemar_p(b, c))
+            table.append(entry)
+    return table
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _right(out, row, truth):
+    preds = torch.load(out / f"t{row['t']:g}" / f"s{row['seed']}" / row['arm'] / 'predictions.pt')
+    return preds.long() == truth
+
+
+def print_table(table, dense_acc):
+    print(f"\n{'t':>5} {'arm':8} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
+          f"{'train %':>7} {'vs gates':>9} {'95% interval':>17} {'McNemar p':>9}"
+          f'   (dense start {dense_acc:.2f}%)')
+    for e in table:
+        vs = f"{e['diff']:+9.2f}" if 'diff' in e else f"{'':9}"
+        half = e.get('diff_half')
+        ci = f"[{e['diff'] - half:+6.2f}, {e['diff'] + half:+6.2f}]" if half is not None \
+            else f"{'':17}"
+        p = f"{e['mcnemar_p']:9.3g}" if 'mcnemar_p' in e else f"{'':9}"
+        std = f"{e['acc_std']:5.2f}" if e['acc_std'] is not None else f"{'':5}"
+        train = f"{e['train_acc']:7.2f}" if e['train_acc'] is not None else f"{'':7}"
+        print(f"{e['t']:5.2f} {e['arm']:8} {e['seeds']:5} {e['macs_percent']:7.2f} "
+              f"{e['acc']:7.2f} {std} {train} {vs} {ci:>17} {p}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = common.device_for(args.device)
+    args.device = str(device)
+    common.use_threads(args, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    autocast = common.autocast_for(device)
+    data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
+    data = data.subset(args.train_size)
+    if len(data.x_train) < max(args.batch_size, args.dense_batch_size):
+        raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch')
+    with common.locked([out]):
+        dense = dense_start(args, data, out, autocast)
+        dense_acc = train_loop.evaluate(dense, data, autocast)[0]
+        x = data.prepare(data.x_test[:1])
+        keys = ('arch', 'dataset', 'synthetic', 'train_size', 'init', 'dense_epochs', 'epochs',
+                'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
+                'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
+                'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
+                'soft_gates', 'temperature', 'gate_sample', 'polarize')
+        ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
+                   dense_macs=ge.counted_macs(dense.eval(), x),
+                   settings={k: getattr(args, k) for k in keys})
+        arms = [a for a in ARMS if a in args.arms]
+        for t in args.t:
+            for seed in range(args.seeds):
+                for arm in arms:
+                    ctx['rows'][(arm, t, seed)] = ctx['rows'].get((arm, t, seed)) or \
+                        run_arm(arm, t, seed, ctx)
+        rows = [r for (arm, _, _), r in ctx['rows'].items() if arm in arms]
+        table = summary(rows, data.y_test.cpu(), out)
+    print_table(table, dense_acc)
+    result = dict(settings=ctx['settings'], dense_acc=dense_acc, dense_macs=ctx['dense_macs'],
+                  train_images=len(data.x_train), test_images=len(data.x_test),
+                  rows=[{k: v for k, v in r.items() if k not in ('keeps', 'settings')}
+                        for r in rows], summary=table)
+    common.save_atomic(common.to_json(result, indent=1), out / 'compare.json')
+    try:
+        import figures
+        figures.comparison(result, out / 'compare.png')
+        print(f'written: {out / "compare.json"}, {out / "compare.png"}')
+    except ImportError:
+        print(f'written: {out / "compare.json"} (pip install matplotlib for compare.png)')
+    return result
+
+
+if __name__ == '__main__':
+    sys.exit(common.run_cli(main))
