@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train_common import UsageError
+from run_folder import UsageError
 
 
 class ArraysOnly(pickle.Unpickler):
@@ -208,7 +208,7 @@ def load(data_dir, synthetic, device, dataset='cifar10'):
     folder = Path(data_dir) / sub
     needed = {'cifar10': 'test_batch', 'cifar100': 'test', 'mnist': 't10k-labels-idx1-ubyte',
               'fashion-mnist': 't10k-labels-idx1-ubyte', 'svhn': 'test_32x32.mat'}[dataset]
-    if not (folder / needed).is_file():
+    if not (folder.is_dir() if sub else (folder / needed).is_file()):
         try:
             import torchvision
             cls = getattr(torchvision.datasets, kind)

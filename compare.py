@@ -37,9 +37,9 @@ import torch
 import cifar_data
 import gumbel_channels as gc
 import gumbel_export as ge
-import train_common as common
-import train_loop
-from train_common import UsageError
+import run_folder as rf
+import train_loop as tl
+from run_folder import UsageError
 
 ARMS = ('gates', 'uniform', 'global', 'random', 'l1', 'scratch', 'dynamic', 'select')
 DEPTHS = {f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)}
@@ -49,47 +49,41 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def parse_args(argv):
-    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
-    a = p.add_argument
-    a('--arch', default='resnet20', choices=list(DEPTHS), help='a CIFAR ResNet')
-    a('--t', type=float, nargs='+', default=[0.5], help='target rate(s) of the gates')
-    a('--seeds', type=int, default=3, help='paired seeds 0 .. N-1')
-    a('--arms', nargs='+', default=list(ARMS), choices=ARMS, metavar='ARM',
+    p = rf.Parser(description=__doc__.splitlines()[0])
+    s, t, e, m = (p.group[g].add_argument for g in p.GROUPS)
+    s('--arch', default='resnet20', choices=list(DEPTHS), help='a CIFAR ResNet')
+    s('--t', type=rf.OPEN_UNIT, nargs='+', default=[0.5], help='target rate(s) of the gates')
+    s('--seeds', type=rf.COUNT, default=3, help='paired seeds 0 .. N-1')
+    s('--arms', nargs='+', default=list(ARMS), choices=ARMS, metavar='ARM',
       help=f'the arms to run, of {", ".join(ARMS)} (the module docstring says what each is)')
-    a('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
+    s('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
       help="the data set, in torchvision's layout under --data-dir (downloaded when absent)")
-    a('--data-dir', default='data', help='holds the data set')
-    a('--synthetic', action='store_true', help='the offline stripes instead of a data set')
-    a('--train-size', type=int, help='train on this many training images (a fixed random '
+    s('--synthetic', action='store_true', help='the offline stripes instead of a data set')
+    s('--train-size', type=rf.COUNT, help='train on this many training images (a fixed random '
       'subset; default all)')
-    a('--init', help='the dense start: a checkpoint or state_dict (default: trained here)')
-    a('--dense-epochs', type=int, default=200, help='epochs of the dense start')
-    a('--dense-batch-size', type=int, default=128, help='batch of the dense start')
-    a('--dense-weight-decay', type=float, default=1e-4, help='weight decay of the dense start')
-    a('--epochs', type=int, default=100, help='the post-dense budget of every arm (4.1)')
-    a('--select-epochs', type=int, help='arm select: epochs of gate training before the '
+    tl.add_gate_args(p)
+    t('--init', help='the dense start: a checkpoint or state_dict (default: trained here)')
+    t('--dense-epochs', type=rf.COUNT, default=200, help='epochs of the dense start')
+    t('--dense-batch-size', type=rf.COUNT, default=128, help='batch of the dense start')
+    t('--dense-weight-decay', type=rf.NON_NEGATIVE, default=1e-4,
+      help='weight decay of the dense start')
+    t('--epochs', type=rf.COUNT, default=100, help='the post-dense budget of every arm (4.1)')
+    t('--select-epochs', type=rf.COUNT, help='arm select: epochs of gate training before the '
       'plain fine-tuning (default a third of --epochs)')
-    a('--batch-size', type=int, default=256, help='fine-tuning batch of every arm')
-    a('--lr', type=float, default=0.1, help='SGD lr of every phase (momentum 0.9)')
-    a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay')
-    a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
-    a('--final-test-only', action='store_true',
+    t('--batch-size', type=rf.COUNT, default=256, help='fine-tuning batch of every arm')
+    t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
+    t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
+    tl.add_evaluation_args(p.group['evaluation'])
+    e('--final-test-only', action='store_true',
       help='test after the last epoch only (faster; per-epoch test accuracy otherwise)')
-    a('--out', default='runs/compare', help='the sweep folder')
-    common.add_gate_args(p)
-    common.add_machine_args(p)
+    m('--data-dir', default='data', help='holds the data set')
+    m('--out', default='runs/compare', help='the sweep folder')
+    tl.add_machine_args(p.group['machine'])
     args = p.parse_args(argv)
-    common.check_args(args, dict(
-        common.GATE_RULES, seeds=common.AT_LEAST_1, dense_epochs=common.AT_LEAST_1,
-        dense_batch_size=common.AT_LEAST_1, epochs=common.AT_LEAST_1,
-        batch_size=common.AT_LEAST_1, recal_batches=common.AT_LEAST_1, lr=common.POSITIVE,
-        weight_decay=common.NON_NEGATIVE, dense_weight_decay=common.NON_NEGATIVE,
-        train_size=common.AT_LEAST_1, select_epochs=common.AT_LEAST_1,
-        threads=common.AT_LEAST_1, t=(lambda v: 0 < v < 1, 'in (0, 1)')))
     args.select_epochs = args.select_epochs or max(1, args.epochs // 3)
     if args.select_epochs >= args.epochs and 'select' in args.arms:
         raise UsageError(f'--select-epochs must be fewer than --epochs ({args.epochs})')
-    args.milestones = args.milestones or common.milestones_at(args.epochs, (2, 5), (7, 10))
+    args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
     args.gating, args.granularity = 'static', 'channel'
     return args
 
@@ -184,26 +178,26 @@ def dense_start(args, data, out, autocast):
     dense = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes)).to(
         args.device, memory_format=torch.channels_last)
     run_dir = out / 'dense'
-    settings = common.to_json({k: getattr(args, k) for k in (
+    settings = rf.to_json({k: getattr(args, k) for k in (
         'arch', 'dataset', 'synthetic', 'train_size', 'dense_epochs', 'dense_batch_size', 'lr',
         'dense_weight_decay')})
     if args.init:
-        common.load_init(dense, args.init)
+        rf.load_init(dense, args.init)
         return dense
     if (run_dir / 'final.json').exists():
         if json.loads((run_dir / 'final.json').read_text())['settings'] != settings:
             raise UsageError(f'{run_dir} holds a dense start trained with other settings: pass '
                              'the same ones, --init it, or choose another --out')
-        common.load_weights(dense, common.load_checkpoint(run_dir / 'last.pt')['model'],
-                            run_dir / 'last.pt', gated=False)
+        rf.load_weights(dense, rf.load_checkpoint(run_dir / 'last.pt')['model'],
+                        run_dir / 'last.pt', gated=False)
         return dense
-    train_loop.fit(dense, data, args, epochs=args.dense_epochs,
-                   batch_size=args.dense_batch_size, weight_decay=args.dense_weight_decay,
-                   milestones=common.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
-                   gen=torch.Generator().manual_seed(0), gate_loss=None, autocast=autocast,
-                   run_dir=run_dir, phase='dense')             # tested every epoch: converged?
-    acc = train_loop.evaluate(dense, data, autocast)[0]
-    common.save_atomic(common.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
+    tl.fit_images(dense, data, args, epochs=args.dense_epochs,
+                  batch_size=args.dense_batch_size, weight_decay=args.dense_weight_decay,
+                  milestones=tl.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
+                  gen=torch.Generator().manual_seed(0), gate_loss=None, autocast=autocast,
+                  run_dir=run_dir, phase='dense')              # tested every epoch: converged?
+    acc = tl.evaluate(dense, data, autocast)[0]
+    rf.save_atomic(rf.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
     return dense
 
 
@@ -213,12 +207,12 @@ def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='a
     fine-tuning recipe every arm shares (its lr milestones at the same epochs), the data in
     seed's order (gen: carried on from an earlier part), then BN recalibrated."""
     first, end = part or (0, args.epochs)
-    train_loop.fit(net, data, args, epochs=end - first, batch_size=args.batch_size,
-                   weight_decay=args.weight_decay,
-                   milestones=[m - first for m in args.milestones if first < m < end],
-                   gen=gen or torch.Generator().manual_seed(seed + 1), gate_loss=gate_loss,
-                   autocast=autocast, run_dir=run_dir, phase=phase,
-                   test_each_epoch=not args.final_test_only)
+    tl.fit_images(net, data, args, epochs=end - first, batch_size=args.batch_size,
+                  weight_decay=args.weight_decay,
+                  milestones=[m - first for m in args.milestones if first < m < end],
+                  gen=gen or torch.Generator().manual_seed(seed + 1), gate_loss=gate_loss,
+                  autocast=autocast, run_dir=run_dir, phase=phase,
+                  test_each_epoch=not args.final_test_only)
     return recalibrated(net, data, args, seed, autocast)
 
 
@@ -228,7 +222,7 @@ def recalibrated(net, data, args, seed, autocast):
     gc.set_inference(net, 'threshold', args.tau)
     gen = torch.Generator().manual_seed(seed + 2)
     steps = len(data.x_train) // args.batch_size
-    _, recal = common.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
+    _, recal = tl.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
                                     steps, log=lambda *a, **k: None)
     with autocast():
         gc.recalibrate_bn(net, (xb for xb, _ in recal))
@@ -241,9 +235,9 @@ def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, 
     run = argparse.Namespace(**{**vars(args), 't': t, 'gating': gating})
     model = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes), gating=gating,
                             init_p=args.gate_init_p)
-    model = common.sampling(model.to(args.device, memory_format=torch.channels_last), run)
-    common.load_weights(model, dense.state_dict(), 'the dense start', gated=True)
-    return fine_tune(model, data, run, seed, run_dir, autocast, gate_loss=common.gate_loss(run),
+    model = tl.sampling(model.to(args.device, memory_format=torch.channels_last), run)
+    rf.load_weights(model, dense.state_dict(), 'the dense start', gated=True)
+    return fine_tune(model, data, run, seed, run_dir, autocast, gate_loss=tl.gate_loss(run),
                      phase=gating, part=part, gen=gen)
 
 
@@ -269,7 +263,7 @@ def run_arm(arm, t, seed, ctx):
     settings = dict(ctx['settings'], arm=arm, t=t, seed=seed)
     if (run_dir / 'final.json').exists():
         row = json.loads((run_dir / 'final.json').read_text())
-        if row['settings'] != common.to_json(settings):
+        if row['settings'] != rf.to_json(settings):
             raise UsageError(f'{run_dir} holds a finished arm with other settings: pass the '
                              'same ones to reuse it, or another --out')
         return row
@@ -283,7 +277,7 @@ def run_arm(arm, t, seed, ctx):
     keeps = [torch.tensor(k, dtype=torch.bool) for k in gates_row['keeps']] if need else None
     template = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes),
                                gating='static').to(args.device)
-    common.load_weights(template, dense.state_dict(), 'the dense start', gated=True)
+    rf.load_weights(template, dense.state_dict(), 'the dense start', gated=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     extra = {}
@@ -303,12 +297,12 @@ def run_arm(arm, t, seed, ctx):
     elif arm == 'scratch':
         net = reinit(pruned_with(template, keeps)).train()
         total = args.dense_epochs + args.epochs
-        train_loop.fit(net, data, args, epochs=total, batch_size=args.dense_batch_size,
-                       weight_decay=args.dense_weight_decay,
-                       milestones=common.milestones_at(total, (1, 2), (3, 4)),
-                       gen=torch.Generator().manual_seed(seed + 1), gate_loss=None,
-                       autocast=autocast, run_dir=run_dir, phase='scratch',
-                       test_each_epoch=not args.final_test_only)
+        tl.fit_images(net, data, args, epochs=total, batch_size=args.dense_batch_size,
+                      weight_decay=args.dense_weight_decay,
+                      milestones=tl.milestones_at(total, (1, 2), (3, 4)),
+                      gen=torch.Generator().manual_seed(seed + 1), gate_loss=None,
+                      autocast=autocast, run_dir=run_dir, phase='scratch',
+                      test_each_epoch=not args.final_test_only)
         net = recalibrated(net, data, args, seed, autocast)
     else:
         if arm == 'global':
@@ -322,14 +316,14 @@ def run_arm(arm, t, seed, ctx):
                 keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
             net = pruned_with(template, keeps)
         net = fine_tune(net.train(), data, args, seed, run_dir, autocast)
-    acc, _, macs_percent, _ = train_loop.evaluate(net, data, autocast)
-    predictions = train_loop.evaluate.predictions.cpu()
+    acc, _, macs_percent, _ = tl.evaluate(net, data, autocast)
+    predictions = tl.evaluate.predictions.cpu()
     macs = ge.counted_macs(net, x) if arm != 'dynamic' else macs_percent / 100 * ctx['dense_macs']
     row = dict(arm=arm, t=t, seed=seed, acc=acc, macs=macs,
-               macs_percent=100 * macs / ctx['dense_macs'], settings=common.to_json(settings),
+               macs_percent=100 * macs / ctx['dense_macs'], settings=rf.to_json(settings),
                train_acc=_last_train_acc(run_dir), **extra)
-    common.save_atomic(predictions.to(torch.int16), run_dir / 'predictions.pt')
-    common.save_atomic(common.to_json(row, indent=1), run_dir / 'final.json')
+    rf.save_atomic(predictions.to(torch.int16), run_dir / 'predictions.pt')
+    rf.save_atomic(rf.to_json(row, indent=1), run_dir / 'final.json')
     print(f'arm {arm}, t = {t:g}, seed {seed}: {acc:.2f}% at {row["macs_percent"]:.2f}% MACs')
     return row
 
@@ -421,19 +415,19 @@ def print_table(table, dense_acc):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.device_for(args.device)
+    device = tl.device_for(args.device)
     args.device = str(device)
-    common.use_threads(args, device)
+    tl.use_threads(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    autocast = common.autocast_for(device)
+    autocast = tl.autocast_for(device)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
     data = data.subset(args.train_size)
     if len(data.x_train) < max(args.batch_size, args.dense_batch_size):
         raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch')
-    with common.locked([out]):
+    with rf.locked([out]):
         dense = dense_start(args, data, out, autocast)
-        dense_acc = train_loop.evaluate(dense, data, autocast)[0]
+        dense_acc = tl.evaluate(dense, data, autocast)[0]
         x = data.prepare(data.x_test[:1])
         keys = ('arch', 'dataset', 'synthetic', 'train_size', 'init', 'dense_epochs', 'epochs',
                 'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
@@ -456,7 +450,7 @@ def main(argv=None):
                   train_images=len(data.x_train), test_images=len(data.x_test),
                   rows=[{k: v for k, v in r.items() if k not in ('keeps', 'settings')}
                         for r in rows], summary=table)
-    common.save_atomic(common.to_json(result, indent=1), out / 'compare.json')
+    rf.save_atomic(rf.to_json(result, indent=1), out / 'compare.json')
     try:
         import figures
         figures.comparison(result, out / 'compare.png')
@@ -467,4 +461,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(common.run_cli(main))
+    sys.exit(rf.run_cli(main))

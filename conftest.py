@@ -20,18 +20,18 @@ def crash_after_epoch_1(monkeypatch, capsys):
     """crash(run) -> run() killed right after epoch 1's checkpoint, before its metrics line
     (a KeyboardInterrupt there: the script's exit status 130), the scripts' writes working
     again after; -> what it printed on stderr (taken from capsys)."""
-    import train_common
+    import run_folder as rf
 
     def crash(run):
-        save = train_common.save_atomic
+        save = rf.save_atomic
 
         def killing(obj, path):
             save(obj, path)
             if path.name == 'last.pt' and obj.get('epoch') == 1:
                 raise KeyboardInterrupt
-        monkeypatch.setattr(train_common, 'save_atomic', killing)
+        monkeypatch.setattr(rf, 'save_atomic', killing)
         capsys.readouterr()
         assert run() == 130
-        monkeypatch.setattr(train_common, 'save_atomic', save)
+        monkeypatch.setattr(rf, 'save_atomic', save)
         return capsys.readouterr().err
     return crash

@@ -159,6 +159,47 @@ def polarization(plt, folder, out, tau=0.5):
     return save(plt, fig, out / f'polarization_{folder.name}.png')
 
 
+# ----------------------------------------------------------------------------- Fig. 4's data
+
+@torch.no_grad()
+def per_class_rates(model, batches, num_classes):
+    """Fig. 4: activation rate of every gate module (mean of Z over its channels) per class,
+    (num_classes, modules), over (images, labels) batches, in evaluation mode (restored after)."""
+    sums, counts = 0, torch.zeros(num_classes, 1)
+    with gc.evaluation(model):
+        for x, y in batches:
+            z = torch.stack([z.float().mean(1) for z in model(x)[1].z], 1).cpu()  # (B, modules)
+            y = torch.nn.functional.one_hot(y.cpu(), num_classes).float()          # (B, classes)
+            sums, counts = sums + y.T @ z, counts + y.sum(0)[:, None]
+    return sums / counts.clamp(min=1)
+
+
+def gate_names(model):
+    """Each gate module's name in the network (layer1.0.gate1, ...), in GateInfo order."""
+    found = {id(g) for g in gc.gates(model)}
+    return [name for name, m in model.named_modules() if id(m) in found]
+
+
+def class_rate_files(rates, names, gates):
+    """Fig. 4's files: per-class activation rates (classes, gate modules named `gates`) as
+    gate_classes.csv, and per gate the classes it runs on most and least and its
+    specialization (the standard deviation of its per-class rates around its mean) as
+    gate_classes.txt. -> {file name: text}."""
+    header = 'class,' + ','.join(gates)
+    rows = [f'{name},' + ','.join(f'{r:.4f}' for r in row)
+            for name, row in zip(names, rates.tolist())]
+    lines = []
+    for gate, col in zip(gates, rates.T):
+        hi, lo = col.argmax().item(), col.argmin().item()
+        lines.append(f'{gate}: mean {col.mean():.3f}, specialization '
+                     f'{col.std(unbiased=False):.3f}, most {names[hi]} ({col[hi]:.2f}), '
+                     f'least {names[lo]} ({col[lo]:.2f})')
+    return {'gate_classes.csv': '\n'.join([header, *rows]) + '\n',
+            'gate_classes.txt': '\n'.join(lines) + '\n'}
+
+
+# ----------------------------------------------------------------------------- compare.py
+
 def comparison(result, path):
     """compare.py's figure: accuracy against MACs % of the dense start, every seed of every arm
     a point, arms in colours, one panel per t; the dense start a dashed line. Needs

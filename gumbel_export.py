@@ -11,6 +11,7 @@ Each computes what threshold inference computes in the masked network, and spend
 MACs that its GateInfo.macs counts (both are tested).
 """
 import copy
+import importlib.util
 import io
 import math
 import time
@@ -27,7 +28,8 @@ except ImportError:
     import gumbel_channels as gc
 
 __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
-           'fold_bn', 'onnx_graph', 'deploy', 'SkipNet', 'early_exit', 'exit_report']
+           'fold_bn', 'onnx_graph', 'export_files', 'deploy', 'SkipNet', 'early_exit',
+           'exit_report']
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -397,6 +399,27 @@ def lane_macs(net, x, lanes=16):
             h.remove()
     linear = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, nn.Linear))
     return sum(total) + linear
+
+
+def export_files(model, x):
+    """The files a finished static-gated run leaves, on the CPU whatever device trained it
+    (a CPU-only machine loads them): the physically pruned net as a module ('pruned.pt') and,
+    BN folded into its convs, as a torch.export program with a dynamic batch ('pruned.pt2',
+    loadable without this repository) and, when the onnx package is installed, as an ONNX
+    graph ('pruned.onnx', for ONNX Runtime). x: an example batch of at least 2 inputs.
+    -> (the pruned net (CPU), {file name: module or bytes})."""
+    pruned = prune(model).cpu()
+    x = x.detach().cpu().contiguous()
+    folded = fold_bn(pruned)
+    files = {'pruned.pt': pruned}
+    if importlib.util.find_spec('onnx') is not None:    # optional: for ONNX Runtime
+        files['pruned.onnx'] = onnx_graph(folded, x)
+    batch = torch.export.Dim('batch', min=1, max=65536)
+    program = torch.export.export(folded, (x,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()               # in memory first: torch's C++ writer aborts the
+    torch.export.save(program, buffer)  # process on a full disk instead of raising
+    files['pruned.pt2'] = buffer.getvalue()
+    return pruned, files
 
 
 # ----------------------------------------------------------------------------- skipping (1.1)

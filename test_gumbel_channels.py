@@ -486,15 +486,15 @@ def test_the_polarization_ramp_starts_at_zero_and_ends_at_full_weight():
     adds the whole term; and the scripts' progress is 0 at the first gated step and 1 at
     the last."""
     import argparse
-    import train_common
+    import train_loop as tl
     z = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])]
     p = [torch.tensor([[0.6, 0.3], [0.6, 0.3]])]
     info = gc.GateInfo(z, p, torch.tensor([30.0, 50.0], dtype=torch.float64), 100)
     args = argparse.Namespace(loss='flops', t=0.5, loss_weight=20.0, polarize=0.5)
     flops = 20 * gc.flops_loss(info, 0.5)
-    assert train_common.gate_loss(args)(info, 0.0).item() == pytest.approx(flops.item())
+    assert tl.gate_loss(args)(info, 0.0).item() == pytest.approx(flops.item())
     term = 0.5 * 2 * gc.polarization_loss(info)
-    assert train_common.gate_loss(args)(info, 1.0).item() == pytest.approx((flops + term).item())
+    assert tl.gate_loss(args)(info, 1.0).item() == pytest.approx((flops + term).item())
     steps, epochs = 7, 3
-    ramp = [train_common.progress(e, i, epochs, steps) for e in range(epochs) for i in range(steps)]
+    ramp = [tl.progress(e, i, epochs, steps) for e in range(epochs) for i in range(steps)]
     assert ramp[0] == 0 and ramp[-1] == 1 and ramp == sorted(ramp)

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import cifar_data
+import figures
 import gumbel_any
 import gumbel_channels as gc
+import run_folder as rf
 import train_cifar
-import train_common
+import train_loop as tl
 
 FAST = ['--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '1', '--batch-size', '16',
         '--dense-batch-size', '16', '--recal-batches', '2', '--device', 'cpu']
@@ -153,15 +155,15 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     compile short on a cold cache."""
     args = train_cifar.parse_args(FAST + ['--gate-init-p', '0.5'])
     args.t = 0.5                                # one run's t, as main hands it on
-    autocast = train_common.autocast_for(torch.device('cpu'))
+    autocast = tl.autocast_for(torch.device('cpu'))
     torch.manual_seed(0)
-    models = [train_common.sampling(small_any_cnn(init_p=0.5), args) for _ in range(2)]
+    models = [tl.sampling(small_any_cnn(init_p=0.5), args) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     start = [p.detach().clone() for p in models[0].parameters()]
     steps = []
     for model, mode in zip(models, (None, 'default')):
-        opt, _ = train_common.optimizer(model, args, 5e-4, [10])
-        steps.append(train_common.TrainStep(model, opt, train_common.gate_loss(args), autocast,
+        opt, _ = tl.optimizer(model, args, 5e-4, [10])
+        steps.append(tl.TrainStep(model, opt, tl.gate_loss(args), autocast,
                                             mode=mode))
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     with torch._inductor.config.patch(fallback_random=True):
@@ -181,9 +183,9 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
         eps = torch.finfo(torch.float32).eps
         assert (b - a).norm() <= 1e-4 * (a - p0).norm() + 4 * eps * a.norm()
     torch._dynamo.reset()                       # compiled anew, with inductor's own RNG
-    model = train_common.sampling(small_any_cnn(init_p=0.5), args)      # every p still 0.5
-    fresh = train_common.TrainStep(model, train_common.optimizer(model, args, 5e-4, [10])[0],
-                                   train_common.gate_loss(args), autocast, mode='default')
+    model = tl.sampling(small_any_cnn(init_p=0.5), args)      # every p still 0.5
+    fresh = tl.TrainStep(model, tl.optimizer(model, args, 5e-4, [10])[0],
+                                   tl.gate_loss(args), autocast, mode='default')
     with torch.no_grad():
         ce = [fresh.losses(x, y, torch.tensor(0.5))[1].item() for _ in range(2)]
     assert ce[0] != ce[1]
@@ -227,9 +229,9 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
                                    gating, '--device', 'cpu'])
     args.t, args.granularity = 0.5, granularity
     model = small_any_cnn() if arch == 'any' else train_cifar.build(args, gated=gating != 'none')
-    opt, _ = train_common.optimizer(model, args, 5e-4, [10])
-    step = train_common.TrainStep(model, opt, train_common.gate_loss(args),
-                                  train_common.autocast_for(torch.device('cpu')))
+    opt, _ = tl.optimizer(model, args, 5e-4, [10])
+    step = tl.TrainStep(model, opt, tl.gate_loss(args),
+                                  tl.autocast_for(torch.device('cpu')))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     torch._dynamo.reset()
     loss = torch.compile(step._losses, fullgraph=True, backend='aot_eager')(
@@ -331,7 +333,7 @@ def test_reader_validates_the_cifar_format(tmp_path):
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.uint8 and yt.shape == (32,)
     with open(folder / 'test_batch', 'wb') as f:
         pickle.dump({b'data': np.zeros((4, 100), np.uint8), b'labels': [0] * 4}, f)
-    with pytest.raises(train_common.UsageError, match='3072'):
+    with pytest.raises(rf.UsageError, match='3072'):
         cifar_data.read_cifar(folder)
 
 
@@ -375,7 +377,7 @@ def test_per_class_rates_on_a_constructed_case():
     x = torch.tensor([[1.0, 0, 1], [1, 1, 0], [0, 0, 1], [1, 1, 1]])
     y = torch.tensor([0, 0, 1, 1])
     batches = [(x[:2], y[:2]), (x[2:], y[2:])]
-    rates = train_common.per_class_rates(Decisions(), batches, num_classes=3)
+    rates = figures.per_class_rates(Decisions(), batches, num_classes=3)
     assert torch.equal(rates, torch.tensor([[0.75, 0.5], [0.5, 1.0], [0.0, 0.0]]))
 
 
@@ -429,7 +431,7 @@ def test_a_diverged_run_stops_and_exports_nothing(cifar, dense_ckpt, tmp_path, o
 
 
 def test_one_epoch_trains_at_the_base_lr(dense_ckpt):
-    assert train_common.milestones_at(1, (1, 2), (3, 4)) == []
+    assert tl.milestones_at(1, (1, 2), (3, 4)) == []
     assert read_metrics(dense_ckpt.parent)[0]['lr'] == 0.1
 
 
@@ -442,16 +444,17 @@ def test_both_scripts_share_one_gate_recipe():
     cifar = vars(train_cifar.parse_args(['--device', 'cpu']))
     imagenet = vars(train_imagenet.parse_args(['--device', 'cpu']))
     assert {k: cifar[k] for k in names} == {k: imagenet[k] for k in names}
-    assert all(cifar[k] == v for k, v in train_common.RECIPE.items())
-    assert train_common.progress(0, 0, 3, 7) == 0 and train_common.progress(2, 6, 3, 7) == 1
-    paper = train_cifar.parse_args(['--device', 'cpu'] + train_common.PAPER_GATES.split())
+    assert all(cifar[k] == v for k, v in tl.RECIPE.items())
+    assert tl.progress(0, 0, 3, 7) == 0 and tl.progress(2, 6, 3, 7) == 1
+    paper = train_cifar.parse_args(['--device', 'cpu'] + tl.PAPER_GATES.split())
     assert (paper.gate_lr_mult, paper.loss_weight, paper.polarize, paper.gate_lr_decay) == (
         1, 1, 0, True)
 
 
-def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error):
-    """Re-evaluating with other settings, resuming with another lr, --gating none on a finished
-    baseline: each refused in one line, and every finished file keeps its bytes."""
+def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error, capsys):
+    """Re-evaluating with other settings or training a finished baseline with other settings:
+    refused in one line; --gating none on a finished baseline reuses it, as train_imagenet.py
+    does (issue 32); every finished file keeps its bytes."""
     assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
     gated = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
     before = {f: f.read_bytes() for f in gated.iterdir() if f.is_file() and f.name != '.lock'}
@@ -460,8 +463,10 @@ def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line
     assert {f: f.read_bytes() for f in before} == before
     dense_out = dense_ckpt.parent.parent
     files = {f: f.read_bytes() for f in dense_ckpt.parent.iterdir() if f.name != '.lock'}
-    assert 'finished' in one_line_error(run(cifar, dense_out, '--gating', 'none'))
-    assert 'finished' in one_line_error(run(cifar, dense_out, '--gating', 'none', '--resume'))
+    for extra in ([], ['--resume']):
+        capsys.readouterr()
+        assert run(cifar, dense_out, '--gating', 'none', *extra) == 0
+        assert 'the finished baseline in' in capsys.readouterr().out
     error = one_line_error(run(cifar, dense_out, '--dense-epochs', '2'))   # how to reuse it
     assert '--dense-epochs 1 -> 2' in error and '--init' in error
     assert {f: f.read_bytes() for f in files} == files
@@ -478,7 +483,7 @@ def test_a_resume_must_train_what_the_run_started(cifar, dense_ckpt, tmp_path, o
 def test_a_run_folder_in_use_is_refused(cifar, dense_ckpt, tmp_path, one_line_error):
     run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
     run_dir.mkdir()
-    with train_common.locked([run_dir]):
+    with rf.locked([run_dir]):
         assert 'in use' in one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)))
     assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0     # the lock is released
 
@@ -489,7 +494,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(cifar, dense_ckpt,
         with open(f, 'wb') as fh:
             fh.write(b'partial')
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(train_common.torch, 'save', full)
+    monkeypatch.setattr(rf.torch, 'save', full)
     error = one_line_error(run(cifar, tmp_path, '--init', str(dense_ckpt)), status=1)
     assert 'No space left on device' in error and '.pt' in error
     assert not list(tmp_path.rglob('*.tmp'))
@@ -616,7 +621,7 @@ def test_damaged_runs_out_of_memory_and_unwritable_exports_end_in_one_line(
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
-    monkeypatch.setattr(train_common.TrainStep, '__call__', no_memory)
+    monkeypatch.setattr(tl.TrainStep, '__call__', no_memory)
     error = one_line_error(run(cifar, tmp_path / 'c', *same), status=1)
     assert 'out of memory in epoch 1' in error and '--batch-size' in error
 

@@ -20,73 +20,70 @@ import torch
 import torchvision
 
 import cifar_data
+import figures
 import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
-import train_common as common
-import train_loop
-from train_common import UsageError
+import run_folder as rf
+import train_loop as tl
+from run_folder import UsageError
 
 DEPTHS = {
     **{f'resnet{d}': d for d in (8, 20, 32, 44, 56, 110)},  # resnet8, densenet16: quick checks
     **{f'densenet{d}': d for d in (16, 40, 100)},
 }
 ANY = sorted(set(torchvision.models.list_models(module=torchvision.models)) - set(DEPTHS))
-STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic', 'dataset')  # a checkpoint must match
-DENSE_SETTINGS = ('dense_epochs', 'dense_batch_size', 'dense_weight_decay', 'lr')
-FREE = ('resume', 'out', 'device', 'threads', 'compile', 'data_dir', 'tau', 'recal_batches',
-        'also', 'runs', 'evaluate', 'round_to')
-
-
-def parse_args(argv):
-    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
-    a = p.add_argument
-    a('--arch', default='resnet56', choices=list(DEPTHS) + ANY, metavar='ARCH',
+def parser():
+    """The command line, its flags in run_folder.Parser's four groups."""
+    p = rf.Parser(description=__doc__.splitlines()[0])
+    s, t, e, m = (p.group[g].add_argument for g in p.GROUPS)
+    s('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
+    s('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
+      help="the data set, in torchvision's layout under --data-dir (downloaded there when "
+           'absent); grey 28 x 28 sets are padded to 32 x 32 on 3 channels')
+    s('--arch', default='resnet56', choices=list(DEPTHS) + ANY, metavar='ARCH',
       help='the CIFAR ResNets resnet8 ... resnet110 and DenseNets densenet16/40/100 (early '
            'exits), or any torchvision classifier (static gates on its channel groups: '
            'gumbel_any), e.g. mobilenet_v2')
-    a('--gating', choices=('static', 'dynamic', 'none'),
+    s('--gating', choices=('static', 'dynamic', 'none'),
       help="static (pruning; ResNet default), dynamic (conditional computation; the DenseNets' "
            "early exits), none (the dense baseline only) (3.2, 5)")
-    a('--granularity', choices=gc.GRANULARITIES,
+    s('--granularity', choices=gc.GRANULARITIES,
       help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
-    a('--t', type=float, nargs='+', help='target rate(s), one run each (default 0.5)')
-    common.add_gate_args(p)
-    a('--epochs', type=int, default=100, help='gated fine-tuning epochs (4.1)')
-    a('--batch-size', type=int, default=256, help='gated fine-tuning batch (4.1)')
-    a('--lr', type=float, default=0.1, help='SGD lr of both phases (momentum 0.9)')
-    a('--weight-decay', type=float, default=5e-4, help='fine-tuning weight decay (official code)')
-    a('--dense-epochs', type=int, default=200, help='dense baseline epochs; lr / 10 at 50%%, 75%%')
-    a('--dense-batch-size', type=int, default=128, help='dense baseline batch')
-    a('--dense-weight-decay', type=float, default=1e-4, help='dense baseline weight decay')
-    a('--init', help='dense checkpoint (or state_dict) to fine-tune from instead of training one')
-    a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
-    a('--also', nargs='*', default=[], choices=('all_on', 'sample', 'ensemble'),
+    tl.add_gate_args(p)
+    s('--t', type=rf.RATE, nargs='+', help='target rate(s), one run each (default 0.5)')
+    s('--seed', type=int, default=0, help='seeds the weights, gates, data order and noise')
+    t('--epochs', type=rf.COUNT, default=100, help='gated fine-tuning epochs (4.1)')
+    t('--batch-size', type=rf.COUNT, default=256, help='gated fine-tuning batch (4.1)')
+    t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of both phases (momentum 0.9)')
+    t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4,
+      help='fine-tuning weight decay (official code)')
+    t('--dense-epochs', type=rf.COUNT, default=200,
+      help='dense baseline epochs; lr / 10 at 50%%, 75%%')
+    t('--dense-batch-size', type=rf.COUNT, default=128, help='dense baseline batch')
+    t('--dense-weight-decay', type=rf.NON_NEGATIVE, default=1e-4,
+      help='dense baseline weight decay')
+    t('--init', help='dense checkpoint (or state_dict) to fine-tune from instead of training one')
+    tl.add_evaluation_args(p.group['evaluation'])
+    e('--also', nargs='*', default=[], choices=('all_on', 'sample', 'ensemble'),
       help='more evaluations (3.3)')
-    a('--runs', type=int, default=8, help='stochastic runs for --also sample / ensemble')
-    a('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
-      help="the data set, in torchvision's layout under --data-dir (downloaded there when "
-           'absent); grey 28 x 28 sets are padded to 32 x 32 on 3 channels')
-    a('--data-dir', default='data', help='holds the data set (cifar-10-batches-py for CIFAR-10)')
-    a('--synthetic', action='store_true', help='6,000 generated stripe images: runs offline')
-    a('--out', default='runs', help='runs are written in subfolders of this folder')
-    a('--resume', action='store_true', help="continue this configuration's unfinished run")
-    a('--round-to', type=int, default=0, help='keep each gate\'s channel count a multiple of '
-      'this before export (16: AVX-512 float32; 0: off; NOTES.md: speed)')
-    a('--evaluate', nargs='?', const=True, default=False, metavar='RUN_DIR',
+    e('--runs', type=rf.COUNT, default=8, help='stochastic runs for --also sample / ensemble')
+    e('--round-to', type=rf.WHOLE, default=0, help="keep each gate's channel count a multiple "
+      'of this before export (16: AVX-512 float32; 0: off; NOTES.md: speed)')
+    m('--evaluate', nargs='?', const=True, default=False, metavar='RUN_DIR',
       help='re-evaluate a finished run (RUN_DIR, or those this command names) with '
            '--tau/--recal-batches/--also/--round-to; every other setting comes from the '
            "run's args.json; results go to new files named by those settings")
-    common.add_machine_args(p)
-    args = p.parse_args(argv)
-    common.check_args(args, dict(
-        common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
-        dense_epochs=common.AT_LEAST_1, dense_batch_size=common.AT_LEAST_1,
-        recal_batches=common.AT_LEAST_1, runs=common.AT_LEAST_1, lr=common.POSITIVE,
-        threads=common.AT_LEAST_1,
-        round_to=common.NON_NEGATIVE, weight_decay=common.NON_NEGATIVE,
-        dense_weight_decay=common.NON_NEGATIVE, t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
-    common.device_for(args.device)
+    m('--data-dir', default='data', help='holds the data set (cifar-10-batches-py for CIFAR-10)')
+    m('--out', default='runs', help='runs are written in subfolders of this folder')
+    m('--resume', action='store_true', help="continue this configuration's unfinished run")
+    tl.add_machine_args(p.group['machine'])
+    return p
+
+
+def parse_args(argv):
+    args = parser().parse_args(argv)
+    tl.device_for(args.device)
     if args.arch in ANY and (args.gating not in (None, 'static', 'none') or args.granularity):
         raise UsageError(f'--arch {args.arch} takes --gating static (its channel groups, '
                          'gumbel_any) or none; dynamic and layer gates are for the ResNets')
@@ -103,7 +100,7 @@ def parse_args(argv):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
     args.t = [] if args.gating == 'none' else args.t or [0.5]
-    args.milestones = args.milestones or common.milestones_at(args.epochs, (2, 5), (7, 10))
+    args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
     if len(set(args.t)) != len(args.t):
         raise UsageError(f'--t must be distinct rates, got {args.t}')
     return args
@@ -138,9 +135,9 @@ def gated_from(baseline, args):
     if args.arch in ANY:
         example = torch.zeros(2, 3, 32, 32, device=args.device)
         model = gumbel_any.gate_any(baseline, example, init_p=args.gate_init_p)
-        return common.sampling(model.to(memory_format=torch.channels_last), args)
-    model = common.sampling(build(args, gated=True), args)
-    common.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
+        return tl.sampling(model.to(memory_format=torch.channels_last), args)
+    model = tl.sampling(build(args, gated=True), args)
+    rf.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
     return model
 
 
@@ -149,54 +146,67 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     trained model and the phase's last metrics row."""
     first = phase == 'dense'                            # He et al.'s recipe for the baseline
     epochs = args.dense_epochs if first else args.epochs
-    return train_loop.fit(
-        model, data, args, epochs=epochs,
-        batch_size=args.dense_batch_size if first else args.batch_size,
+    batch_size = args.dense_batch_size if first else args.batch_size
+    milestones = tl.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
+    last = tl.fit_images(
+        model, data, args, epochs=epochs, batch_size=batch_size,
         weight_decay=args.dense_weight_decay if first else args.weight_decay,
-        milestones=common.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones,
-        warmup=first and DEPTHS.get(args.arch, 0) >= 110,   # ResNet-110: lr 0.01 in epoch 0
-        gen=torch.Generator().manual_seed(args.seed + (0 if first else 1)),
-        gate_loss=common.gate_loss(args), autocast=autocast,
-        mode=common.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
+        milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
+        gen=torch.Generator().manual_seed(args.seed + (0 if first else 1)),      # lr 0.01 at 0
+        gate_loss=tl.gate_loss(args), autocast=autocast,
+        mode=tl.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
+    return model, last
+
+
+DENSE = ('synthetic', 'dataset', 'arch', 'seed', 'dense_epochs', 'dense_batch_size',
+         'dense_weight_decay', 'lr')                   # what the dense baseline depends on
+
+
+def flags(*groups):
+    """The flags of these groups of the command line (run_folder.Parser)."""
+    return parser().dests(*groups)
 
 
 def run_name(args, phase):
-    prefix = 'synthetic-' if args.synthetic else '' if args.dataset == 'cifar10' \
-        else f'{args.dataset}-'
+    """The run folder's name: its structure flags ('resnet56-static-channel-flops-t0.5-s0');
+    the dense baseline's, from those it depends on ('dense-resnet56-s0')."""
     if phase == 'dense':
-        return f'{prefix}dense-{args.arch}-s{args.seed}'
-    soft = '-soft' if args.soft_gates else ''
-    return (f'{prefix}{args.arch}-{args.gating}-{args.granularity}-{args.loss}-t{args.t:g}{soft}'
-            f'-s{args.seed}')
+        return rf.run_name(args, [k for k in flags('structure') if k in DENSE], 'dense')
+    return rf.run_name(args, flags('structure'))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.evaluate:                   # the named run: argparse.Namespace of its settings
+        if args.gating == 'none':
+            raise UsageError('--evaluate re-evaluates gated runs; a dense baseline has no '
+                             'gates (its accuracy is baseline_acc in its final.json)')
         first = argparse.Namespace(**{**vars(args), 't': (args.t or [0.5])[0]})
-        args = common.settings_of_run(args, sys.argv[1:] if argv is None else argv,
-                                      Path(args.out) / run_name(first, 'gated'))
-    device = common.device_for(args.device)
+        args = rf.settings_of_run(args, sys.argv[1:] if argv is None else argv,
+                                  Path(args.out) / run_name(first, 'gated'),
+                                  flags('evaluation', 'machine'))
+    device = tl.device_for(args.device)
     out = Path(args.out)
     dense_dir = out / run_name(args, 'dense')
-    runs = [argparse.Namespace(**{**vars(args), 't': t}) for t in args.t]  # one run per target
-    finished = {}                                   # targets finished before: reused
-    for run in runs:
-        row = common.finished_row(out / run_name(run, 'gated'), run,
-                                  [k for k in vars(run) if k not in FREE])
-        if row is not None:
-            print(f't = {run.t:g}: reusing the finished run in {out / run_name(run, "gated")}')
-            finished[run.t] = row
-    runs = [run for run in runs if run.t not in finished]
+    free = flags('evaluation', 'machine')
+    runs, finished = [], {}                         # targets to train, and those reused
+    for t in args.t:                                # one run per target
+        run = argparse.Namespace(**{**vars(args), 't': t})
+        action, row = rf.decide(out / run_name(run, 'gated'), run, epochs_key='epochs',
+                                structure=flags('structure'), evaluation=flags('evaluation'),
+                                settings=[k for k in vars(run) if k not in free])
+        if action == 'reuse':
+            print(f't = {t:g}: reusing the finished run in {out / run_name(run, "gated")}')
+            finished[t] = row
+        else:
+            runs.append(run)
     if finished and not runs:
-        common.print_summary(list(finished.values()))
+        rf.print_summary(list(finished.values()))
         return list(finished.values())
-    dense_done = bool(args.init) or common.check_run_dir(
-        dense_dir, args, 'dense_epochs', ('arch', 'seed', 'synthetic', 'dataset'), DENSE_SETTINGS,
-        reuse_finished=bool(runs))
-    for run in runs:
-        common.check_run_dir(out / run_name(run, 'gated'), run, 'epochs', STRUCTURE,
-                             [k for k in vars(run) if k not in FREE])
+    dense_done = bool(args.init) or rf.decide(
+        dense_dir, args, epochs_key='dense_epochs', dense=True,
+        structure=[k for k in flags('structure') if k in DENSE],
+        settings=[k for k in DENSE if k not in flags('structure')])[0] == 'reuse'
     dirs = [out / run_name(run, 'gated') for run in runs]
     dirs += [dense_dir] * (not runs or not dense_done)
     for d in dirs if args.evaluate else []:
@@ -205,19 +215,19 @@ def main(argv=None):
                              f'(final{tag(args)}.json): change --tau, --recal-batches or --also')
     if device.type == 'cpu' and not args.evaluate:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    common.use_threads(args, device)
-    common.ensure_writable(dirs, out)
-    with common.locked(dirs):
+    tl.use_threads(args, device)
+    rf.ensure_writable(dirs, out)
+    with rf.locked(dirs):
         rows = pipeline(args, runs, dense_dir, dense_done, device) + list(finished.values())
     if len(rows) > 1 or finished:
-        common.print_summary(rows)
+        rf.print_summary(rows)
     return rows
 
 
 def pipeline(args, runs, dense_dir, dense_done, device):
     """1. the dense baseline, then 2-4 (fine_tune) for each target."""
     print('args:', json.dumps(vars(args)))
-    autocast = common.autocast_for(device)
+    autocast = tl.autocast_for(device)
     torch.manual_seed(args.seed)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
     if len(data.x_test) < 2:
@@ -237,18 +247,21 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     torch.manual_seed(args.seed)  # the same dense net, gated run or not
     baseline = build(args, gated=False)
     if args.init:
-        common.load_init(baseline, args.init)
+        rf.load_init(baseline, args.init)
         print(f'dense: weights from {args.init}')
     elif dense_done:
-        common.load_weights(baseline, common.load_checkpoint(dense_dir / 'last.pt')['model'],
+        rf.load_weights(baseline, rf.load_checkpoint(dense_dir / 'last.pt')['model'],
                             dense_dir / 'last.pt', gated=False)
         print(f'dense: reusing the finished baseline in {dense_dir}')
     else:
         baseline, _ = run_phase('dense', baseline, data, args, dense_dir, autocast)
-    base_acc = train_loop.evaluate(baseline, data, autocast)[0]
+    base_acc = tl.evaluate(baseline, data, autocast)[0]
     if not runs:
         row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
-        common.finish(row, dense_dir)
+        if dense_done:                                          # reused: its files as they are
+            print(f'final: baseline_acc {base_acc:.2f} (the finished baseline in {dense_dir})')
+        else:
+            rf.finish(row, dense_dir)
         return [row]
     return [fine_tune(run, Path(args.out) / run_name(run, 'gated'), baseline, base_acc, data,
                       autocast) for run in runs]
@@ -260,8 +273,8 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     torch.manual_seed(args.seed)
     model = gated_from(baseline, args)
     if args.evaluate:                                           # the trained, unrecalibrated net
-        ckpt = common.load_checkpoint(run_dir / 'last.pt')
-        common.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
+        ckpt = rf.load_checkpoint(run_dir / 'last.pt')
+        rf.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
         last = ckpt['metrics']
     else:
         model, last = run_phase('gated', model, data, args, run_dir, autocast)
@@ -270,12 +283,12 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
         model = ge.round_gates(model, args.round_to)
     gen = torch.Generator().manual_seed(args.seed + 2)
-    label, recal = common.recal_batches(data.train_batches(args.batch_size, gen),
+    label, recal = tl.recal_batches(data.train_batches(args.batch_size, gen),
                                         args.recal_batches, len(data.x_train) // args.batch_size)
-    with common.stage(label), autocast():
+    with tl.stage(label), autocast():
         gc.recalibrate_bn(model, (xb for xb, _ in recal))
-    with common.stage(f'evaluation at threshold {args.tau}'):
-        acc, rate, macs, polar = train_loop.evaluate(model, data, autocast)
+    with tl.stage(f'evaluation at threshold {args.tau}'):
+        acc, rate, macs, polar = tl.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
@@ -289,26 +302,35 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
                                        for xb, _ in data.test_batches()])
                 row['ensemble_acc'] = 100 * (probs.argmax(1) == data.y_test).float().mean().item()
             else:
-                accs = [train_loop.evaluate(model, data, autocast)[0]
+                accs = [tl.evaluate(model, data, autocast)[0]
                         for _ in range(args.runs if strategy == 'sample' else 1)]
                 row[f'{strategy}_acc'] = sum(accs) / len(accs)
     if args.gating == 'dynamic':  # Fig. 4: which classes each gate runs on
         with autocast():
-            rates = common.per_class_rates(model, data.test_batches(), len(data.classes))
-        common.write_class_rates(rates, data.classes, common.gate_names(model), run_dir,
-                                 tag(args))
+            rates = figures.per_class_rates(model, data.test_batches(), len(data.classes))
+        rf.save_files(figures.class_rate_files(rates, data.classes, figures.gate_names(model)),
+                      run_dir, tag(args))
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
             row['table5'] = ge.exit_report(model, data.test_batches(size=500))
-        common.print_exit_report(row['table5'])
-    with common.stage('export'):                                # 4. the pruned network
-        pruned = common.export(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
-                               tag(args))
+        print_exit_report(row['table5'])
+    with tl.stage('export'):                                # 4. the pruned network
+        pruned = rf.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
+                                 tag(args))
         if pruned is not None:
-            row['pruned_acc'] = train_loop.evaluate(pruned, data, autocast)[0]
-    common.warn_if_missed(row, last)
-    common.finish(row, run_dir, tag(args))
+            row['pruned_acc'] = tl.evaluate(pruned.to(data.x_test.device), data, autocast)[0]
+    rf.warn_if_missed(row, last)
+    rf.finish(row, run_dir, tag(args))
     return row
+
+
+def print_exit_report(report):
+    """Table 5 from gumbel_export.exit_report, one line per exit."""
+    for e in report['exits']:
+        print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
+              f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
+    print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
+          f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
 
 
 def tag(args):
@@ -321,7 +343,7 @@ def tag(args):
 
 def cli(argv=None):
     """main with bad input reported as one line on stderr and exit status 2."""
-    return common.run_cli(main, argv)
+    return rf.run_cli(main, argv)
 
 
 if __name__ == '__main__':

@@ -24,12 +24,14 @@ import torch.distributed as dist
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
+import figures
 import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import imagenet_data
-import train_common as common
-from train_common import UsageError
+import run_folder as rf
+import train_loop as tl
+from run_folder import UsageError
 
 ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))  # classification
 
@@ -39,61 +41,56 @@ def is_resnet(arch):
     return arch.startswith(('resnet', 'wide_resnet'))
 
 
-STRUCTURE = ('arch', 'gating', 'granularity', 'seed', 'synthetic')
-FREE = ('resume', 'out', 'device', 'threads', 'compile', 'data_dir', 'tau', 'recal_batches',
-        'workers', 'sync_bn')
-
-
 def aig_targets(t):
     """AIG's per-block targets for ResNet-50 (2.1). The paper lists 15 rates for 16 blocks;
     we restore a 1 for layer4's first block, where every other stage has one (NOTES.md)."""
     return [1, 1, 0.8, 1, t, t, t, 1, t, t, t, t, 1, 1, 0.7, 1]
 
 
-def parse_args(argv):
-    p = common.Parser(description=__doc__.splitlines()[0], formatter_class=common.HelpFormatter)
-    a = p.add_argument
-    a('--arch', default='resnet50', choices=ARCHS, metavar='ARCH',
+def parser():
+    """The command line, its flags in run_folder.Parser's four groups."""
+    p = rf.Parser(description=__doc__.splitlines()[0])
+    s, t, e, m = (p.group[g].add_argument for g in p.GROUPS)
+    s('--synthetic', action='store_true', help='random images (1,024 train, 256 val, 10 '
+      'classes) instead of --data-dir: the whole pipeline without ImageNet')
+    s('--arch', default='resnet50', choices=ARCHS, metavar='ARCH',
       help='a torchvision classification model: ResNets take static or dynamic gates, any '
            'other model static gates on its prunable channel groups (gumbel_any)')
-    a('--pretrained', action='store_true',
-      help="start from torchvision's IMAGENET1K_V1 weights (4.1)")
-    a('--gating', default='dynamic', choices=('static', 'dynamic', 'none'),
+    s('--gating', default='dynamic', choices=('static', 'dynamic', 'none'),
       help='static (pruning, Table 2), dynamic (conditional, Table 1) or none (a dense '
            'baseline to start from: --init)')
-    a('--granularity', default='channel', choices=gc.GRANULARITIES,
+    s('--granularity', default='channel', choices=gc.GRANULARITIES,
       help='channel (filter) or layer (Table 4)')
-    a('--init', help='dense checkpoint (or state_dict) of --arch to gate, instead of --pretrained')
-    a('--t', type=float, help='target rate in (0, 1] (default 0.5)')
-    a('--aig-targets', action='store_true',
+    tl.add_gate_args(p)
+    s('--t', type=rf.RATE, help='target rate in (0, 1] (default 0.5)')
+    s('--seed', type=int, default=0, help='seeds the weights, gates, data order and noise')
+    t('--pretrained', action='store_true',
+      help="start from torchvision's IMAGENET1K_V1 weights (4.1)")
+    t('--init', help='dense checkpoint (or state_dict) of --arch to gate, instead of --pretrained')
+    t('--aig-targets', action='store_true',
       help="per-gate loss with AIG's ResNet-50 list (layer gates)")
-    common.add_gate_args(p)
-    a('--epochs', type=int, default=100, help='gated (or dense) training epochs (4.1)')
-    a('--batch-size', type=int, default=256, help='global batch, split over the processes')
-    a('--lr', type=float, default=0.1, help='SGD lr (momentum 0.9)')
-    a('--weight-decay', type=float, default=1e-4, help='SGD weight decay')
-    a('--recal-batches', type=int, default=200, help='BN recalibration batches (4.1)')
-    a('--crop-size', type=int, default=224,
+    t('--epochs', type=rf.COUNT, default=100, help='gated (or dense) training epochs (4.1)')
+    t('--batch-size', type=rf.COUNT, default=256, help='global batch, split over the processes')
+    t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr (momentum 0.9)')
+    t('--weight-decay', type=rf.NON_NEGATIVE, default=1e-4, help='SGD weight decay')
+    t('--crop-size', type=rf.COUNT, default=224,
       help='training crop; validation resizes to 8/7 of it, then crops')
-    a('--workers', type=int, default=min(8, os.cpu_count() or 1),
-      help='DataLoader workers per process')
-    a('--data-dir', default='imagenet', help='holds train/ and val/ in ImageFolder layout')
-    a('--synthetic', action='store_true', help='random images (1,024 train, 256 val, 10 '
-      'classes) instead of --data-dir: the whole pipeline without ImageNet')
-    a('--amp', default='bf16', choices=('bf16', 'fp16', 'off'),
+    t('--amp', default='bf16', choices=('bf16', 'fp16', 'off'),
       help='CUDA autocast precision (fp16 with loss scaling); float32 on the CPU')
-    a('--out', default='runs', help='runs are written in subfolders of this folder')
-    a('--resume', action='store_true', help="continue this configuration's unfinished run")
-    common.add_machine_args(p)
-    a('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
-    args = p.parse_args(argv)
-    common.check_args(args, dict(
-        common.GATE_RULES, epochs=common.AT_LEAST_1, batch_size=common.AT_LEAST_1,
-        recal_batches=common.AT_LEAST_1, crop_size=common.AT_LEAST_1, lr=common.POSITIVE,
-        threads=common.AT_LEAST_1,
-        weight_decay=common.NON_NEGATIVE, workers=(lambda v: 0 <= v <= 256, 'in 0..256'),
-        t=(lambda v: 0 < v <= 1, 'in (0, 1]')))
-    common.device_for(args.device)
+    tl.add_evaluation_args(p.group['evaluation'])
+    m('--workers', type=rf.checked(int, lambda v: 0 <= v <= 256, 'in 0..256'),
+      default=min(8, os.cpu_count() or 1), help='DataLoader workers per process')
+    m('--data-dir', default='imagenet', help='holds train/ and val/ in ImageFolder layout')
+    m('--out', default='runs', help='runs are written in subfolders of this folder')
+    m('--resume', action='store_true', help="continue this configuration's unfinished run")
+    tl.add_machine_args(p.group['machine'])
+    m('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
+    return p
+
+
+def parse_args(argv):
+    args = parser().parse_args(argv)
+    tl.device_for(args.device)
     if args.gating == 'none' and (args.t is not None or args.init):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
@@ -101,7 +98,7 @@ def parse_args(argv):
         raise UsageError('--init and --pretrained both give the dense start: pass one')
     args.t = None if args.gating == 'none' else args.t or 0.5
     shares = [(3, 10), (6, 10), (9, 10)]                    # AIG's every 30 of 100 epochs
-    args.milestones = args.milestones or common.milestones_at(args.epochs, *shares)
+    args.milestones = args.milestones or tl.milestones_at(args.epochs, *shares)
     if not is_resnet(args.arch) and (args.gating == 'dynamic' or args.granularity != 'channel'):
         raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for ResNets; '
                          'other models take --gating static (channel groups)')
@@ -127,8 +124,8 @@ def evaluate(model, loader, device, autocast, distributed):
         sums += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
                              torch.tensor(len(y), device=device)])
         if info is not None:
-            stats, batches = stats + common.gate_stats(info), batches + 1
-    gates = torch.as_tensor(common.averages(stats, batches), dtype=torch.float64, device=device)
+            stats, batches = stats + tl.gate_stats(info), batches + 1
+    gates = torch.as_tensor(tl.averages(stats, batches), dtype=torch.float64, device=device)
     if distributed:
         dist.all_reduce(sums)
         dist.all_reduce(gates)
@@ -146,12 +143,12 @@ def setup(args):
     else:
         rank, world = 0, 1
     log = print if rank == 0 else (lambda *a, **k: None)
-    device = common.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
+    device = tl.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     elif rank == 0:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    common.use_threads(args, device, log)
+    tl.use_threads(args, device, log)
     return device, rank, world, distributed, log
 
 
@@ -172,32 +169,34 @@ def dense_network(args, classes, device):
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
                          '--pretrained') from None
     if args.init:                                           # e.g. a --gating none run's last.pt
-        common.load_init(dense, args.init)
+        rf.load_init(dense, args.init)
     return dense.to(device, memory_format=torch.channels_last)
 
 
 def run_name(args):
-    prefix = 'synthetic-' if args.synthetic else ''
+    """'imagenet-resnet50-dynamic-channel-flops-t0.5-s0', or a dense baseline's
+    'imagenet-dense-resnet18-s0'."""
     if args.gating == 'none':
-        return f'{prefix}imagenet-dense-{args.arch}-s{args.seed}'
-    return (f'{prefix}imagenet-{args.arch}-{args.gating}-{args.granularity}-{args.loss}'
-            f'-t{args.t:g}-s{args.seed}')
+        return rf.run_name(args, ['synthetic', 'arch', 'seed'], 'imagenet', 'dense')
+    return rf.run_name(args, parser().dests('structure'), 'imagenet')
 
 
 def main(argv=None):
     args = parse_args(argv)
     device, rank, world, distributed, log = setup(args)
-    autocast = common.autocast_for(device, args.amp)
+    autocast = tl.autocast_for(device, args.amp)
     run_dir = Path(args.out) / run_name(args)
-    finished = common.finished_row(run_dir, args, [k for k in vars(args) if k not in FREE])
-    if finished is not None:                        # the same command again: its results
+    p = parser()
+    free = p.dests('evaluation', 'machine')
+    action, finished = rf.decide(run_dir, args, epochs_key='epochs',
+                                 structure=p.dests('structure'), evaluation=p.dests('evaluation'),
+                                 settings=[k for k in vars(args) if k not in free])
+    if action == 'reuse':                           # the same command again: its results
         log(f'reusing the finished run in {run_dir}: {json.dumps(finished)}')
         return finished
-    common.check_run_dir(run_dir, args, 'epochs', STRUCTURE,
-                         [k for k in vars(args) if k not in FREE])
     if rank == 0:
-        common.ensure_writable([run_dir], args.out)
-    with common.locked([run_dir] if rank == 0 else []):
+        rf.ensure_writable([run_dir], args.out)
+    with rf.locked([run_dir] if rank == 0 else []):
         return pipeline(args, run_dir, device, autocast, rank, world, distributed, log)
 
 
@@ -214,8 +213,8 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         row = dict(arch=args.arch, gating='none', baseline_acc=top1, baseline_top5=top5,
                    epochs=last['epoch'])
         if rank == 0:
-            common.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
-            common.finish(row, run_dir)
+            rf.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
+            rf.finish(row, run_dir)
         return row
     base_top1, base_top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
     log(f'dense start: top-1 {base_top1:.2f}  top-5 {base_top5:.2f}')
@@ -224,7 +223,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
         model = gumbel_any.gate_any(baseline, x2, init_p=args.gate_init_p)
-    model = common.sampling(model, args)
+    model = tl.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '
                          f'got {len(args.targets)}')
@@ -233,16 +232,16 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     last = train(model, args, run_dir, (train_loader, val_loader), device, autocast, (rank, world))
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)
-    label, recal = common.recal_batches(iter(train_loader), args.recal_batches,
+    label, recal = tl.recal_batches(iter(train_loader), args.recal_batches,
                                         len(train_loader), log)
-    with common.stage(label, log), autocast():
+    with tl.stage(label, log), autocast():
         gc.recalibrate_bn(model, (imagenet_data.on_device(x, device) for x, _, _ in recal))
     if distributed:                                             # one set of BN statistics for all
         for buf in model.buffers():
             if buf.is_floating_point():
                 dist.all_reduce(buf)
                 buf /= world
-    with common.stage(f'evaluation at threshold {args.tau}', log):
+    with tl.stage(f'evaluation at threshold {args.tau}', log):
         top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_top1,   # CIFAR's keys, and
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau,
@@ -259,71 +258,57 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                                                collate_fn=imagenet_data.collate_readable)
             with autocast():
                 batches = ((imagenet_data.on_device(x, device), y) for x, y, _ in full)
-                rates = common.per_class_rates(model, batches, len(names))
-            common.write_class_rates(rates, names, common.gate_names(model), run_dir)
-        with common.stage('export'):
-            common.export(model, baseline, x2, run_dir, row)
-        common.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
+                rates = figures.per_class_rates(model, batches, len(names))
+            rf.save_files(figures.class_rate_files(rates, names, figures.gate_names(model)),
+                          run_dir)
+        with tl.stage('export'):
+            rf.save_exports(model, baseline, x2, run_dir, row)
+        rf.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
                               'worth more than another' if args.synthetic else 'NOTES.md 20')
-        common.finish(row, run_dir)
+        rf.finish(row, run_dir)
     return row
 
 
 def train(model, args, run_dir, data, device, autocast, processes):
-    """The 100 epochs of 4.1, with checkpoints (rank 0) and exact resume; -> the last metrics."""
+    """The 100 epochs of 4.1 through train_loop.fit, with checkpoints (rank 0) and an exact
+    resume; -> the last metrics."""
     (train_loader, val_loader), (rank, world) = data, processes
     distributed = world > 1 or dist.is_initialized()
     log = print if rank == 0 else (lambda *a, **k: None)
-    scaler = common.grad_scaler_for(device, args.amp)
-    opt, sched = common.optimizer(model, args, weight_decay=args.weight_decay,
-                                  milestones=args.milestones)
-    start, best, last = 0, -1.0, None
-    if (run_dir / 'last.pt').exists():  # only with --resume (checked in main)
-        start, best, last = common.resume(run_dir, model, opt, sched, scaler=scaler)
-        log(f'resumed from {run_dir / "last.pt"} after epoch {start}')
-    if rank == 0:
-        common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
-    ids = [device] if device.type == 'cuda' else None
-    step = common.TrainStep(model, opt, common.gate_loss(args), autocast,  # each replica's own
-                            mode=common.compile_mode(args.compile, device), scaler=scaler,
-                            net=DistributedDataParallel(model, device_ids=ids) if distributed
-                            else model)
-    log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), '
-        f'lr {args.lr} / 10 at epochs {args.milestones}')
-    log(common.ROW.format(*common.HEADER[:5], 'top-1', *common.HEADER[6:]))
-    steps = len(train_loader)
-    for epoch in range(start, args.epochs):
-        imagenet_data.seed_epoch(train_loader, args.seed, epoch, rank)
-        unreadable = []
+    unreadable = []
 
-        def batches():
-            for x, y, bad in train_loader:
-                unreadable.append(bad)
-                yield imagenet_data.on_device(x, device), y.to(device, non_blocking=True)
-        m = common.train_epoch(step, batches(), epoch=epoch + 1, steps=steps, log=log,
-                               progress=lambda i: common.progress(epoch, i, args.epochs, steps))
-        m['unreadable_images'] = sum(unreadable)
-        if m['unreadable_images']:
+    def batches(epoch):
+        imagenet_data.seed_epoch(train_loader, args.seed, epoch, rank)
+        unreadable.clear()
+        for x, y, bad in train_loader:
+            unreadable.append(bad)
+            yield imagenet_data.on_device(x, device), y.to(device, non_blocking=True)
+
+    def skipped(epoch):
+        if sum(unreadable):
             print(f'warning: epoch {epoch + 1}: skipped {sum(unreadable)} unreadable training '
                   f'images (process {rank})', file=sys.stderr)
-        lr = opt.param_groups[0]['lr']
-        sched.step()
+        return dict(unreadable_images=sum(unreadable))
+
+    def test(epoch):
         top1, top5, _, test_macs, _ = evaluate(model, val_loader, device, autocast, distributed)
-        last = dict(epoch=epoch + 1, lr=lr, **m, top1=top1, top5=top5, test_acc=top1,
-                    test_macs=test_macs, images_per_s=m['images'] * world / m['seconds'])
-        if rank == 0:
-            common.print_row(epoch + 1, lr, m, top1, test_macs, last['images_per_s'])
-            ckpt = common.checkpoint(model, opt, sched, epoch=epoch + 1, best=max(best, top1),
-                                     args=args, metrics=last, scaler=scaler)
-            common.record_epoch(run_dir, ckpt, last, improved=top1 > best)
-        best = max(best, top1)
-    return last
+        return dict(top1=top1, top5=top5, test_acc=top1, test_macs=test_macs)
+    log(f'{args.epochs} epochs, global batch {args.batch_size} on {world} process(es), '
+        f'lr {args.lr} / 10 at epochs {args.milestones}')
+    ids = [device] if device.type == 'cuda' else None
+    return tl.fit(model, args, epochs=args.epochs, batches=batches, steps=len(train_loader),
+                  evaluate=test, after_epoch=skipped, weight_decay=args.weight_decay,
+                  milestones=args.milestones, gate_loss=tl.gate_loss(args), autocast=autocast,
+                  mode=tl.compile_mode(args.compile, device), run_dir=run_dir,
+                  scaler=tl.grad_scaler_for(device, args.amp), log=log, writes=rank == 0,
+                  net=DistributedDataParallel(model, device_ids=ids) if distributed else model,
+                  test_column='top-1')
 
 
 def cli(argv=None):
     """main with bad input reported as one line on stderr and exit status 2."""
     try:
-        return common.run_cli(main, argv)
+        return rf.run_cli(main, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,23 +1,372 @@
-"""The paper's training loop (4.1), one fit() for every phase: a dense baseline, the gated
-fine-tuning with the gate loss, and plain fine-tuning of a pruned net.
+"""The paper's training loop (4.1), for a reader of the paper: the gate recipe, the optimizer,
+the loss with its gate terms, the (compiled) training step, the epoch, and one fit() that
+every phase of both scripts and compare.py runs (a dense baseline, the gated fine-tuning,
+plain fine-tuning of a pruned net).
 
-    model, last = fit(model, data, args, epochs=100, batch_size=256, weight_decay=5e-4,
-                      milestones=[50, 75], gen=gen, gate_loss=gate_loss(args), ...)
+    opt_args = argparse.Namespace(lr=0.1, gate_lr_mult=1000, gate_decay=20, gate_lr_decay=False)
+    model, last = fit(model, opt_args, epochs=100, batches=lambda epoch: ..., steps=..., 
+                      evaluate=lambda: dict(test_acc=...), weight_decay=5e-4,
+                      milestones=[40, 70], gate_loss=gate_loss(args), autocast=autocast_for(dev))
 
-Each epoch: the training batches through the compiled (or eager) step, the lr schedule,
-the test set, one fixed-width row and, with a run folder, a checkpoint and a metrics line
-(train_common: resume continues from the last one exactly).
+Run folders (checkpoints, resume, errors) are in rf.py, which a first reading may skip.
 """
+import contextlib
+import itertools
+import math
+import os
+import time
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 import gumbel_channels as gc
-import train_common as common
+import run_folder as rf
+from run_folder import RunError, UsageError
+
+# ----------------------------------------------------------------------------- the gate recipe
+
+# One recipe for both scripts (NOTES.md, deviations 18-20): measured to deliver t on real
+# images (digits in CIFAR's format and in ImageNet's folders, static and dynamic gates).
+# PAPER_GATES gives the paper's own settings back.
+RECIPE = dict(loss_weight=20.0, gate_lr_mult=1000.0, polarize=5e-5, gate_lr_decay=False)
+PAPER_GATES = '--gate-lr-mult 1 --loss-weight 1 --polarize 0 --gate-lr-decay'
+
+
+def add_gate_args(parser):
+    """The gate flags of a run_folder.Parser: the loss and the estimator (structure: they
+    name the run), and the recipe (training), its defaults (the paper's: PAPER_GATES)."""
+    s, a = parser.group['structure'].add_argument, parser.group['training'].add_argument
+    s('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
+      help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
+    s('--soft-gates', action='store_true', help='soft Gumbel-softmax, not straight-through (3.2)')
+    a('--targets', type=rf.UNIT, nargs='+',
+      help='per-gate loss: a rate per gate module (default t)')
+    a('--loss-weight', type=rf.NON_NEGATIVE, default=RECIPE['loss_weight'],
+      help='gate loss weight (the paper: 1; NOTES.md 18)')
+    a('--gate-lr-mult', type=rf.POSITIVE, default=RECIPE['gate_lr_mult'],
+      help='gate lr / lr (the paper: 1; NOTES.md 18)')
+    a('--gate-lr-decay', action='store_true', default=RECIPE['gate_lr_decay'],
+      help='the gate lr follows --milestones too (the paper); by default it stays constant so '
+           'the gates can finish polarizing')
+    a('--gate-decay', type=rf.NON_NEGATIVE, default=20.0,
+      help='gate decay: weight decay * this / |G| (3.2)')
+    a('--gate-init-p', type=rf.OPEN_UNIT, default=gc.INIT_P,
+      help='initial on-probability of the gates (DenseNet exits: 1 - this is the p of leaving)')
+    a('--temperature', type=rf.POSITIVE, default=1.0,
+      help='Gumbel-softmax temperature (3.2: fixed at 1)')
+    a('--gate-sample', default='image', choices=('image', 'batch'),
+      help='static gates draw once per image or once per batch')
+    a('--polarize', type=rf.NON_NEGATIVE, default=RECIPE['polarize'], help='weight per gate of '
+      'the polarization term (summed over gates), rising from 0 over fine-tuning (the paper: 0; '
+      'NOTES.md 20)')
+    a('--milestones', type=rf.COUNT, nargs='+',
+      help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
+
+
+def add_evaluation_args(group):
+    """The evaluation flags both scripts take (a parser's evaluation group)."""
+    group.add_argument('--tau', type=rf.OPEN_UNIT, default=0.5, help='inference threshold (3.3)')
+    group.add_argument('--recal-batches', type=rf.COUNT, default=200,
+                       help='BN recalibration batches (4.1)')
+
+
+def milestones_at(epochs, *shares):
+    """lr milestones (epochs) at these shares of `epochs` (num, den); none at epoch 0, so a
+    run of one epoch trains at the base lr. Schedules follow training progress, so that one
+    recipe serves 11 steps an epoch and 5,000."""
+    return sorted({epochs * num // den for num, den in shares} - {0})
+
+
+def sampling(model, args):
+    """The model with its gates sampling as the gate flags say (3.2)."""
+    return gc.set_sampling(model, args.soft_gates, args.temperature,
+                           per_batch=args.gate_sample == 'batch')
+
+
+def optimizer(model, args, weight_decay, milestones, warmup=False):
+    """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
+    milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
+    --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
+    groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay, args.gate_lr_mult)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+
+    def weights_lr(e):
+        return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
+    gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
+
+
+def gate_loss(args):
+    """The gate terms of the training loss, built once per run -> loss(info, progress).
+        loss_weight x L  +  polarize x progress x |G| x polarization_loss(info)
+    L: L_FLOPs (3.4, --loss flops), Eq. (1) (batch) or the per-gate loss (2.1, per-gate);
+    progress runs 0 -> 1 through fine-tuning, so the polarization term rises linearly from 0
+    (NOTES.md 20). |G| x its mean is its sum over the gates: each gate feels the same push in
+    a net of 336 gates or of 7,552."""
+    t, weight, polarize = args.t, args.loss_weight, args.polarize
+    targets = args.targets if args.loss == 'per-gate' else None
+    terms = {'flops': lambda info: gc.flops_loss(info, t),
+             'batch': lambda info: gc.batch_activation_loss(info, t),
+             'per-gate': lambda info: gc.per_gate_loss(info, targets or [t] * len(info.z))}
+    term = terms[args.loss]
+
+    def loss(info, progress):
+        n_gates = sum(z.shape[1] for z in info.z)
+        return weight * term(info) + polarize * progress * n_gates * gc.polarization_loss(info)
+    return loss
+
+
+# ----------------------------------------------------------------------------- the step
+
+class TrainStep:
+    """One training step: forward, loss, backward, optimizer step; called (x, y, progress).
+        loss = CE(the output each image takes) [+ each exit classifier's CE, 5]
+               + gate_loss(info, progress)
+    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. With a
+    compile `mode` the forward and loss (and with them AOTAutograd's backward) and the
+    optimizer step are torch.compiled; on CUDA 'reduce-overhead' replays them as CUDA graphs,
+    so a step costs a few graph launches instead of a thousand kernel launches (issue 20).
+    `net` is what the forward calls (a DDP wrapper of `model`); `scaler` (fp16) keeps the
+    optimizer step eager. Returns (loss, ce, gate loss, correct count, gate stats or None),
+    detached; they live until the next call (CUDA graph outputs are reused)."""
+
+    def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None):
+        self.model = model
+        self.net = net or model
+        self.opt = opt
+        self.gate_loss = gate_loss
+        self.autocast = autocast
+        self.mode = mode
+        self.scaler = scaler
+        self.losses = torch.compile(self._losses, mode=mode) if mode else self._losses
+        self.opt_step = opt.step
+        if mode and not scaler:
+            for group in opt.param_groups:  # SGD's first step sets buf = grad = 0.9 * 0 + grad:
+                for p in group['params']:   # zeros now give one compiled graph, not two
+                    opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+            self.opt_step = torch.compile(self._opt_step, mode=mode)
+        self.compile_seconds = None         # the first compiled step's time, compile included
+
+    def _losses(self, xb, yb, progress):
+        # Nothing is detached in here: torch 2.14's inductor dropped the loss's grad_fn when
+        # the graph also returned a detached alias of it (NOTES.md: the GPU path).
+        with self.autocast():
+            logits, info = gc.split_output(self.net(xb))
+            ce = F.cross_entropy(logits, yb)
+            for exit_logits in (info.exit_logits or [])[:-1] if info is not None else []:
+                ce = ce + F.cross_entropy(exit_logits, yb)
+            if info is None:
+                return ce, ce, None, (logits.argmax(1) == yb).sum(), None
+            gl = self.gate_loss(info, progress)
+        return ce + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
+
+    def _opt_step(self):            # compiled as a function: dynamo failed on bound opt.step
+        self.opt.step()
+
+    def __call__(self, xb, yb, progress):
+        t0 = time.perf_counter()
+        if self.mode:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, ce, gl, correct, stats = self.losses(xb, yb, progress)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.opt_step()
+        else:                                               # fp16: scale, unscale, skip infs
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        if self.mode and self.compile_seconds is None:
+            loss.item()                                     # wait for the first step's kernels
+            self.compile_seconds = time.perf_counter() - t0
+        gl = torch.zeros_like(ce) if gl is None else gl
+        return loss.detach(), ce.detach(), gl.detach(), correct, \
+            None if stats is None else stats.detach()
+
+
+def gate_stats(info):
+    """(activation rate, MACs % of the dense net, share of polarized p), a (3,) float64 tensor."""
+    p = torch.cat(info.p, 1)
+    return torch.stack([torch.cat(info.z, 1).double().mean(),
+                        100 * (info.macs / info.max_macs).mean(),
+                        gc.polarized(p).double().mean()])
+
+
+def averages(stats, batches):
+    """Per-batch gate statistics summed over an epoch -> their means (NaN for a dense net)."""
+    return (stats / batches).tolist() if batches else [math.nan] * 3
+
+
+def progress(epoch, step, epochs, steps):
+    """Share of training done at `step` of `epoch` (both from 0): 0 at the first step, 1 at
+    the last, what the polarization ramp reads."""
+    return (epoch * steps + step) / max(epochs * steps - 1, 1)
+
+
+# ----------------------------------------------------------------------------- the epoch
+
+CHECK_EVERY = 20          # steps between checks for a non-finite loss (each check syncs)
+PROGRESS_SECONDS = 20     # seconds between status lines within an epoch
+
+
+def train_epoch(step, batches, progress, epoch, steps, log=print):
+    """One epoch of `steps` batches through `step` (a TrainStep). `progress(i)` is the share
+    of training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
+    PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within CHECK_EVERY
+    steps, naming the step where it began; nothing of this epoch is saved. Under torchrun the
+    statistics are averaged over all processes.
+    Returns dict(ce, gate_loss, train_acc, rate, macs, polarized, images, seconds, first_loss)."""
+    step.model.train()
+    device = next(step.model.parameters()).device
+    t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
+    sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
+    bad = torch.full((), -1, device=device)                 # the first step with a bad loss
+    ramp = torch.tensor([progress(i) for i in range(max(steps, 1))], device=device)
+    shown = t0
+    for i, (xb, yb) in enumerate(batches):
+        if i % CHECK_EVERY == 0:
+            _stop_if_diverged(bad, epoch)
+        if time.perf_counter() - shown > PROGRESS_SECONDS and i < steps:
+            shown, spent = time.perf_counter(), time.perf_counter() - t0
+            log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
+                f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / i)}', flush=True)
+        compiled = step.mode and step.compile_seconds is None
+        loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
+        if compiled:
+            log(f'  compiled the training step (torch.compile mode {step.mode}): first step '
+                f'{step.compile_seconds:.1f} s', flush=True)
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), i, bad)
+        first = loss.clone() if first is None else first
+        sums += torch.stack([ce * len(yb), gl * len(yb), correct])
+        n += len(yb)
+        if info_stats is not None:
+            stats, gated = stats + info_stats, gated + 1
+    if n == 0:
+        raise RunError(f'epoch {epoch} had no training batch: the data set is smaller than '
+                       'the batch')
+    _stop_if_diverged(bad, epoch)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        totals = torch.cat([sums.double(), torch.tensor([n, gated], device=device).double(),
+                            torch.as_tensor(stats, device=device).double().expand(3)])
+        torch.distributed.all_reduce(totals)                # every rank's images count
+        sums, n, gated, stats = totals[:3], int(totals[3]), int(totals[4]), totals[5:]
+    ce, gl, correct = (sums / n).tolist()
+    rate, macs, polar = averages(stats, gated)
+    return dict(ce=ce, gate_loss=gl, train_acc=100 * correct, rate=rate, macs=macs,
+                polarized=polar, images=n, seconds=time.perf_counter() - t0,
+                first_loss=first.item())
+
+
+def _stop_if_diverged(bad, epoch):
+    step = int(bad)
+    if step >= 0:
+        raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
+                       'diverged (try a lower --lr); the last good checkpoint is kept and '
+                       'nothing is exported')
+
+
+def _clock(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+ROW = '{:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8}'
+HEADER = ('epoch', 'lr', 'CE', 'gate', 'train%', 'test%', 'rate', 'MACs%', 'polar', 'sec', 'img/s',
+          'thrMACs%')
+
+
+def print_row(epoch, lr, m, test_acc, test_macs, images_per_s):
+    """One epoch's row (a test not run this epoch: '-')."""
+    test = '-' if test_acc is None else f'{test_acc:.2f}'
+    print(ROW.format(epoch, f'{lr:.4f}', f'{m["ce"]:.3f}', f'{m["gate_loss"]:.4f}',
+                     f'{m["train_acc"]:.2f}', test, f'{m["rate"]:.3f}',
+                     f'{m["macs"]:.1f}', f'{m["polarized"]:.2f}', f'{m["seconds"]:.1f}',
+                     f'{images_per_s:.0f}', '-' if test_macs is None else f'{test_macs:.1f}'),
+          flush=True)
+
+
+# ----------------------------------------------------------------------------- fit
+
+def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, milestones,
+        gate_loss, autocast, mode=None, warmup=False, run_dir=None, gen=None, scaler=None,
+        net=None, log=print, writes=True, phase=None, after_epoch=None, test_column='test%'):
+    """Train `model` for `epochs` (4.1): SGD over gc.param_groups (optimizer(): the lr and the
+    gate recipe from args), the weights' lr / 10 at each milestone, loss = CE [+ gate_loss(
+    info, progress) for a gated net] through TrainStep (compiled with `mode`).
+        batches(epoch) -> the epoch's `steps` (x, y) batches, in the order `gen` draws
+        evaluate(epoch) -> the epoch's test items, dict(test_acc=..., test_macs=..., ...), or
+                           None (no test this epoch)
+        after_epoch(epoch) -> more items for the epoch's row (ImageNet: unreadable images)
+    With run_dir (and writes: rank 0 under torchrun): args.json, then per epoch a checkpoint
+    and a metrics line (run_folder), and a resume from run_dir/last.pt when it is there.
+    `net` is what the forward calls (a DDP wrapper). -> the last epoch's row."""
+    opt, sched = optimizer(model, args, weight_decay=weight_decay, milestones=milestones,
+                           warmup=warmup)
+    start, best, last = 0, -1.0, None
+    if run_dir is not None and (run_dir / 'last.pt').exists():
+        start, best, last = rf.resume(run_dir, model, opt, sched, gen=gen, scaler=scaler)
+        log(f'{phase + ": " if phase else ""}resumed from {run_dir / "last.pt"} after epoch '
+            f'{start}')
+    if run_dir is not None and writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rf.save_atomic(rf.to_json(vars(args), indent=1), run_dir / 'args.json')
+    step = TrainStep(model, opt, gate_loss, autocast, mode=mode, scaler=scaler, net=net)
+    log(ROW.format(*HEADER[:5], test_column, *HEADER[6:]))
+    saved = f'last checkpoint: epoch {start} in {run_dir}' if start else 'nothing saved yet'
+    epoch = start
+    try:
+        for epoch in range(start, epochs):
+            m = train_epoch(step, batches(epoch), epoch=epoch + 1, steps=steps, log=log,
+                            progress=lambda i: progress(epoch, i, epochs, steps))
+            m.update(after_epoch(epoch) if after_epoch else {})
+            lr = opt.param_groups[0]['lr']
+            sched.step()
+            test = evaluate(epoch) or dict(test_acc=None, test_macs=None)
+            last = dict(**({'phase': phase} if phase else {}), epoch=epoch + 1, lr=lr, **m,
+                        **test, images_per_s=m['images'] / m['seconds'])
+            if writes:
+                print_row(epoch + 1, lr, m, test['test_acc'], test['test_macs'],
+                          last['images_per_s'])
+            improved = test['test_acc'] is not None and test['test_acc'] > best
+            if run_dir is not None and writes:
+                ckpt = rf.checkpoint(model, opt, sched, epoch=epoch + 1,
+                                             best=max(best, test['test_acc']) if improved
+                                             else best, args=args, metrics=last, gen=gen,
+                                             scaler=scaler)
+                saved = f'last checkpoint: epoch {epoch + 1} in {run_dir}'
+                rf.record_epoch(run_dir, ckpt, last, improved=improved)
+            best = max(best, test['test_acc']) if improved else best
+    except KeyboardInterrupt:
+        raise rf.Interrupted(f'in epoch {epoch + 1}', saved) from None
+    except torch.OutOfMemoryError:
+        raise RunError(f'out of memory in epoch {epoch + 1}: lower --batch-size (or '
+                       '--dense-batch-size); the last checkpoint is kept') from None
+    return last
+
+
+def fit_images(model, data, args, *, batch_size, gen, autocast, test_each_epoch=True, **kw):
+    """fit() on a cifar_data.Images set: its augmented batches in gen's order, its test set
+    every epoch (or after the last one only). -> the last epoch's row."""
+    epochs = kw['epochs']
+    print(f"{kw.get('phase') or 'train'}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at "
+          f"{kw['milestones']}" + (f", run dir {kw['run_dir']}" if kw.get('run_dir') else ''))
+
+    def test(epoch):
+        if not (test_each_epoch or epoch + 1 == epochs):
+            return None
+        acc, rate, macs, _ = evaluate(model, data, autocast)
+        return dict(test_acc=acc, test_rate=rate, test_macs=macs)
+    return fit(model, args, batches=lambda epoch: data.train_batches(batch_size, gen),
+               steps=len(data.x_train) // batch_size, evaluate=test, gen=gen,
+               autocast=autocast, **kw)
 
 
 @torch.no_grad()
 def evaluate(model, data, autocast):
-    """Accuracy % on data's test set and (rate, MACs %, polarized) under the model's current
-    inference strategy; the test predictions ride along as evaluate.predictions."""
+    """Accuracy % on data's test set (cifar_data.Images) and (rate, MACs %, polarized) under
+    the model's current inference strategy; the predictions ride along as
+    evaluate.predictions."""
     model.eval()
     correct, stats, batches, predictions = 0, 0, 0, []
     for xb, yb in data.test_batches():
@@ -27,50 +376,133 @@ def evaluate(model, data, autocast):
         predictions.append(logits.argmax(1))
         correct += (predictions[-1] == yb).sum()
         if info is not None:
-            stats, batches = stats + common.gate_stats(info), batches + 1
+            stats, batches = stats + gate_stats(info), batches + 1
     evaluate.predictions = torch.cat(predictions)
-    return 100 * correct.item() / len(data.x_test), *common.averages(stats, batches)
+    return 100 * correct.item() / len(data.x_test), *averages(stats, batches)
 
 
-def fit(model, data, args, *, epochs, batch_size, weight_decay, milestones, gen, gate_loss,
-        autocast, mode=None, warmup=False, run_dir=None, phase='train', test_each_epoch=True):
-    """Train `model` on data (cifar_data.Images) for `epochs`: SGD (train_common.optimizer: lr
-    and the gate recipe from args) with the lr / 10 at each milestone, the data in the order
-    `gen` draws, loss = CE + gate_loss(info, progress) for a gated net. With run_dir: args.json,
-    a checkpoint and a metrics line per epoch, and a resume from run_dir/last.pt when it is
-    there. test_each_epoch=False tests after the last epoch only. -> (model, the last row)."""
-    opt, sched = common.optimizer(model, args, weight_decay=weight_decay, milestones=milestones,
-                                  warmup=warmup)
-    start, best, last = 0, -1.0, None
-    if run_dir is not None and (run_dir / 'last.pt').exists():
-        start, best, last = common.resume(run_dir, model, opt, sched, gen=gen)
-        print(f'{phase}: resumed from {run_dir / "last.pt"} after epoch {start}')
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        common.save_atomic(common.to_json(vars(args), indent=1), run_dir / 'args.json')
-    step = common.TrainStep(model, opt, gate_loss, autocast, mode=mode)
-    print(f'{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at {milestones}'
-          + (f', run dir {run_dir}' if run_dir is not None else ''))
-    print(common.ROW.format(*common.HEADER))
-    steps = len(data.x_train) // batch_size
-    for epoch in range(start, epochs):
-        m = common.train_epoch(step, data.train_batches(batch_size, gen),
-                               progress=lambda i: common.progress(epoch, i, epochs, steps),
-                               epoch=epoch + 1, steps=steps)
-        lr = opt.param_groups[0]['lr']
-        sched.step()
-        test_acc = test_macs = test_rate = None
-        if test_each_epoch or epoch + 1 == epochs:
-            test_acc, test_rate, test_macs, _ = evaluate(model, data, autocast)
-        last = dict(phase=phase, epoch=epoch + 1, lr=lr, **m, test_acc=test_acc,
-                    test_rate=test_rate, test_macs=test_macs,
-                    images_per_s=m['images'] / m['seconds'])
-        common.print_row(epoch + 1, lr, m, test_acc, test_macs, last['images_per_s'])
-        if run_dir is not None:
-            improved = test_acc is not None and test_acc > best
-            ckpt = common.checkpoint(model, opt, sched, epoch=epoch + 1,
-                                     best=max(best, test_acc) if improved else best,
-                                     args=args, metrics=last, gen=gen)
-            common.record_epoch(run_dir, ckpt, last, improved=improved)
-            best = ckpt['best_acc']
-    return model, last
+# ----------------------------------------------------------------------------- the end of training
+
+@contextlib.contextmanager
+def stage(label, log=print):
+    """'label ...' before a long step of the pipeline after training, and its time after; Ctrl-C
+    or running out of memory in it says where."""
+    t0 = time.perf_counter()
+    log(f'{label} ...', flush=True)
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise RunError(f'out of memory in: {label}: lower --batch-size; the checkpoints are '
+                       'kept') from None
+    except KeyboardInterrupt:
+        raise rf.Interrupted(f'in: {label}', 'the checkpoints are kept') from None
+    log(f'{label}: done in {time.perf_counter() - t0:.1f} s', flush=True)
+
+
+def recal_batches(batches, asked, available, log=print):
+    """BN recalibration's batches (4.1): `asked` (--recal-batches) of `batches`, but never
+    more than the `available` training batches (one pass); a status line every
+    PROGRESS_SECONDS. -> (label for stage(), the batches)."""
+    n = min(asked, available)
+    label = f'BN recalibration over {n} batches' + (
+        f' (all the training batches; --recal-batches {asked} asked for more)'
+        if n < asked else '')
+
+    def shown():
+        t0 = shown_at = time.perf_counter()
+        for i, batch in enumerate(itertools.islice(batches, n)):
+            if time.perf_counter() - shown_at > PROGRESS_SECONDS:
+                shown_at = time.perf_counter()
+                log(f'  BN recalibration: batch {i}/{n}, ETA '
+                    f'{_clock((shown_at - t0) * (n - i) / i)}', flush=True)
+            yield batch
+    return label, shown()
+
+
+# ----------------------------------------------------------------------------- device and compile
+
+def device_for(name, env=None, gpus=None):
+    """The one device rule of both scripts: --device cpu, cuda or cuda:N -> a torch.device with
+    an index for CUDA. 'cuda' is cuda:LOCAL_RANK under torchrun (env), else cuda:0; an explicit
+    cuda:N under torchrun with several processes is refused (they would share one GPU), and
+    so is a device this machine does not have (gpus: its GPU count)."""
+    env = os.environ if env is None else env
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'--device {name!r} is not a device (cpu, cuda, cuda:1, ...)') from None
+    if device.type != 'cuda':
+        return device
+    if gpus == 0:
+        raise UsageError(f'--device {name}: no CUDA GPU is available here (use --device cpu)')
+    if device.index is not None and int(env.get('WORLD_SIZE', 1)) > 1:
+        raise UsageError(f'--device {name}: under torchrun pass --device cuda (each process '
+                         'takes cuda:LOCAL_RANK)')
+    index = int(env.get('LOCAL_RANK', 0)) if device.index is None else device.index
+    if index >= gpus:
+        raise UsageError(f'--device {name}: this machine has {gpus} GPU(s), not cuda:{index}')
+    return torch.device('cuda', index)
+
+
+def autocast_for(device, amp='bf16'):
+    """The precision context: autocast on CUDA in bf16 (no loss scaling needed) or fp16 (the
+    caller scales the loss: grad_scaler_for), float32 with amp 'off' and on the CPU."""
+    if device.type == 'cuda' and amp != 'off':
+        dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
+        return lambda: torch.autocast('cuda', dtype)
+    return lambda: torch.autocast(device.type, enabled=False)
+
+
+def grad_scaler_for(device, amp):
+    """A GradScaler for fp16 on CUDA, else None (bf16 and float32 need no loss scaling)."""
+    return torch.amp.GradScaler('cuda') if device.type == 'cuda' and amp == 'fp16' else None
+
+
+COMPILE_MODES = ('auto', 'off', 'default', 'reduce-overhead', 'max-autotune')
+
+
+def add_machine_args(group):
+    """The flags for where and how a script runs (a parser's machine group): --device,
+    --threads, --compile."""
+    a = group.add_argument
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+      help='cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu')
+    a('--threads', type=rf.COUNT, help='CPU threads (default: the CPUs this process may use, '
+      'its affinity and container quota, at most 8)')
+    a('--compile', nargs='?', const='default', default='auto', choices=COMPILE_MODES,
+      help="torch.compile the training step: auto = reduce-overhead (CUDA graphs) on CUDA, off "
+           "on the CPU; off runs it eagerly (NOTES.md: the GPU path)")
+
+
+def usable_cpus():
+    """CPUs this process may really use: its affinity mask, and a container's (cgroup v2)
+    CPU quota when one is set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    try:
+        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
+        if quota != 'max':
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n or 1)
+
+
+def use_threads(args, device, log=print):
+    """torch's CPU threads from --threads, else usable_cpus() up to 8, said in the log."""
+    threads = args.threads or min(8, usable_cpus())
+    torch.set_num_threads(threads)
+    if torch.device(device).type == 'cpu':
+        log(f'CPU threads: {threads} (--threads to change)')
+
+
+def compile_mode(flag, device):
+    """--compile -> the torch.compile mode of the training step, or None (eager). True and
+    False are the flag's values in the args.json of older runs."""
+    if flag is True:
+        return 'default'
+    if flag in (False, None, 'off'):
+        return None
+    if flag == 'auto':
+        return 'reduce-overhead' if torch.device(device).type == 'cuda' else None
+    return flag

@@ -1,0 +1,447 @@
+"""Run folders, safe to skip on a first reading: the command line and its one-line errors,
+atomic writes, checkpoints and an exact resume, the rules for starting, resuming and reusing a
+run, and the final row a finished run leaves. The training loop is in train_loop.py; the
+method in gumbel_channels.py.
+"""
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+import gumbel_channels as gc
+import gumbel_export as ge
+
+# ----------------------------------------------------------------------------- errors
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2, nothing overwritten."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (a diverged loss, a failed write): one line, exit status 1;
+    the last good checkpoint is kept and nothing is exported."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with where it came and what is saved (for run_cli's one line)."""
+
+    def __init__(self, now, saved):
+        super().__init__(now)
+        self.now = now
+        self.saved = saved
+
+
+def run_cli(main, argv=None):
+    """Run main(argv); bad input (exit status 2), a run that cannot go on and a failed read
+    or write (exit status 1) are reported as one line on stderr, without a traceback; Ctrl-C
+    as one line with the command that continues the run (exit status 130)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except (UsageError, RunError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:                                    # disk full, permissions, I/O
+        where = f' ({e.filename})' if e.filename else ''
+        print(f'error: {e.strerror or e}{where}', file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print('error: out of memory: lower --batch-size (or --dense-batch-size); the last '
+              'checkpoint is kept', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        now, saved = getattr(e, 'now', 'before training'), getattr(e, 'saved', 'nothing saved yet')
+        again = ' '.join(shlex.quote(a) for a in argv + ['--resume'] * ('--resume' not in argv))
+        print(f'\ninterrupted {now} ({saved}); continue with: python '
+              f'{os.path.basename(main.__code__.co_filename)} {again}', file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------- the command line
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each default once: none for flags that default to nothing or off, or whose
+    help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if action.default in (None, False, [], argparse.SUPPRESS) or 'default' in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as UsageError: one line, no usage dump. Flags are
+    taken whole, never abbreviated: a command keeps its meaning when flags are added, and
+    settings_of_run can tell from argv which flags a command gives. Every flag belongs to one
+    of four groups, and what a run folder keeps follows from them:
+        structure   what is trained: each combination is a run folder (its name)
+        training    how: a resume must train with the same
+        evaluation  what --evaluate may change after training
+        machine     where and how it runs: never part of a run"""
+    GROUPS = {'structure': 'what is trained: each combination is a run folder of its own',
+              'training': 'how it is trained: a resume keeps these',
+              'evaluation': 'what --evaluate may change after training',
+              'machine': 'where and how it runs: never part of a run'}
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+        self.group = {name: self.add_argument_group(name, text)
+                      for name, text in self.GROUPS.items()}
+
+    def dests(self, *groups):
+        """The flags (argparse dests) of these groups, in the order they were added."""
+        return [a.dest for g in groups for a in self.group[g]._group_actions]
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def checked(kind, test, what):
+    """An argparse type= that parses `kind` and refuses a value failing `test`, one line."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be a number, got {text!r}') from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
+        return value
+    return parse
+
+
+COUNT = checked(int, lambda v: v >= 1, '>= 1')
+WHOLE = checked(int, lambda v: v >= 0, '>= 0')
+POSITIVE = checked(float, lambda v: v > 0 and math.isfinite(v), '> 0')
+NON_NEGATIVE = checked(float, lambda v: v >= 0 and math.isfinite(v), '>= 0')
+OPEN_UNIT = checked(float, lambda v: 0 < v < 1, 'in (0, 1)')
+UNIT = checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]')
+RATE = checked(float, lambda v: 0 < v <= 1, 'in (0, 1]')
+
+
+def run_name(args, keys, *fixed):
+    """A run folder's name from its structure flags `keys`, fixed words after the data set:
+    'synthetic-resnet56-static-channel-flops-t0.5-s0'. CIFAR-10 and flags off leave no word."""
+    words = {'synthetic': lambda v: 'synthetic' if v else '',
+             'dataset': lambda v: '' if v == 'cifar10' else v,
+             't': lambda v: f't{v:g}', 'seed': lambda v: f's{v}',
+             'soft_gates': lambda v: 'soft' if v else ''}
+    lead = [words[k](getattr(args, k)) for k in ('synthetic', 'dataset') if k in keys]
+    rest = [words.get(k, str)(getattr(args, k)) for k in keys if k not in ('synthetic', 'dataset')]
+    return '-'.join(w for w in [*lead, *fixed, *rest] if w)
+
+
+
+# ----------------------------------------------------------------------------- files
+
+def ensure_writable(dirs, out):
+    """Create the run folders and prove they are writable, before any work is done."""
+    try:
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / '.write-test').touch()
+            (d / '.write-test').unlink()
+    except OSError as e:
+        raise UsageError(f'cannot write in --out {out}: {e.strerror}') from None
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path) (or the text or bytes obj) through a temporary file: path is
+    either the old file or the new one, and a failed write leaves no temporary file behind."""
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj)
+        elif isinstance(obj, bytes):
+            tmp.write_bytes(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:                    # torch.save wraps some OSErrors
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0][:120]
+        raise RunError(f'cannot write {path}: {reason}') from None
+
+
+def to_json(obj, indent=None):
+    """Strict JSON (RFC 8259): a NaN or infinite float becomes null."""
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        return [clean(v) for v in o] if isinstance(o, (list, tuple)) else o
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)
+
+
+@contextlib.contextmanager
+def locked(dirs):
+    """Hold an exclusive lock on each run folder for the with-block: a second run on one of
+    them stops with a one-line error instead of interleaving its files."""
+    with contextlib.ExitStack() as stack:
+        for d in dirs:
+            f = stack.enter_context(open(d / '.lock', 'a+'))
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f'{d} is in use by another run; wait for it, or choose '
+                                 'another --out') from None
+            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        yield
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ''
+        raise UsageError(f'cannot read checkpoint {path}: {type(e).__name__}: {first}') from None
+
+
+def load_weights(model, state, source, gated):
+    """Dense weights into `model`; only gates (and exit heads) may be missing when `gated`."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip()
+        raise UsageError(f'{source} does not fit {type(model).__name__}: {detail}') from None
+    missing = [k for k in missing if not (gated and ('.gate' in k or k.startswith('exits.')))]
+    if missing or unexpected:
+        raise UsageError(f'{source} does not fit the model: missing {missing[:3]}, '
+                         f'unexpected {unexpected[:3]}')
+
+
+def load_init(model, path):
+    """--init: the dense weights of a checkpoint (its 'model') or a state_dict into model."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise UsageError(f'--init {path} holds a {type(state).__name__}, not a checkpoint or '
+                         'state_dict')
+    load_weights(model, state.get('model', state), path, gated=False)
+
+
+def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=None):
+    """Everything an exact resume needs: weights, optimizer, scheduler, epoch, best accuracy,
+    args, the last metrics and every RNG state (torch, CUDA, the data generator)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                epoch=epoch, best_acc=best, args=vars(args), metrics=metrics,
+                rng=dict(torch=torch.get_rng_state(), cuda=cuda,
+                         data=None if gen is None else gen.get_state()),
+                scaler=None if scaler is None else scaler.state_dict())
+
+
+def resume(run_dir, model, opt, sched, gen=None, scaler=None):
+    """Restore what checkpoint() saved in run_dir/last.pt; returns (epoch, best, metrics)."""
+    ckpt = load_checkpoint(run_dir / 'last.pt')
+    load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
+    opt.load_state_dict(ckpt['optimizer'])
+    sched.load_state_dict(ckpt['scheduler'])
+    torch.set_rng_state(ckpt['rng']['torch'])
+    if ckpt['rng'].get('cuda') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    if gen is not None:
+        gen.set_state(ckpt['rng']['data'])
+    if scaler is not None and ckpt.get('scaler'):
+        scaler.load_state_dict(ckpt['scaler'])
+    _sync_metrics(run_dir / 'metrics.jsonl', ckpt['metrics'])
+    return ckpt['epoch'], ckpt['best_acc'], ckpt['metrics']
+
+
+def _sync_metrics(path, last):
+    """metrics.jsonl up to the checkpoint's epoch: lines written after it are dropped, and a
+    line lost to a crash between checkpoint and log is restored from the checkpoint."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:                  # a line torn by a crash mid-append: the
+            print(f'warning: {path}: dropped a damaged line ({line[:40]!r}...); the '
+                  "checkpoint's row restores its epoch", file=sys.stderr)
+    kept = [r for r in rows if r.get('epoch', 0) <= last['epoch']]
+    if not kept or kept[-1].get('epoch') != last['epoch']:
+        kept.append(last)
+    save_atomic(''.join(to_json(r) + '\n' for r in kept), path)
+
+
+def record_epoch(run_dir, ckpt, metrics, improved):
+    """The epoch's checkpoints (best.pt when the test accuracy improved, then last.pt), and
+    only then its metrics line, so metrics.jsonl never runs ahead of last.pt."""
+    if improved:
+        save_atomic(ckpt, run_dir / 'best.pt')
+    save_atomic(ckpt, run_dir / 'last.pt')
+    with open(run_dir / 'metrics.jsonl', 'a') as f:
+        f.write(to_json(metrics) + '\n')
+
+
+# ----------------------------------------------------------------------------- the run rules
+
+def decide(run_dir, args, *, epochs_key, structure, settings, evaluation=(), dense=False):
+    """The run rules in one place: what this command does with run_dir. -> (action, row):
+        'train'     nothing there yet: train from the start
+        'resume'    --resume of a run that has not finished (or has no final.json yet)
+        'reuse'     a finished run with these settings: row is its final.json (None for a
+                    dense baseline, whose weights are what is reused)
+        'evaluate'  --evaluate of a finished gated run
+    structure: the flags a checkpoint must match; settings: the training flags a resume or a
+    reuse must match; evaluation: the flags a reused run's results must match. Refused, one
+    line naming what works: another structure; a run there, and neither --resume nor a
+    finished run to reuse; a finished run's results trained or evaluated otherwise; --evaluate
+    without the finished run."""
+    path, evaluate = run_dir / 'last.pt', getattr(args, 'evaluate', False) and not dense
+    if not path.exists():
+        if evaluate:
+            raise UsageError(f'--evaluate: {run_dir} holds no run of this command')
+        return 'train', None
+    ckpt = load_checkpoint(path)
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('epoch'), int)
+            and isinstance(ckpt.get('args'), dict)):
+        raise UsageError(f'{path} is not a checkpoint of this script')
+    lost = sorted({'model', 'optimizer', 'scheduler', 'rng', 'metrics'} - set(ckpt))
+    if lost:
+        raise UsageError(f'{path} is damaged (no {", ".join(lost)}): move it away and use '
+                         f'best.pt, or start again in another --out')
+    saved = ckpt['args']
+    changed = [k for k in structure if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise UsageError(f'{path} was not written by this configuration '
+                         f'({_diff(saved, args, changed)})')
+    changed = [k for k in settings if saved.get(k) != getattr(args, k)]
+    finished = ckpt['epoch'] >= (saved.get(epochs_key, math.inf) if dense
+                                 else getattr(args, epochs_key))
+    if evaluate:
+        if changed or not finished:
+            raise UsageError(f'--evaluate needs the finished run of this command in {run_dir}'
+                             + (f' ({_diff(saved, args, changed)})' if changed else ''))
+        return 'evaluate', None
+    final = run_dir / 'final.json'
+    if finished and (dense or final.exists()):
+        if changed:
+            how = f', or --init {path}' if dense else ''
+            raise UsageError(f'{run_dir} holds a finished run trained with other settings '
+                             f'({_diff(saved, args, changed)}): pass the same ones to reuse '
+                             f'it{how}, or choose another --out')
+        changed = [k for k in evaluation if saved.get(k) != getattr(args, k)]
+        if changed and not dense:
+            how = 'add --evaluate to evaluate it with these settings, or ' \
+                if hasattr(args, 'evaluate') else ''
+            raise UsageError(f'{run_dir} holds a finished run whose results (final.json) are '
+                             f'kept ({_diff(saved, args, changed)}): {how}choose another --out '
+                             'to train again')
+        return 'reuse', None if dense else json.loads(final.read_text())
+    if not args.resume:
+        state = 'a finished' if finished else \
+            f'an unfinished (epoch {ckpt["epoch"]} of {getattr(args, epochs_key)})'
+        raise UsageError(f'{run_dir} holds {state} run: pass --resume to continue it, or '
+                         'choose another --out')
+    if changed:
+        raise UsageError('--resume must train what the run started with '
+                         f'({_diff(saved, args, changed)}): pass the same settings, or '
+                         'choose another --out')
+    return 'resume', None
+
+
+def settings_of_run(args, argv, named_dir, keep):
+    """--evaluate [RUN_DIR]: the finished run's training settings (its args.json) with the
+    flags in `keep` (evaluation and machine) given on this command line; with RUN_DIR that
+    run's target and folder too, else the run in `named_dir` (the one this command names)."""
+    run_dir = Path(args.evaluate) if isinstance(args.evaluate, str) else named_dir
+    if not (run_dir / 'args.json').is_file():
+        raise UsageError(f'--evaluate: {run_dir} holds no run (no args.json); name a finished '
+                         'run: --evaluate runs/NAME')
+    saved = json.loads((run_dir / 'args.json').read_text())
+    given = {a.split('=')[0][2:].replace('-', '_') for a in argv if a.startswith('--')}
+
+    merged = {**vars(args), **{k: v for k, v in saved.items() if not (k in keep and k in given)
+                               and k not in ('evaluate', 'resume')}}
+    if isinstance(args.evaluate, str):
+        merged.update(t=[saved['t']], out=str(run_dir.parent))
+    else:
+        merged.update(t=args.t)
+    return argparse.Namespace(**merged)
+
+
+def _diff(saved, args, keys):
+    return ', '.join(f'--{k.replace("_", "-")} {saved.get(k)} -> {getattr(args, k)}'
+                     for k in keys[:3])
+
+
+# ----------------------------------------------------------------------------- the final row
+
+def save_files(files, run_dir, tag=''):
+    """{name: object} -> run_dir/name, each through save_atomic; `tag` goes before the suffix
+    (final-tau0.4.json)."""
+    for name, obj in files.items():
+        stem, dot, suffix = name.partition('.')
+        save_atomic(obj, run_dir / f'{stem}{tag}{dot}{suffix}')
+
+
+def save_exports(model, baseline, x, run_dir, row, tag=''):
+    """The final gated weights (final.pt) and, for static gates, gumbel_export.export_files
+    (pruned.pt, pruned.pt2, pruned.onnx), all on the CPU; the pruned net's FlopCounterMode
+    MACs % of the dense net goes into row. Returns the pruned net (CPU), or None."""
+    save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / f'final{tag}.pt')
+    if not all(isinstance(g, gc.StaticGate) for g in gc.gates(model)):
+        return None
+    pruned, files = ge.export_files(model, x)
+    x1 = x[:1].cpu()
+    row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x1) / ge.counted_macs(
+        copy.deepcopy(baseline).cpu().eval(), x1)
+    if 'pruned.onnx' not in files:
+        print(f'note: pruned{tag}.onnx not written: the onnx package is not installed '
+              '(pip install onnx)')
+    save_files(files, run_dir, tag)
+    return pruned
+
+
+
+def print_summary(rows):
+    """One line per target at the end of a run with several: t, the MACs delivered, gates
+    polarized, accuracy, the pruned net's accuracy, and a mark where t was missed."""
+    print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned %':>8}  (dense "
+          f"{rows[0]['baseline_acc']:.2f}%)")
+    for r in sorted(rows, key=lambda r: r['t']):
+        print(f"{r['t']:5.2f} {r['macs_percent']:7.2f} {r['polarized']:6.2f} "
+              f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):8.2f}"
+              + ('  <- missed t by more than 3 points' if missed_t(r) else ''))
+
+
+def missed_t(row, points=3):
+    """Whether a final row's delivered MACs miss 100 t by more than `points`."""
+    return abs(row['macs_percent'] - 100 * row['t']) > points
+
+
+def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
+    """One line on stderr when the delivered net's MACs miss 100 t by more than `points`, and
+    a note when they moved by more than 1 point from the last epoch row's thrMACs%."""
+    before = (last or {}).get('test_macs')
+    if before is not None and abs(before - row['macs_percent']) > 1:
+        cause = ('dynamic gates decide from features whose BN statistics the recalibration '
+                 'replaced' if row['gating'] == 'dynamic' else '--round-to rounded the gates')
+        print(f"note: MACs at threshold {before:.1f}% in the last epoch row, "
+              f"{row['macs_percent']:.1f}% in the final line: {cause} (4.1)")
+    if missed_t(row, points):
+        print(f"warning: the delivered net runs {row['macs_percent']:.1f}% of the dense MACs, "
+              f"more than {points} points from t = {row['t']:g} (training reached "
+              f"{row['train_macs_percent']:.1f}%; {why})", file=sys.stderr)
+
+
+def finish(row, run_dir, tag=''):
+    save_atomic(to_json(row, indent=1), run_dir / f'final{tag}.json')
+    print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                              for k, v in row.items() if not isinstance(v, dict)))
+    files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock'
+                   and tag in f.name)                      # --evaluate: only its own files
+    print(f'written to {run_dir}: {", ".join(files)}')

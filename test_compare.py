@@ -1,0 +1,157 @@
+"""compare.py (issue 33): the arms at equal MACs and budget, the paired statistics against
+hand-computed cases, reuse of finished arms, and the small data sets in torchvision's layouts."""
+import importlib.util
+import json
+import math
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import cifar_data
+import compare
+
+TINY = ['--synthetic', '--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '3',
+        '--select-epochs', '1', '--seeds', '2', '--train-size', '320', '--batch-size', '32',
+        '--dense-batch-size', '32', '--recal-batches', '2', '--device', 'cpu', '--threads', '1']
+PRUNED = ('uniform', 'random', 'l1', 'scratch')          # matched to the gates' MACs
+
+
+def test_mcnemar_and_the_paired_interval_match_hand_computed_cases():
+    assert compare.mcnemar_p(5, 0) == pytest.approx(2 / 32)                     # 2 P(X = 0)
+    assert compare.mcnemar_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # n = 12
+    assert compare.mcnemar_p(3, 3) == 1.0 and compare.mcnemar_p(0, 0) == 1.0
+    a = torch.tensor([True, True, False, False, True])
+    b = torch.tensor([True, False, True, False, False])
+    assert compare.discordant(a, b) == (2, 1)
+    mean, half = compare.t_interval([1.0, 2.0, 3.0])                 # sd 1, t(2) = 4.303
+    assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
+    assert compare.t_interval([0.5]) == (0.5, None)
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp('compare')
+    arms = [a for a in compare.ARMS if a != 'global']                # optional dependency
+    result = compare.main(TINY + ['--out', str(out), '--arms', *arms])
+    return out, result
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_every_arm_matches_the_gates_macs_and_budget(sweep):
+    out, result = sweep
+    rows = {(r['arm'], r['seed']): r for r in result['rows']}
+    for seed in (0, 1):
+        gates = rows[('gates', seed)]
+        for arm in PRUNED:
+            assert abs(rows[(arm, seed)]['macs_percent'] - gates['macs_percent']) <= 1, arm
+        steps = {}
+        for arm in ('gates', 'uniform', 'random', 'l1', 'dynamic'):
+            epochs = metrics(out / 't0.5' / f's{seed}' / arm)
+            steps[arm] = sum(e['images'] for e in epochs)            # images = steps x batch
+            assert len(epochs) == 3
+        select = [metrics(out / 't0.5' / f's{seed}' / 'select' / part)
+                  for part in ('select', 'finetune')]
+        assert [len(p) for p in select] == [1, 2]
+        steps['select'] = sum(e['images'] for p in select for e in p)
+        assert len(set(steps.values())) == 1, steps
+        scratch = metrics(out / 't0.5' / f's{seed}' / 'scratch')
+        assert len(scratch) == 1 + 3                                 # dense + fine-tuning
+    assert result['dense_macs'] > 0 and len(result['rows']) == 2 * (len(compare.ARMS) - 1)
+
+
+def test_the_summary_pairs_seeds_and_tests_predictions(sweep):
+    out, result = sweep
+    truth = cifar_data.stripes(1_000, seed=4321)[1]
+    for entry in result['summary']:
+        if entry['arm'] == 'gates':
+            continue
+        accs = {r['seed']: r['acc'] for r in result['rows'] if r['arm'] == entry['arm']}
+        gates = {r['seed']: r['acc'] for r in result['rows'] if r['arm'] == 'gates'}
+        assert entry['diff'] == pytest.approx(sum(accs[s] - gates[s] for s in (0, 1)) / 2)
+        b = c = 0
+        for seed in (0, 1):
+            mine = torch.load(out / 't0.5' / f's{seed}' / entry['arm'] / 'predictions.pt').long()
+            theirs = torch.load(out / 't0.5' / f's{seed}' / 'gates' / 'predictions.pt').long()
+            assert 100 * (mine == truth).float().mean().item() == pytest.approx(accs[seed])
+            b += int(((theirs == truth) & (mine != truth)).sum())
+            c += int(((theirs != truth) & (mine == truth)).sum())
+        assert (entry['mcnemar_b'], entry['mcnemar_c']) == (b, c)
+    assert json.loads((out / 'compare.json').read_text())['summary'] == json.loads(
+        json.dumps(result['summary']))
+
+
+def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_line_error):
+    out, result = sweep
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob('last.pt')}
+    capsys.readouterr()
+    again = compare.main(TINY + ['--out', str(out), '--arms', 'gates', 'l1'])
+    assert '--- arm' not in capsys.readouterr().out                  # nothing trained again
+    assert {p: p.stat().st_mtime_ns for p in out.rglob('last.pt')} == stamps
+    assert [r['acc'] for r in again['rows'] if r['arm'] == 'l1'] == \
+        [r['acc'] for r in result['rows'] if r['arm'] == 'l1']
+    code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--lr', '0.05',
+                                                       '--arms', 'gates'])
+    assert 'other settings' in one_line_error(code)
+
+
+def test_the_global_magnitude_arm_matches_the_macs_or_names_its_install(tmp_path, sweep,
+                                                                        one_line_error):
+    out, result = sweep
+    if importlib.util.find_spec('torch_pruning') is None:
+        code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--arms',
+                                                           'global', '--seeds', '1'])
+        assert 'pip install torch-pruning' in one_line_error(code)
+        return
+    again = compare.main(TINY + ['--out', str(out), '--arms', 'gates', 'global', '--seeds', '1'])
+    rows = {r['arm']: r for r in again['rows']}
+    assert abs(rows['global']['macs_percent'] - rows['gates']['macs_percent']) <= 1
+
+
+# ----------------------------------------------------------------------------- the data sets
+
+def write_idx(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'wb') as f:
+        f.write(struct.pack('>HBB', 0, 8, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize('name,folder', [('mnist', 'MNIST'), ('fashion-mnist', 'FashionMNIST')])
+def test_grey_sets_are_read_from_torchvision_raw_files_padded_to_32(tmp_path, name, folder):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 10, 20)
+    raw = tmp_path / folder / 'raw'
+    for split, n in (('train', 12), ('t10k', 8)):
+        rows = slice(0, 12) if split == 'train' else slice(12, 20)
+        write_idx(raw / f'{split}-images-idx3-ubyte', x[rows])
+        write_idx(raw / f'{split}-labels-idx1-ubyte', y[rows])
+    data = cifar_data.load(tmp_path, False, torch.device('cpu'), name)
+    assert data.x_train.shape == (12, 3, 32, 32) and data.x_test.shape == (8, 3, 32, 32)
+    assert data.x_train.dtype == torch.uint8 and data.y_test.tolist() == y[12:].tolist()
+    assert torch.equal(data.x_train[:, 1, 2:30, 2:30], torch.from_numpy(x[:12]).to(torch.uint8))
+    assert data.x_train[:, :, :2].sum() == 0                          # the zero padding
+    assert data.flip == (name == 'fashion-mnist')                    # digits are not mirrored
+    mean = torch.from_numpy(np.pad(x[:12], ((0, 0), (2, 2), (2, 2)))).float().mean()
+    assert data.mean.flatten().tolist() == pytest.approx([mean.item()] * 3, rel=1e-5)
+    assert data.subset(5).x_train.shape[0] == 5
+
+
+def test_cifar100_is_read_with_its_fine_labels_and_bad_files_are_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / 'cifar-100-python'
+    folder.mkdir()
+    for split, n in (('train', 10), ('test', 4)):
+        with open(folder / split, 'wb') as f:
+            pickle.dump({b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b'fine_labels': rng.integers(0, 100, n).tolist()}, f)
+    data = cifar_data.load(tmp_path, False, torch.device('cpu'), 'cifar100')
+    assert data.x_train.shape == (10, 3, 32, 32) and len(data.classes) == 100
+    (folder / 'test').write_bytes(b'not a pickle')
+    with pytest.raises(cifar_data.UsageError, match='not a CIFAR python batch'):
+        cifar_data.load(tmp_path, False, torch.device('cpu'), 'cifar100')
