@@ -125,10 +125,15 @@ class Images(NamedTuple):
         x = (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
         return x.contiguous(memory_format=torch.channels_last)
 
+    def generator(self, seed):
+        """The generator of the data order and augmentation, on the data's device: drawing
+        there, a training step never waits for the GPU (on the CPU the same numbers)."""
+        return torch.Generator(device=self.x_train.device).manual_seed(seed)
+
     def train_batches(self, batch_size, gen):
-        """One epoch of augmented, prepared training batches in the order gen draws; the
-        last partial batch is dropped."""
-        perm = torch.randperm(len(self.x_train), generator=gen).to(self.x_train.device)
+        """One epoch of augmented, prepared training batches in the order gen (from
+        generator()) draws; the last partial batch is dropped."""
+        perm = torch.randperm(len(self.x_train), generator=gen, device=gen.device)
         for i in range(0, len(self.x_train) - batch_size + 1, batch_size):
             idx = perm[i:i + batch_size]
             yield self.prepare(augment(self.x_train[idx], gen, self.flip)), self.y_train[idx]
@@ -150,8 +155,8 @@ class Images(NamedTuple):
 def augment(x, gen, flip=True):
     """Random crop (zero padding 4) and horizontal flip of uint8 (B, 3, 32, 32), on x's device."""
     b = x.shape[0]
-    shift = torch.randint(0, 9, (2, b, 1), generator=gen).to(x.device)
-    flips = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+    shift = torch.randint(0, 9, (2, b, 1), generator=gen, device=gen.device).to(x.device)
+    flips = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(x.device)
     padded = F.pad(x, (4, 4, 4, 4))
     rows = (shift[0] + torch.arange(32, device=x.device))[:, :, None]        # (B, 32, 1)
     cols = (shift[1] + torch.arange(32, device=x.device))[:, None, :]        # (B, 1, 32)

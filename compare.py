@@ -194,7 +194,7 @@ def dense_start(args, data, out, autocast):
     tl.fit_images(dense, data, args, epochs=args.dense_epochs,
                   batch_size=args.dense_batch_size, weight_decay=args.dense_weight_decay,
                   milestones=tl.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
-                  gen=torch.Generator().manual_seed(0), gate_loss=None, autocast=autocast,
+                  gen=data.generator(0), gate_loss=None, autocast=autocast,
                   run_dir=run_dir, phase='dense')              # tested every epoch: converged?
     acc = tl.evaluate(dense, data, autocast)[0]
     rf.save_atomic(rf.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
@@ -210,7 +210,7 @@ def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='a
     tl.fit_images(net, data, args, epochs=end - first, batch_size=args.batch_size,
                   weight_decay=args.weight_decay,
                   milestones=[m - first for m in args.milestones if first < m < end],
-                  gen=gen or torch.Generator().manual_seed(seed + 1), gate_loss=gate_loss,
+                  gen=gen or data.generator(seed + 1), gate_loss=gate_loss,
                   autocast=autocast, run_dir=run_dir, phase=phase,
                   test_each_epoch=not args.final_test_only)
     return recalibrated(net, data, args, seed, autocast)
@@ -220,7 +220,7 @@ def recalibrated(net, data, args, seed, autocast):
     """BN statistics re-estimated over --recal-batches training batches (4.1), gates (if any)
     deciding by threshold inference."""
     gc.set_inference(net, 'threshold', args.tau)
-    gen = torch.Generator().manual_seed(seed + 2)
+    gen = data.generator(seed + 2)
     steps = len(data.x_train) // args.batch_size
     _, recal = tl.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
                                     steps, log=lambda *a, **k: None)
@@ -288,7 +288,7 @@ def run_arm(arm, t, seed, ctx):
             extra['keeps'] = [k.tolist() for k in keeps_of(net)]
             net = ge.prune(net)
     elif arm == 'select':
-        order, cut = torch.Generator().manual_seed(seed + 1), args.select_epochs
+        order, cut = data.generator(seed + 1), args.select_epochs
         gated = gated_arm(dense, data, args, t, seed, 'static', run_dir / 'select', autocast,
                           part=(0, cut), gen=order)
         extra['keeps'] = [k.tolist() for k in keeps_of(gated)]
@@ -300,7 +300,7 @@ def run_arm(arm, t, seed, ctx):
         tl.fit_images(net, data, args, epochs=total, batch_size=args.dense_batch_size,
                       weight_decay=args.dense_weight_decay,
                       milestones=tl.milestones_at(total, (1, 2), (3, 4)),
-                      gen=torch.Generator().manual_seed(seed + 1), gate_loss=None,
+                      gen=data.generator(seed + 1), gate_loss=None,
                       autocast=autocast, run_dir=run_dir, phase='scratch',
                       test_each_epoch=not args.final_test_only)
         net = recalibrated(net, data, args, seed, autocast)
@@ -417,7 +417,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = tl.device_for(args.device)
     args.device = str(device)
-    tl.use_threads(args, device)
+    tl.use_machine(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     autocast = tl.autocast_for(device)

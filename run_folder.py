@@ -231,16 +231,28 @@ def load_init(model, path):
     load_weights(model, state.get('model', state), path, gated=False)
 
 
-def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=None):
-    """Everything an exact resume needs: weights, optimizer, scheduler, epoch, best accuracy,
-    args, the last metrics and every RNG state (torch, CUDA, the data generator)."""
+def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=None,
+               ranks=None):
+    """Everything an exact resume needs, on the CPU whatever device trained (a CPU machine
+    reads it): weights, optimizer, scheduler, epoch, best accuracy, args, the last metrics
+    and every RNG state (torch, CUDA, the data generator; under torchrun each process's)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() \
         else None
-    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                epoch=epoch, best_acc=best, args=vars(args), metrics=metrics,
-                rng=dict(torch=torch.get_rng_state(), cuda=cuda,
+    return dict(model=_cpu(model.state_dict()), optimizer=_cpu(opt.state_dict()),
+                scheduler=sched.state_dict(), epoch=epoch, best_acc=best, args=vars(args),
+                metrics=metrics,
+                rng=dict(torch=torch.get_rng_state(), cuda=cuda, ranks=ranks,
                          data=None if gen is None else gen.get_state()),
                 scaler=None if scaler is None else scaler.state_dict())
+
+
+def _cpu(obj):
+    """A (nested) state with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu(v)) for k, v in obj.items())
+    return type(obj)(_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def resume(run_dir, model, opt, sched, gen=None, scaler=None):
@@ -249,9 +261,13 @@ def resume(run_dir, model, opt, sched, gen=None, scaler=None):
     load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
     opt.load_state_dict(ckpt['optimizer'])
     sched.load_state_dict(ckpt['scheduler'])
-    torch.set_rng_state(ckpt['rng']['torch'])
-    if ckpt['rng'].get('cuda') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt['rng']['cuda'])
+    rng = ckpt['rng']
+    if rng.get('ranks'):                                 # torchrun: this process's own states
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = dict(rng, torch=rng['ranks'][rank][0], cuda=rng['ranks'][rank][1])
+    torch.set_rng_state(rng['torch'])
+    if rng.get('cuda') is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng['cuda'])
     if gen is not None:
         gen.set_state(ckpt['rng']['data'])
     if scaler is not None and ckpt.get('scaler'):

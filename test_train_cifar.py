@@ -637,3 +637,120 @@ def test_help_gives_every_flag_a_line_and_each_default_once(script, capsys):
     assert '(default: None)' not in text and '(default: False)' not in text
     for option in options:                                  # its default said once at most
         assert re.sub(r'\{[^}]*\}', '', option).count('default') <= 1, option
+
+
+# ----------------------------------------------------------------------------- issue 31: the
+# GPU path made safe, checked on the CPU
+
+def gated_step_setup(seed=0, **step_kw):
+    """A static-gated resnet8, its optimizer and a TrainStep (kwargs: mode, backend, ...)."""
+    torch.manual_seed(seed)
+    args = train_cifar.parse_args(['--arch', 'resnet8', '--device', 'cpu'])
+    args.t = 0.5
+    model = train_cifar.build(args, gated=True)
+    opt, _ = tl.optimizer(model, args, 5e-4, [10])
+    return model, tl.TrainStep(model, opt, tl.gate_loss(args), tl.autocast_for(
+        torch.device('cpu')), **step_kw)
+
+
+def run_steps(step, n, seed=1):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        step(x, y, torch.tensor(0.5))
+
+
+@pytest.mark.parametrize('fail_at', [1, 3])
+def test_a_failing_compile_goes_on_eagerly_and_ends_as_an_eager_run(monkeypatch, capsys,
+                                                                      fail_at):
+    """A compiled call that fails (first step, or a later recompile) is said in one line and
+    the step redone eagerly from the same state and noise: the weights equal an eager run's."""
+    eager_model, eager = gated_step_setup()
+    run_steps(eager, 5)
+    calls = []
+
+    def fake_compile(fn, **kw):               # 'compiles' to the eager function, breaks once
+        def compiled(*a, **k):
+            calls.append(fn.__name__)
+            if calls.count('_losses') == fail_at and fn.__name__ == '_losses':
+                raise RuntimeError('InductorError: no C compiler found (cc)\nmore detail')
+            return fn(*a, **k)
+        return compiled
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    model, step = gated_step_setup(mode='default')
+    capsys.readouterr()
+    run_steps(step, 5)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and 'no C compiler' in err[0] and 'continuing eagerly' in err[0] \
+        and '--compile off' in err[0]
+    assert step.mode is None and calls.count('_losses') == fail_at
+    for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_failing_compile_under_torchrun_stops_naming_compile_off(monkeypatch, tmp_path):
+    def broken(fn, **kw):
+        def compiled(*a, **k):
+            raise RuntimeError('triton: driver mismatch')
+        return compiled
+    monkeypatch.setattr(torch, 'compile', broken)
+    _, step = gated_step_setup(mode='default')
+    torch.distributed.init_process_group('gloo', rank=0, world_size=1,
+                                         init_method=f'file://{tmp_path / "pg"}')
+    try:
+        with pytest.raises(rf.RunError, match='driver mismatch.*--compile off'):
+            run_steps(step, 1)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_phase_compiles_once():
+    """The caches the forward fills (MaxFLOPs) are filled before compiling, and shapes are
+    static: the compiled step's graphs are made at step 1 and never again in the phase."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    _, step = gated_step_setup(mode='default', backend=counter)
+    run_steps(step, 1)
+    first = counter.frame_count
+    run_steps(step, 4)
+    assert first >= 2 and counter.frame_count == first          # losses and the SGD step
+    other = CompileCounter()                                    # a new phase, another batch
+    _, step = gated_step_setup(mode='default', backend=other)
+    torch.manual_seed(0)
+    for _ in range(3):
+        step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.tensor(0.5))
+    assert other.frame_count == first
+
+
+def test_the_status_line_survives_a_slow_first_batch(monkeypatch):
+    """A first batch slower than PROGRESS_SECONDS: the ETA divides by the steps done (at
+    least one), never by zero; the same for BN recalibration's line."""
+    monkeypatch.setattr(tl, 'PROGRESS_SECONDS', 0)
+    _, step = gated_step_setup()
+    lines = []
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))] * 3
+    tl.train_epoch(step, iter(batches), progress=lambda i: 0.5, epoch=1, steps=3,
+                   log=lambda *a, **k: lines.append(a[0]))
+    assert any('step 0/3' in line and 'ETA' in line for line in lines)
+    label, recal = tl.recal_batches(iter(batches), 3, 3, log=lambda *a, **k: lines.append(a[0]))
+    assert len(list(recal)) == 3 and any('BN recalibration: batch 0/3' in s for s in lines)
+
+
+def test_every_saved_tensor_is_on_the_cpu(cifar, dense_ckpt, tmp_path):
+    """What a run writes loads on a CPU-only machine: no tensor in a checkpoint, the final
+    weights or the pruned net is on another device (here checked as a property of the files)."""
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
+    run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
+
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            return [obj]
+        if isinstance(obj, dict):
+            return [t for v in obj.values() for t in tensors(v)]
+        return [t for v in obj for t in tensors(v)] if isinstance(obj, (list, tuple)) else []
+    for name in ('last.pt', 'final.pt'):
+        found = tensors(torch.load(run_dir / name, weights_only=False))
+        assert found and {t.device.type for t in found} == {'cpu'}
+    pruned = torch.load(run_dir / 'pruned.pt', weights_only=False)
+    assert {t.device.type for t in pruned.state_dict().values()} == {'cpu'}

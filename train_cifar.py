@@ -152,7 +152,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         model, data, args, epochs=epochs, batch_size=batch_size,
         weight_decay=args.dense_weight_decay if first else args.weight_decay,
         milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
-        gen=torch.Generator().manual_seed(args.seed + (0 if first else 1)),      # lr 0.01 at 0
+        gen=data.generator(args.seed + (0 if first else 1)),      # lr 0.01 at 0
         gate_loss=tl.gate_loss(args), autocast=autocast,
         mode=tl.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
     return model, last
@@ -215,7 +215,7 @@ def main(argv=None):
                              f'(final{tag(args)}.json): change --tau, --recal-batches or --also')
     if device.type == 'cpu' and not args.evaluate:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    tl.use_threads(args, device)
+    tl.use_machine(args, device)
     rf.ensure_writable(dirs, out)
     with rf.locked(dirs):
         rows = pipeline(args, runs, dense_dir, dense_done, device) + list(finished.values())
@@ -282,7 +282,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     gc.set_inference(model, 'threshold', args.tau)
     if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
         model = ge.round_gates(model, args.round_to)
-    gen = torch.Generator().manual_seed(args.seed + 2)
+    gen = data.generator(args.seed + 2)
     label, recal = tl.recal_batches(data.train_batches(args.batch_size, gen),
                                         args.recal_batches, len(data.x_train) // args.batch_size)
     with tl.stage(label), autocast():

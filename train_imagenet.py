@@ -137,18 +137,18 @@ def evaluate(model, loader, device, autocast, distributed):
 def setup(args):
     """Processes (torchrun), device, precision: -> (device, rank, world, distributed, log)."""
     distributed = 'RANK' in os.environ                  # launched by torchrun
+    device = tl.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)                   # before the process group (NCCL)
     if distributed:
-        dist.init_process_group('nccl' if args.device.startswith('cuda') else 'gloo')
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
     log = print if rank == 0 else (lambda *a, **k: None)
-    device = tl.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
-    if device.type == 'cuda':
-        torch.cuda.set_device(device)
-    elif rank == 0:
+    if device.type != 'cuda' and rank == 0:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    tl.use_threads(args, device, log)
+    tl.use_machine(args, device, log)
     return device, rank, world, distributed, log
 
 
@@ -229,6 +229,8 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                          f'got {len(args.targets)}')
     if args.sync_bn and distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rank:                                    # the same weights, each process its own noise
+        torch.manual_seed(tl.rank_seed(args.seed, rank))
     last = train(model, args, run_dir, (train_loader, val_loader), device, autocast, (rank, world))
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -125,13 +126,19 @@ class TrainStep:
                + gate_loss(info, progress)
     Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. With a
     compile `mode` the forward and loss (and with them AOTAutograd's backward) and the
-    optimizer step are torch.compiled; on CUDA 'reduce-overhead' replays them as CUDA graphs,
-    so a step costs a few graph launches instead of a thousand kernel launches (issue 20).
-    `net` is what the forward calls (a DDP wrapper of `model`); `scaler` (fp16) keeps the
-    optimizer step eager. Returns (loss, ce, gate loss, correct count, gate stats or None),
-    detached; they live until the next call (CUDA graph outputs are reused)."""
+    optimizer step are torch.compiled, once per phase (static shapes: a phase has one batch
+    size; the caches a forward fills are filled before); on CUDA 'reduce-overhead' replays
+    them as CUDA graphs, so a step costs a few graph launches instead of a thousand kernel
+    launches (issue 20). A compiled call that fails (no C compiler, a Triton or driver
+    mismatch, an inductor bug) is said in one line and the step is redone eagerly from the
+    same state and noise, so the run ends as an eager run would; under torchrun it stops,
+    naming --compile off. `net` is what the forward calls (a DDP wrapper of `model`); `scaler`
+    (fp16) keeps the optimizer step eager; `backend` replaces inductor (tests count compiles).
+    Returns (loss, ce, gate loss, correct count, gate stats or None), detached; they live
+    until the next call (CUDA graph outputs are reused)."""
 
-    def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None):
+    def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None,
+                 backend=None):
         self.model = model
         self.net = net or model
         self.opt = opt
@@ -139,14 +146,19 @@ class TrainStep:
         self.autocast = autocast
         self.mode = mode
         self.scaler = scaler
-        self.losses = torch.compile(self._losses, mode=mode) if mode else self._losses
+        self.losses = self._losses
         self.opt_step = opt.step
-        if mode and not scaler:
+        self.compile_seconds = None         # the first compiled step's time, compile included
+        if not mode:
+            return
+        torch._dynamo.reset()               # this phase's graphs only: no cache of an earlier one
+        how = dict(backend=backend) if backend else dict(mode=mode)
+        self.losses = torch.compile(self._losses, dynamic=False, **how)
+        if not scaler:
             for group in opt.param_groups:  # SGD's first step sets buf = grad = 0.9 * 0 + grad:
                 for p in group['params']:   # zeros now give one compiled graph, not two
                     opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-            self.opt_step = torch.compile(self._opt_step, mode=mode)
-        self.compile_seconds = None         # the first compiled step's time, compile included
+            self.opt_step = torch.compile(self._opt_step, dynamic=False, **how)
 
     def _losses(self, xb, yb, progress):
         # Nothing is detached in here: torch 2.14's inductor dropped the loss's grad_fn when
@@ -164,8 +176,7 @@ class TrainStep:
     def _opt_step(self):            # compiled as a function: dynamo failed on bound opt.step
         self.opt.step()
 
-    def __call__(self, xb, yb, progress):
-        t0 = time.perf_counter()
+    def _step(self, xb, yb, progress):
         if self.mode:
             torch.compiler.cudagraph_mark_step_begin()
         loss, ce, gl, correct, stats = self.losses(xb, yb, progress)
@@ -177,12 +188,63 @@ class TrainStep:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
+        return loss, ce, gl, correct, stats
+
+    def __call__(self, xb, yb, progress):
+        t0 = time.perf_counter()
+        if not self.mode:
+            out = self._step(xb, yb, progress)
+        else:
+            if self.compile_seconds is None:                # caches keyed by input size (the
+                with torch.no_grad(), gc.evaluation(self.model):    # MaxFLOPs) filled eagerly:
+                    self.model(xb[:2])                      # the compiled graph then keeps them
+            rng = _rng_state()
+            try:
+                out = self._step(xb, yb, progress)
+            except (torch.OutOfMemoryError, KeyboardInterrupt, RunError, UsageError):
+                raise
+            except Exception as e:                          # compiling or a compiled call
+                self._eagerly(e)
+                _set_rng_state(rng)                         # the same noise, the same batch
+                self.opt.zero_grad(set_to_none=True)
+                out = self._step(xb, yb, progress)
+        loss, ce, gl, correct, stats = out
         if self.mode and self.compile_seconds is None:
             loss.item()                                     # wait for the first step's kernels
             self.compile_seconds = time.perf_counter() - t0
         gl = torch.zeros_like(ce) if gl is None else gl
         return loss.detach(), ce.detach(), gl.detach(), correct, \
             None if stats is None else stats.detach()
+
+    def _eagerly(self, error):
+        """A compiled call failed: go on eagerly (one line says why), or, under torchrun where
+        the processes must agree, stop."""
+        cause = f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise RunError(f'torch.compile failed ({cause}); run again with --compile off') \
+                from None
+        print(f'warning: torch.compile failed ({cause}); continuing eagerly (--compile off '
+              'skips compiling)', file=sys.stderr, flush=True)
+        self.mode, self.losses, self.opt_step = None, self._losses, self.opt.step
+
+
+def rank_seed(seed, rank):
+    """The torch seed of process `rank` under torchrun (rank 0: seed itself), so that each
+    process draws its own Gumbel noise (its weights come from seed, before)."""
+    return seed + 1_000_003 * rank
+
+
+def _rng_state():
+    """The torch RNG states a step draws from (CPU, and the CUDA device's when initialized)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
 
 
 def gate_stats(info):
@@ -214,29 +276,31 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
     """One epoch of `steps` batches through `step` (a TrainStep). `progress(i)` is the share
     of training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
     PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within CHECK_EVERY
-    steps, naming the step where it began; nothing of this epoch is saved. Under torchrun the
+    steps (two such spans on CUDA, whose host never waits for it), naming the step where it
+    began; nothing of this epoch is saved. Under torchrun the
     statistics are averaged over all processes.
     Returns dict(ce, gate_loss, train_acc, rate, macs, polarized, images, seconds, first_loss)."""
     step.model.train()
     device = next(step.model.parameters()).device
     t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
     sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
-    bad = torch.full((), -1, device=device)                 # the first step with a bad loss
+    bad = _Divergence(device)
     ramp = torch.tensor([progress(i) for i in range(max(steps, 1))], device=device)
     shown = t0
     for i, (xb, yb) in enumerate(batches):
         if i % CHECK_EVERY == 0:
-            _stop_if_diverged(bad, epoch)
+            bad.check(epoch)
         if time.perf_counter() - shown > PROGRESS_SECONDS and i < steps:
             shown, spent = time.perf_counter(), time.perf_counter() - t0
             log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
-                f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / i)}', flush=True)
+                f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / max(i, 1))}',
+                flush=True)
         compiled = step.mode and step.compile_seconds is None
         loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
         if compiled:
             log(f'  compiled the training step (torch.compile mode {step.mode}): first step '
                 f'{step.compile_seconds:.1f} s', flush=True)
-        bad = torch.where((bad < 0) & ~torch.isfinite(loss), i, bad)
+        bad.see(i, loss)
         first = loss.clone() if first is None else first
         sums += torch.stack([ce * len(yb), gl * len(yb), correct])
         n += len(yb)
@@ -245,7 +309,7 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
     if n == 0:
         raise RunError(f'epoch {epoch} had no training batch: the data set is smaller than '
                        'the batch')
-    _stop_if_diverged(bad, epoch)
+    bad.check(epoch, wait=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         totals = torch.cat([sums.double(), torch.tensor([n, gated], device=device).double(),
                             torch.as_tensor(stats, device=device).double().expand(3)])
@@ -258,12 +322,32 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
                 first_loss=first.item())
 
 
-def _stop_if_diverged(bad, epoch):
-    step = int(bad)
-    if step >= 0:
-        raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
-                       'diverged (try a lower --lr); the last good checkpoint is kept and '
-                       'nothing is exported')
+class _Divergence:
+    """The first step whose loss is not finite, watched without making the host wait for the
+    GPU: the step number stays on the device; check() reads the copy it started CHECK_EVERY
+    steps earlier once that copy has landed (a CUDA event says so), or waits (wait=True, at
+    the end of an epoch). A bad loss stops the run (RunError) naming the step."""
+
+    def __init__(self, device):
+        self.bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.host = torch.full((), -1, dtype=torch.long, pin_memory=device.type == 'cuda')
+        self.landed = None                                  # the CUDA event after a copy
+
+    def see(self, i, loss):
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(loss), i, self.bad)
+
+    def check(self, epoch, wait=False):
+        if wait or self.bad.device.type != 'cuda':
+            step = int(self.bad)
+        else:
+            step = int(self.host) if self.landed is not None and self.landed.query() else -1
+            self.host.copy_(self.bad, non_blocking=True)
+            self.landed = torch.cuda.Event()
+            self.landed.record()
+        if step >= 0:
+            raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
+                           'diverged (try a lower --lr); the last good checkpoint is kept and '
+                           'nothing is exported')
 
 
 def _clock(seconds):
@@ -329,11 +413,15 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
                 print_row(epoch + 1, lr, m, test['test_acc'], test['test_macs'],
                           last['images_per_s'])
             improved = test['test_acc'] is not None and test['test_acc'] > best
+            ranks = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                ranks = [None] * torch.distributed.get_world_size()      # every process's
+                torch.distributed.all_gather_object(ranks, _rng_state())  # noise, for resume
             if run_dir is not None and writes:
                 ckpt = rf.checkpoint(model, opt, sched, epoch=epoch + 1,
-                                             best=max(best, test['test_acc']) if improved
-                                             else best, args=args, metrics=last, gen=gen,
-                                             scaler=scaler)
+                                     best=max(best, test['test_acc']) if improved else best,
+                                     args=args, metrics=last, gen=gen, scaler=scaler,
+                                     ranks=ranks)
                 saved = f'last checkpoint: epoch {epoch + 1} in {run_dir}'
                 rf.record_epoch(run_dir, ckpt, last, improved=improved)
             best = max(best, test['test_acc']) if improved else best
@@ -414,7 +502,7 @@ def recal_batches(batches, asked, available, log=print):
             if time.perf_counter() - shown_at > PROGRESS_SECONDS:
                 shown_at = time.perf_counter()
                 log(f'  BN recalibration: batch {i}/{n}, ETA '
-                    f'{_clock((shown_at - t0) * (n - i) / i)}', flush=True)
+                    f'{_clock((shown_at - t0) * (n - i) / max(i, 1))}', flush=True)
             yield batch
     return label, shown()
 
@@ -488,12 +576,15 @@ def usable_cpus():
     return max(1, n or 1)
 
 
-def use_threads(args, device, log=print):
-    """torch's CPU threads from --threads, else usable_cpus() up to 8, said in the log."""
+def use_machine(args, device, log=print):
+    """torch's CPU threads from --threads, else usable_cpus() up to 8, said in the log; on
+    CUDA cuDNN's autotuner (each phase's shapes are fixed, so it tunes once)."""
     threads = args.threads or min(8, usable_cpus())
     torch.set_num_threads(threads)
     if torch.device(device).type == 'cpu':
         log(f'CPU threads: {threads} (--threads to change)')
+    else:
+        torch.backends.cudnn.benchmark = True
 
 
 def compile_mode(flag, device):
