@@ -18,6 +18,7 @@ dynamic gates, varying per image).
     python benchmark.py --macs      # the CIFAR ResNets' parameters and MACs
     python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
     python benchmark.py --any       # gumbel_any on 19 models: gates, FLOPs(Z) vs counted MACs
+    python benchmark.py --gpu-check # the GPU path's self-check (gpu_check.py; CPU without a GPU)
 """
 import argparse
 import contextlib
@@ -25,12 +26,8 @@ import copy
 import importlib.util
 import json
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -419,101 +416,6 @@ def loader_table(folder, device, batch=32, batches=10, rounds=5):
     return rows
 
 
-class GpuBusy:
-    """Mean GPU utilization (nvidia-smi, sampled every 0.2 s) while the block runs; None
-    where nvidia-smi is missing."""
-
-    def __init__(self, index):
-        self.index, self.samples, self.stop = index, [], threading.Event()
-
-    def _poll(self):
-        query = ['nvidia-smi', f'--id={self.index}', '--query-gpu=utilization.gpu',
-                 '--format=csv,noheader,nounits']
-        while not self.stop.wait(0.2):
-            out = subprocess.run(query, capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip().isdigit():
-                self.samples.append(int(out.stdout.strip()))
-
-    def __enter__(self):
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        if shutil.which('nvidia-smi'):
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.mean = statistics.mean(self.samples) if self.samples else None
-
-
-def gpu_check(out, device, budget):
-    """Issue 20's prepared check for whoever has a GPU: short synthetic train_cifar.py runs
-    (dense, static and dynamic ResNet-56; compiled by default, and eager), the ImageNet
-    --synthetic smoke with the default device, and this script's CUDA rows; one table
-    (img/s as the scripts log them, median of epochs 2 and later; GPU busy %; compile
-    seconds; speed ratios) and out/gpu_check.json. Each step runs in its own process
-    within its share of `budget` seconds; a step that fails or runs out is a row saying so."""
-    out.mkdir(parents=True, exist_ok=True)
-    cifar = [sys.executable, 'train_cifar.py', '--synthetic', '--arch', 'resnet56',
-             '--dense-epochs', '8', '--epochs', '6', '--recal-batches', '20']
-    dense = str(out / 'compiled' / 'synthetic-dense-resnet56-s0' / 'last.pt')
-    steps = [('cifar dense + static, compiled', cifar + ['--out', str(out / 'compiled')], 0.3),
-             ('cifar dense + static, eager', cifar + ['--out', str(out / 'eager'),
-                                                     '--compile', 'off'], 0.15),
-             ('cifar dynamic, compiled', cifar + ['--gating', 'dynamic', '--init', dense, '--out',
-                                                  str(out / 'compiled')], 0.2),
-             ('imagenet --synthetic smoke', [sys.executable, 'train_imagenet.py', '--synthetic',
-                                             '--epochs', '1', '--recal-batches', '4', '--out',
-                                             str(out / 'imagenet')], 0.1),
-             ('benchmark CUDA rows', [sys.executable, 'benchmark.py', '--json',
-                                      str(out / 'rows.json'), '--repeats', '7'], 0.25)]
-    report = []
-    for name, command, share in steps:
-        t0 = time.perf_counter()
-        with GpuBusy(device.index or 0) as busy:
-            try:
-                done = subprocess.run(command, capture_output=True, text=True,
-                                      timeout=share * budget)
-                status = 'ok' if done.returncode == 0 else f'exit {done.returncode}'
-                log = done.stdout + done.stderr
-            except subprocess.TimeoutExpired as e:
-                status, log = 'timeout', (e.stdout or b'').decode() + (e.stderr or b'').decode()
-        (out / (name.split(',')[0].replace(' ', '_') + '.log')).write_text(log)
-        compiled = [float(w) for w in re.findall(r'first step ([0-9.]+) s', log)]
-        report.append(dict(step=name, status=status, seconds=time.perf_counter() - t0,
-                           gpu_busy=busy.mean, compile_s=compiled, img_s=_img_s(log),
-                           last_line=log.strip().splitlines()[-1][:160] if log.strip() else ''))
-    rows = json.loads((out / 'rows.json').read_text())['rows'] if \
-        (out / 'rows.json').exists() else []
-    print(f"\n{'step':32} {'status':8} {'sec':>6} {'busy %':>6} {'compile s':>12}  img/s by phase")
-    for r in report:
-        busy = '' if r['gpu_busy'] is None else f"{r['gpu_busy']:.0f}"
-        print(f"{r['step']:32} {r['status']:8} {r['seconds']:6.0f} {busy:>6} "
-              f"{' '.join(f'{c:.0f}' for c in r['compile_s']):>12}  "
-              + '  '.join(f'{k} {v:.0f}' for k, v in r['img_s'].items()))
-        if r['status'] != 'ok':
-            print(f"    {r['last_line']}")
-    for r in rows:
-        if r['row'].startswith(('train step', 'infer pruned')):
-            print(f"{r['row']:40} batch {r['batch']:5d} {r['ms']:8.3f} ms  speedup "
-                  f"{r['speedup']:5.2f}  MAC red. {r['mac_red']:5.2f}")
-    (out / 'gpu_check.json').write_text(json.dumps(dict(
-        device=torch.cuda.get_device_name(device), torch=torch.__version__, steps=report,
-        rows=rows), indent=1))
-    print(f'written to {out / "gpu_check.json"}')
-
-
-def _img_s(log):
-    """{phase: median img/s of epochs 2 and later} from a training script's epoch rows."""
-    phases, phase = {}, None
-    for line in log.splitlines():
-        words = line.split()
-        if re.match(r'(dense|gated): \d+ epochs|\d+ epochs, global batch', line):
-            phase = words[0].rstrip(':') if not words[0].isdigit() else 'imagenet'
-        elif phase and len(words) == 12 and words[0].isdigit() and int(words[0]) >= 2:
-            phases.setdefault(phase, []).append(float(words[10]))
-    return {k: statistics.median(v) for k, v in phases.items()}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--smoke', action='store_true',
@@ -523,9 +425,11 @@ def main():
                     help='gumbel_any on 19 models (FLOPs(Z) vs counted MACs) and exit')
     ap.add_argument('--convs', action='store_true',
                     help='time single pruned convs against dense ones (CPU) and exit')
-    ap.add_argument('--gpu-check', action='store_true', help='the prepared GPU check (issue '
-                    '20, at most 5 minutes): short training runs, the ImageNet smoke and the '
-                    'CUDA rows in one table; files in --out')
+    ap.add_argument('--gpu-check', action='store_true', help='the prepared self-check of the '
+                    'GPU path (gpu_check.py; about 5 minutes): correctness on tiny models, then '
+                    'speed; on the CPU where no GPU is; one table and --out/gpu_check.json')
+    ap.add_argument('--short', action='store_true', help='--gpu-check: its short CPU form (the '
+                    'test suite runs it)')
     ap.add_argument('--out', default='gpu-check', help='--gpu-check: its folder')
     ap.add_argument('--budget', type=float, default=290, help='--gpu-check: seconds in all')
     ap.add_argument('--loader', metavar='DIR', help='time the ImageNet input pipeline on the '
@@ -542,9 +446,9 @@ def main():
     if args.any:
         return any_table()
     if args.gpu_check:
-        if not torch.cuda.is_available():
-            raise SystemExit('error: --gpu-check needs a CUDA GPU (none is visible here)')
-        return gpu_check(Path(args.out), torch.device(args.device), args.budget)
+        import gpu_check
+        device = torch.device('cpu' if args.short else args.device)
+        return gpu_check.run(Path(args.out), device, args.budget, short=args.short)
     if args.loader:
         rows = loader_table(args.loader, torch.device(args.device))
         if args.json:

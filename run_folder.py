@@ -133,10 +133,12 @@ def run_name(args, keys, *fixed):
     'synthetic-resnet56-static-channel-flops-t0.5-s0'. CIFAR-10 and flags off leave no word."""
     words = {'synthetic': lambda v: 'synthetic' if v else '',
              'dataset': lambda v: '' if v == 'cifar10' else v,
+             'train_size': lambda v: f'n{v}' if v else '',
              't': lambda v: f't{v:g}', 'seed': lambda v: f's{v}',
              'soft_gates': lambda v: 'soft' if v else ''}
-    lead = [words[k](getattr(args, k)) for k in ('synthetic', 'dataset') if k in keys]
-    rest = [words.get(k, str)(getattr(args, k)) for k in keys if k not in ('synthetic', 'dataset')]
+    data = ('synthetic', 'dataset', 'train_size')
+    lead = [words[k](getattr(args, k)) for k in data if k in keys]
+    rest = [words.get(k, str)(getattr(args, k)) for k in keys if k not in data]
     return '-'.join(w for w in [*lead, *fixed, *rest] if w)
 
 

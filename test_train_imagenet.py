@@ -1,6 +1,7 @@
 """train_imagenet.py on CPU: a tiny ImageFolder of JPEGs written by the test, no pretrained
 weights, one short epoch; one process, and two processes under torchrun (gloo)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,45 @@ def test_torchrun_two_processes_only_rank0_writes(imagenet, tmp_path):
     assert out.stdout.count('final:') == 1                  # and alone logged
     row = json.loads((run_dir / 'final.json').read_text())
     assert 0 <= row['gated_acc'] <= 100 and 'pruned_macs_percent' not in row
+
+
+CRASH_AFTER_EPOCH_1 = """
+import sys, run_folder, train_imagenet
+save = run_folder.save_atomic
+def killing(obj, path):
+    save(obj, path)
+    if path.name == 'last.pt' and obj.get('epoch') == 1:
+        raise KeyboardInterrupt
+run_folder.save_atomic = killing
+sys.exit(train_imagenet.cli())
+"""
+
+
+def test_torchrun_processes_draw_their_own_noise_and_resume_exactly(imagenet, tmp_path):
+    """Two processes (gloo): each seeds its generators from (seed, rank), so their noise
+    differs, and each one's state is saved: a crash after epoch 1 and --resume give the
+    second epoch of an uninterrupted run."""
+    (tmp_path / 'crash.py').write_text(CRASH_AFTER_EPOCH_1)
+
+    def torchrun(script, out, *extra):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+               '2', str(script), *FAST, '--gating', 'static', '--epochs', '2',
+               '--data-dir', str(imagenet), '--out', str(out), *extra]
+        env = dict(os.environ, PYTHONPATH=str(HERE))
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                              env=env)
+    done = torchrun(HERE / 'train_imagenet.py', tmp_path / 'a')
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torchrun(tmp_path / 'crash.py', tmp_path / 'b').returncode != 0
+    assert torch.load(tmp_path / 'b' / RUN / 'last.pt', weights_only=False)['epoch'] == 1
+    resumed = torchrun(HERE / 'train_imagenet.py', tmp_path / 'b', '--resume')
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ranks = torch.load(tmp_path / 'a' / RUN / 'last.pt', weights_only=False)['rng']['ranks']
+    assert len(ranks) == 2 and not torch.equal(ranks[0][0], ranks[1][0])
+    a, b = metrics(tmp_path / 'a' / RUN), metrics(tmp_path / 'b' / RUN)
+    assert [r['epoch'] for r in b] == [1, 2]
+    assert (b[1]['first_loss'], b[1]['ce'], b[1]['top1']) == \
+        (a[1]['first_loss'], a[1]['ce'], a[1]['top1'])
 
 
 @pytest.mark.parametrize(

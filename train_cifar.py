@@ -41,6 +41,8 @@ def parser():
     s('--dataset', default='cifar10', choices=list(cifar_data.DATASETS),
       help="the data set, in torchvision's layout under --data-dir (downloaded there when "
            'absent); grey 28 x 28 sets are padded to 32 x 32 on 3 channels')
+    s('--train-size', type=rf.COUNT, help='train on this many training images, a fixed random '
+      'subset (default all; a quick look, not a paper row)')
     s('--arch', default='resnet56', choices=list(DEPTHS) + ANY, metavar='ARCH',
       help='the CIFAR ResNets resnet8 ... resnet110 and DenseNets densenet16/40/100 (early '
            'exits), or any torchvision classifier (static gates on its channel groups: '
@@ -158,7 +160,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     return model, last
 
 
-DENSE = ('synthetic', 'dataset', 'arch', 'seed', 'dense_epochs', 'dense_batch_size',
+DENSE = ('synthetic', 'dataset', 'train_size', 'arch', 'seed', 'dense_epochs', 'dense_batch_size',
          'dense_weight_decay', 'lr')                   # what the dense baseline depends on
 
 
@@ -230,6 +232,7 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     autocast = tl.autocast_for(device)
     torch.manual_seed(args.seed)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
+    data = data.subset(args.train_size)
     if len(data.x_test) < 2:
         raise UsageError(f'the test set has {len(data.x_test)} image(s): evaluation and export '
                          'need at least 2')
