@@ -12,7 +12,6 @@ import math
 import os
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
@@ -371,24 +370,57 @@ def decide(run_dir, args, *, epochs_key, structure, settings, evaluation=(), den
     return 'resume', None
 
 
-def settings_of_run(args, argv, named_dir, keep):
-    """--evaluate [RUN_DIR]: the finished run's training settings (its args.json) with the
-    flags in `keep` (evaluation and machine) given on this command line; with RUN_DIR that
-    run's target and folder too, else the run in `named_dir` (the one this command names)."""
-    run_dir = Path(args.evaluate) if isinstance(args.evaluate, str) else named_dir
+OWN = ('device', 'threads', 'compile', 'workers', 'sync_bn')  # the machine running a command's
+
+
+def settings_of_run(args, argv, run_dir, evaluation, script):
+    """--evaluate RUN_DIR: the finished run's settings (its args.json), with the evaluation
+    flags this command gives and this machine's own (device, threads, compile, workers).
+    Refused, one line saying what works: no run there, a run of the other script, a dense
+    baseline (nothing to re-evaluate), a run without final.json. -> (Namespace, saved)."""
     if not (run_dir / 'args.json').is_file():
         raise UsageError(f'--evaluate: {run_dir} holds no run (no args.json); name a finished '
                          'run: --evaluate runs/NAME')
     saved = json.loads((run_dir / 'args.json').read_text())
+    other = 'train_imagenet.py' if 'crop_size' in saved else 'train_cifar.py'
+    if other != script:
+        raise UsageError(f'{run_dir} is a {other} run: evaluate it with python {other} '
+                         f'--evaluate {run_dir}')
+    if saved.get('gating') == 'none':
+        raise UsageError(f'{run_dir} is a dense baseline: it has no gates to evaluate again '
+                         '(its accuracy is baseline_acc in its final.json)')
+    if not (run_dir / 'final.json').is_file():
+        raise UsageError(f'{run_dir} has not finished (no final.json): continue it with '
+                         '--resume, then --evaluate it')
     given = {a.split('=')[0][2:].replace('-', '_') for a in argv if a.startswith('--')}
-
-    merged = {**vars(args), **{k: v for k, v in saved.items() if not (k in keep and k in given)
+    merged = {**vars(args), **{k: v for k, v in saved.items() if k not in OWN
+                               and not (k in evaluation and k in given)
                                and k not in ('evaluate', 'resume')}}
-    if isinstance(args.evaluate, str):
-        merged.update(t=[saved['t']], out=str(run_dir.parent))
+    merged.update(out=str(run_dir.parent), evaluate=str(run_dir))
+    return argparse.Namespace(**merged), saved
+
+
+def evaluation_tag(args):
+    """'' for a training run's files; for --evaluate, the settings that name its own files
+    (final-tau0.4-recal200.json)."""
+    if not args.evaluate:
+        return ''
+    return (f'-tau{args.tau:g}-recal{args.recal_batches}'
+            + ''.join(f'-{s}' for s in getattr(args, 'also', []))
+            + (f'-round{args.round_to}' if getattr(args, 'round_to', 0) > 1 else ''))
+
+
+def evaluated_before(run, saved, run_dir, evaluation):
+    """The row of an evaluation of run_dir with these evaluation flags that exists already:
+    final.json when they are the run's own, final-TAG.json when asked before; else None."""
+    if all(getattr(run, k) == saved.get(k) for k in evaluation if hasattr(run, k)):
+        name = 'final.json'
     else:
-        merged.update(t=args.t)
-    return argparse.Namespace(**merged)
+        name = f'final{evaluation_tag(run)}.json'
+    if not (run_dir / name).is_file():
+        return None
+    print(f'{run_dir}: evaluated with these settings before ({name})')
+    return json.loads((run_dir / name).read_text())
 
 
 def _diff(saved, args, keys):

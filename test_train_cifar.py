@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import re
-import statistics
 import subprocess
 import sys
 
@@ -518,10 +517,11 @@ def test_pruned_onnx_runs_in_onnx_runtime_like_the_pruned_net(cifar, dense_ckpt,
 
 
 def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dense_ckpt, tmp_path,
-                                                                      one_line_error):
+                                                                      capsys):
     """--evaluate re-evaluates a finished run into files named by its settings (the finished
-    files keep their bytes); pruned.pt2 loads in a fresh Python outside the repository and
-    runs batch 1 and 64."""
+    files keep their bytes); settings evaluated before, the run's own among them, are that
+    evaluation's row, nothing written again; pruned.pt2 loads in a fresh Python outside the
+    repository and runs batch 1 and 64."""
     assert run(cifar, tmp_path, '--init', str(dense_ckpt)) == 0
     run_dir = tmp_path / 'resnet8-static-channel-flops-t0.5-s0'
     before = {f: f.read_bytes() for f in run_dir.iterdir() if f.name != '.lock'}
@@ -532,7 +532,13 @@ def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dens
     assert row['tau'] == 0.4 and 'all_on_acc' in row
     assert (run_dir / 'pruned-tau0.4-recal2-all_on.pt2').exists()
     assert json.loads((run_dir / 'args.json').read_text())['t'] == 0.5
-    assert 'already' in one_line_error(run(cifar, tmp_path, *again))
+    files = sorted(f.name for f in run_dir.iterdir())
+    for same, name in ((again, 'final-tau0.4-recal2-all_on.json'),
+                       (['--evaluate', str(run_dir), '--tau', '0.5'], 'final.json')):
+        capsys.readouterr()
+        assert run(cifar, tmp_path, *same) == 0
+        assert f'evaluated with these settings before ({name})' in capsys.readouterr().out
+        assert sorted(f.name for f in run_dir.iterdir()) == files
     code = ("import torch; m = torch.export.load('pruned.pt2').module(); "
             "print(tuple(m(torch.randn(1, 3, 32, 32)).shape), "
             "tuple(m(torch.randn(64, 3, 32, 32)).shape))")
@@ -759,3 +765,37 @@ def test_the_gpu_self_check_runs_on_the_cpu_from_any_folder(tmp_path):
     report = json.loads((tmp_path / 'check' / 'gpu_check.json').read_text())
     assert [(c['check'], c['status']) for c in report['checks']] == \
         [('a', 'ok'), ('b', 'ok'), ('c', 'ok'), ('d', 'ok')]
+
+
+# ----------------------------------------------------------------------------- issue 32
+
+def test_a_model_that_cannot_run_on_32px_is_refused_before_any_folder(cifar, tmp_path,
+                                                                      one_line_error):
+    """--arch offers every torchvision classifier; one that cannot run on 32 x 32 images
+    (vit_b_16 wants 224) is one line before any folder or training, not a traceback after
+    the dense phase."""
+    error = one_line_error(run(cifar, tmp_path / 'out', '--arch', 'vit_b_16'))
+    assert '--arch vit_b_16 cannot run on inputs of size (3, 32, 32)' in error
+    assert not (tmp_path / 'out').exists()
+
+
+def test_evaluate_names_what_it_cannot_evaluate_and_needs_no_dense_folder(
+        cifar, dense_ckpt, tmp_path, one_line_error, capsys):
+    """A dense baseline's folder, a train_imagenet.py folder: one line each saying why and
+    what to use. A finished gated run evaluates without its dense folder (final.json holds
+    the dense accuracy), with this machine's own device and threads."""
+    error = one_line_error(train_cifar.cli(['--evaluate', str(dense_ckpt.parent)]))
+    assert 'dense baseline' in error and 'baseline_acc' in error
+    fake = tmp_path / 'imagenet-resnet18-static-channel-flops-t0.5-s0'
+    fake.mkdir()
+    (fake / 'args.json').write_text(json.dumps({'arch': 'resnet18', 'crop_size': 224}))
+    assert 'python train_imagenet.py --evaluate' in one_line_error(
+        train_cifar.cli(['--evaluate', str(fake)]))
+    out = tmp_path / 'runs'
+    assert run(cifar, out, '--init', str(dense_ckpt), '--threads', '2') == 0
+    run_dir = out / 'resnet8-static-channel-flops-t0.5-s0'
+    capsys.readouterr()
+    assert train_cifar.cli(['--evaluate', str(run_dir), '--tau', '0.45', '--threads', '1',
+                            '--data-dir', str(cifar)]) == 0
+    assert 'CPU threads: 1' in capsys.readouterr().out
+    assert (run_dir / 'final-tau0.45-recal2.json').exists()

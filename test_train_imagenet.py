@@ -286,3 +286,51 @@ def test_benchmark_times_the_input_pipeline(imagenet):
     assert 'train loader, float32 (usual), 1 workers' in names
     assert 'decode + crop + flip + PILToTensor: uint8, 1 thread' in names
     assert all(r['img_s'] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- issue 32: the
+# third hour, as a user meets it
+
+def test_evaluate_a_finished_run_with_another_threshold(imagenet, tmp_path, capsys,
+                                                        one_line_error):
+    """train_imagenet.py --evaluate RUN_DIR --tau 0.4, as train_cifar.py: new files named by
+    the settings, the finished ones untouched, its dense accuracy from its final.json (the
+    --init file need not be there any more); the run's own settings are its final.json."""
+    assert run(imagenet, tmp_path, '--gating', 'none') == 0
+    dense = tmp_path / 'imagenet-dense-resnet18-s0'
+    init = tmp_path / 'init.pt'
+    init.write_bytes((dense / 'last.pt').read_bytes())
+    assert run(imagenet, tmp_path, '--init', str(init)) == 0
+    run_dir = tmp_path / RUN
+    before = {f: f.read_bytes() for f in run_dir.iterdir() if f.name != '.lock'}
+    init.unlink()
+    assert train_imagenet.cli(['--evaluate', str(run_dir), '--tau', '0.4', '--device', 'cpu',
+                               '--workers', '0']) == 0
+    assert {f: f.read_bytes() for f in before} == before
+    row = json.loads((run_dir / 'final-tau0.4-recal2.json').read_text())
+    final = json.loads((run_dir / 'final.json').read_text())
+    assert row['tau'] == 0.4 and row['baseline_acc'] == final['baseline_acc']
+    assert (run_dir / 'pruned-tau0.4-recal2.pt2').exists()
+    capsys.readouterr()
+    assert train_imagenet.cli(['--evaluate', str(run_dir), '--workers', '0']) == 0
+    assert 'before (final.json)' in capsys.readouterr().out
+    assert 'dense baseline' in one_line_error(train_imagenet.cli(['--evaluate', str(dense)]))
+
+
+def test_other_models_default_to_static_gates_and_a_random_start_is_said(imagenet, tmp_path,
+                                                                         capsys):
+    """--arch mobilenet_v3_small without --gating: static gates (dynamic ones are for the
+    ResNets); without --init or --pretrained, one warning line says the start is random."""
+    capsys.readouterr()
+    assert run(imagenet, tmp_path, '--arch', 'mobilenet_v3_small', '--gating', 'static') == 0
+    err = capsys.readouterr().err
+    assert 'gating a randomly initialized network' in err
+    assert train_imagenet.parse_args(['--arch', 'mobilenet_v3_small']).gating == 'static'
+    assert train_imagenet.parse_args(['--arch', 'resnet50']).gating == 'dynamic'
+
+
+def test_a_model_that_cannot_run_at_the_crop_is_refused_before_any_folder(imagenet, tmp_path,
+                                                                          one_line_error):
+    error = one_line_error(run(imagenet, tmp_path / 'out', '--arch', 'vit_b_16'))
+    assert '--arch vit_b_16 at --crop-size 32 cannot run' in error
+    assert not (tmp_path / 'out').exists()

@@ -21,7 +21,6 @@ import torchvision
 
 import cifar_data
 import figures
-import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import run_folder as rf
@@ -114,8 +113,7 @@ def build(args, gated):
     """The CIFAR network of --arch: dense, or with its gates (ResNets, any torchvision
     classifier) or exits (DenseNets)."""
     if args.arch in ANY:
-        model = torchvision.models.get_model(args.arch, num_classes=classes(args))
-        model = model.to(args.device)
+        model = tl.torchvision_model(args.arch, num_classes=classes(args)).to(args.device)
         return gated_from(model, args) if gated else model.to(memory_format=torch.channels_last)
     depth = DEPTHS[args.arch]
     if args.arch.startswith('densenet'):
@@ -136,7 +134,7 @@ def gated_from(baseline, args):
     """The gated network that fine-tuning starts from: the dense weights, new gates."""
     if args.arch in ANY:
         example = torch.zeros(2, 3, 32, 32, device=args.device)
-        model = gumbel_any.gate_any(baseline, example, init_p=args.gate_init_p)
+        model = tl.gate_model(baseline, example, init_p=args.gate_init_p)
         return tl.sampling(model.to(memory_format=torch.channels_last), args)
     model = tl.sampling(build(args, gated=True), args)
     rf.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
@@ -179,14 +177,8 @@ def run_name(args, phase):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.evaluate:                   # the named run: argparse.Namespace of its settings
-        if args.gating == 'none':
-            raise UsageError('--evaluate re-evaluates gated runs; a dense baseline has no '
-                             'gates (its accuracy is baseline_acc in its final.json)')
-        first = argparse.Namespace(**{**vars(args), 't': (args.t or [0.5])[0]})
-        args = rf.settings_of_run(args, sys.argv[1:] if argv is None else argv,
-                                  Path(args.out) / run_name(first, 'gated'),
-                                  flags('evaluation', 'machine'))
+    if args.evaluate:
+        return evaluate_runs(args, sys.argv[1:] if argv is None else argv)
     device = tl.device_for(args.device)
     out = Path(args.out)
     dense_dir = out / run_name(args, 'dense')
@@ -211,17 +203,49 @@ def main(argv=None):
         settings=[k for k in DENSE if k not in flags('structure')])[0] == 'reuse'
     dirs = [out / run_name(run, 'gated') for run in runs]
     dirs += [dense_dir] * (not runs or not dense_done)
-    for d in dirs if args.evaluate else []:
-        if (d / f'final{tag(args)}.json').exists():
-            raise UsageError(f'{d} was evaluated with these settings already '
-                             f'(final{tag(args)}.json): change --tau, --recal-batches or --also')
-    if device.type == 'cpu' and not args.evaluate:
+    if args.arch in ANY:                           # before any folder: it runs, it gates
+        tl.check_model(build(args, gated=False), torch.zeros(2, 3, 32, 32, device=device),
+                       runs, f'--arch {args.arch}')
+    if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
     tl.use_machine(args, device)
     rf.ensure_writable(dirs, out)
     with rf.locked(dirs):
         rows = pipeline(args, runs, dense_dir, dense_done, device) + list(finished.values())
     if len(rows) > 1 or finished:
+        rf.print_summary(rows)
+    return rows
+
+
+def evaluate_runs(args, argv):
+    """--evaluate [RUN_DIR]: finished runs (RUN_DIR, or those this command names) evaluated
+    again with this command's evaluation flags, into files named by them; the run's final.json
+    gives its dense accuracy, so the dense folder need not be there."""
+    if args.gating == 'none' and not isinstance(args.evaluate, str):
+        raise UsageError('--evaluate re-evaluates gated runs; a dense baseline has no gates '
+                         '(its accuracy is baseline_acc in its final.json)')
+    dirs = [Path(args.evaluate)] if isinstance(args.evaluate, str) else [
+        Path(args.out) / run_name(argparse.Namespace(**{**vars(args), 't': t}), 'gated')
+        for t in args.t]
+    rows = []
+    for run_dir in dirs:
+        run, saved = rf.settings_of_run(args, argv, run_dir, flags('evaluation'),
+                                        'train_cifar.py')
+        row = rf.evaluated_before(run, saved, run_dir, flags('evaluation'))
+        if row is None:
+            free = flags('evaluation', 'machine')
+            rf.decide(run_dir, run, epochs_key='epochs', structure=flags('structure'),
+                      settings=[k for k in saved if k not in free and k in vars(run)])
+            device = tl.device_for(run.device)
+            tl.use_machine(run, device)
+            with rf.locked([run_dir]):
+                data = cifar_data.load(run.data_dir, run.synthetic, device, run.dataset)
+                base_acc = json.loads((run_dir / 'final.json').read_text())['baseline_acc']
+                torch.manual_seed(run.seed)
+                row = fine_tune(run, run_dir, build(run, gated=False), base_acc,
+                                data.subset(run.train_size), tl.autocast_for(device))
+        rows.append(row)
+    if len(rows) > 1:
         rf.print_summary(rows)
     return rows
 
@@ -240,9 +264,9 @@ def pipeline(args, runs, dense_dir, dense_done, device):
     if len(data.x_train) < max(sizes, default=0):
         raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch '
                          f'({max(sizes)}): lower --batch-size / --dense-batch-size')
-    if runs:  # the gated net's checks are cheap: first
+    if runs and args.loss == 'per-gate' and args.targets:  # cheap: before any training
         n_modules = len(gc.gates(build(args, gated=True)))
-        if args.loss == 'per-gate' and args.targets and len(args.targets) != n_modules:
+        if len(args.targets) != n_modules:
             raise UsageError(f'--targets must give one rate per gate module ({n_modules}), '
                              f'got {len(args.targets)}')
 
@@ -312,18 +336,18 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
         with autocast():
             rates = figures.per_class_rates(model, data.test_batches(), len(data.classes))
         rf.save_files(figures.class_rate_files(rates, data.classes, figures.gate_names(model)),
-                      run_dir, tag(args))
+                      run_dir, rf.evaluation_tag(args))
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
             row['table5'] = ge.exit_report(model, data.test_batches(size=500))
         print_exit_report(row['table5'])
     with tl.stage('export'):                                # 4. the pruned network
         pruned = rf.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
-                                 tag(args))
+                                 rf.evaluation_tag(args))
         if pruned is not None:
             row['pruned_acc'] = tl.evaluate(pruned.to(data.x_test.device), data, autocast)[0]
     rf.warn_if_missed(row, last)
-    rf.finish(row, run_dir, tag(args))
+    rf.finish(row, run_dir, rf.evaluation_tag(args))
     return row
 
 
@@ -334,14 +358,6 @@ def print_exit_report(report):
               f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
     print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
           f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")
-
-
-def tag(args):
-    """'' for the files of a training run; for --evaluate, the settings that name its files."""
-    if not args.evaluate:
-        return ''
-    return (f'-tau{args.tau:g}-recal{args.recal_batches}' + ''.join(f'-{s}' for s in args.also)
-            + (f'-round{args.round_to}' if args.round_to > 1 else ''))
 
 
 def cli(argv=None):

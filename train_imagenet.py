@@ -14,6 +14,7 @@ gates a physically pruned model. DDP switches on from torchrun's environment; --
 is the global batch. Checkpoints, logs and errors work as in train_cifar.py.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -25,7 +26,6 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel
 
 import figures
-import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
 import imagenet_data
@@ -56,9 +56,10 @@ def parser():
     s('--arch', default='resnet50', choices=ARCHS, metavar='ARCH',
       help='a torchvision classification model: ResNets take static or dynamic gates, any '
            'other model static gates on its prunable channel groups (gumbel_any)')
-    s('--gating', default='dynamic', choices=('static', 'dynamic', 'none'),
+    s('--gating', choices=('static', 'dynamic', 'none'),
       help='static (pruning, Table 2), dynamic (conditional, Table 1) or none (a dense '
-           'baseline to start from: --init)')
+           'baseline to start from: --init); default dynamic for the ResNets, static for '
+           'other models (their channel groups: gumbel_any)')
     s('--granularity', default='channel', choices=gc.GRANULARITIES,
       help='channel (filter) or layer (Table 4)')
     tl.add_gate_args(p)
@@ -83,6 +84,9 @@ def parser():
     m('--data-dir', default='imagenet', help='holds train/ and val/ in ImageFolder layout')
     m('--out', default='runs', help='runs are written in subfolders of this folder')
     m('--resume', action='store_true', help="continue this configuration's unfinished run")
+    m('--evaluate', metavar='RUN_DIR', help='re-evaluate a finished run with --tau / '
+      "--recal-batches; every other setting comes from the run's args.json; results go to new "
+      'files named by those settings (final-tau0.4-recal200.json, ...)')
     tl.add_machine_args(p.group['machine'])
     m('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
     return p
@@ -99,9 +103,12 @@ def parse_args(argv):
     args.t = None if args.gating == 'none' else args.t or 0.5
     shares = [(3, 10), (6, 10), (9, 10)]                    # AIG's every 30 of 100 epochs
     args.milestones = args.milestones or tl.milestones_at(args.epochs, *shares)
+    args.gating = args.gating or ('dynamic' if is_resnet(args.arch) else 'static')
     if not is_resnet(args.arch) and (args.gating == 'dynamic' or args.granularity != 'channel'):
-        raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for ResNets; '
-                         'other models take --gating static (channel groups)')
+        raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for the '
+                         'ResNets (here resnet18 ... resnet152, wide_resnet50_2 and '
+                         "wide_resnet101_2; train_cifar.py's resnet8 ... resnet110); other "
+                         'models take --gating static (their channel groups)')
     if args.aig_targets:
         if (args.arch, args.granularity, args.loss) != ('resnet50', 'layer', 'per-gate'):
             raise UsageError('--aig-targets needs --arch resnet50 --granularity layer '
@@ -163,7 +170,7 @@ def dense_network(args, classes, device):
         enum = torchvision.models.get_model_weights(args.arch)
         weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
     try:
-        dense = torchvision.models.get_model(args.arch, weights=weights, num_classes=classes)
+        dense = tl.torchvision_model(args.arch, weights=weights, num_classes=classes)
     except Exception as e:                                  # offline, or a broken cache
         raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
@@ -183,17 +190,30 @@ def run_name(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    device, rank, world, distributed, log = setup(args)
-    autocast = tl.autocast_for(device, args.amp)
-    run_dir = Path(args.out) / run_name(args)
     p = parser()
     free = p.dests('evaluation', 'machine')
+    run_dir = Path(args.out) / run_name(args)
+    if args.evaluate:                               # a finished run's settings, this machine's
+        run_dir = Path(args.evaluate)
+        args, saved = rf.settings_of_run(args, sys.argv[1:] if argv is None else argv, run_dir,
+                                         p.dests('evaluation'), 'train_imagenet.py')
+        row = rf.evaluated_before(args, saved, run_dir, p.dests('evaluation'))
+        if row is not None:
+            return row
+    device, rank, world, distributed, log = setup(args)
+    autocast = tl.autocast_for(device, args.amp)
     action, finished = rf.decide(run_dir, args, epochs_key='epochs',
                                  structure=p.dests('structure'), evaluation=p.dests('evaluation'),
                                  settings=[k for k in vars(args) if k not in free])
     if action == 'reuse':                           # the same command again: its results
         log(f'reusing the finished run in {run_dir}: {json.dumps(finished)}')
         return finished
+    if not is_resnet(args.arch) and not args.evaluate:   # before any folder: it runs, gates
+        example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
+        tl.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
+                                                         'init': None}), 10, device),
+                       example, args.gating != 'none',
+                       f'--arch {args.arch} at --crop-size {args.crop_size}')
     if rank == 0:
         rf.ensure_writable([run_dir], args.out)
     with rf.locked([run_dir] if rank == 0 else []):
@@ -205,7 +225,9 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     log('args:', json.dumps(vars(args)))
     torch.manual_seed(args.seed)
     train_loader, val_loader, names = imagenet_data.loaders(args, world, rank)
-    baseline = dense_network(args, len(names), device)
+    baseline = dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False, 'init': None})
+                             if args.evaluate else args, len(names), device)   # --evaluate:
+    # the architecture only; the run's own weights come from its last.pt
     if args.gating == 'none':                           # the dense baseline, trained here
         last = train(baseline, args, run_dir, (train_loader, val_loader), device, autocast,
                      (rank, world))
@@ -216,13 +238,20 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
             rf.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
             rf.finish(row, run_dir)
         return row
-    base_top1, base_top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
-    log(f'dense start: top-1 {base_top1:.2f}  top-5 {base_top5:.2f}')
+    if args.evaluate:                                   # its dense accuracy, from its row
+        final = json.loads((run_dir / 'final.json').read_text())
+        base_top1, base_top5 = final['baseline_acc'], final['baseline_top5']
+    else:
+        if not (args.pretrained or args.init) and rank == 0:
+            print('warning: gating a randomly initialized network (neither --pretrained nor '
+                  '--init): the paper gates a trained one (4.1)', file=sys.stderr)
+        base_top1, base_top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
+        log(f'dense start: top-1 {base_top1:.2f}  top-5 {base_top5:.2f}')
     x2 = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)   # example inputs
     if is_resnet(args.arch):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
-        model = gumbel_any.gate_any(baseline, x2, init_p=args.gate_init_p)
+        model = tl.gate_model(baseline, x2, init_p=args.gate_init_p)
     model = tl.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '
@@ -231,7 +260,13 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rank:                                    # the same weights, each process its own noise
         torch.manual_seed(tl.rank_seed(args.seed, rank))
-    last = train(model, args, run_dir, (train_loader, val_loader), device, autocast, (rank, world))
+    if args.evaluate:                                   # the trained, unrecalibrated net
+        ckpt = rf.load_checkpoint(run_dir / 'last.pt')
+        rf.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
+        last = ckpt['metrics']
+    else:
+        last = train(model, args, run_dir, (train_loader, val_loader), device, autocast,
+                     (rank, world))
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)
     label, recal = tl.recal_batches(iter(train_loader), args.recal_batches,
@@ -262,12 +297,12 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                 batches = ((imagenet_data.on_device(x, device), y) for x, y, _ in full)
                 rates = figures.per_class_rates(model, batches, len(names))
             rf.save_files(figures.class_rate_files(rates, names, figures.gate_names(model)),
-                          run_dir)
+                          run_dir, rf.evaluation_tag(args))
         with tl.stage('export'):
-            rf.save_exports(model, baseline, x2, run_dir, row)
+            rf.save_exports(model, baseline, x2, run_dir, row, rf.evaluation_tag(args))
         rf.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
                               'worth more than another' if args.synthetic else 'NOTES.md 20')
-        rf.finish(row, run_dir)
+        rf.finish(row, run_dir, rf.evaluation_tag(args))
     return row
 
 
