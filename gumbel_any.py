@@ -110,7 +110,7 @@ class _Tracer(fx.Tracer):
     self.training), and the modules named in `ignore`; it remembers the innermost module
     that failed to trace."""
 
-    def __init__(self, ignore):
+    def __init__(self, ignore=()):           # a default: torch.load re-creates it bare
         super().__init__()
         self.ignore = ignore
         self.failed = None
@@ -663,7 +663,9 @@ class GatedNet(nn.Module):
         keep = [g.keep(gc.gate_probability(g.logits)) for g in self.gates]
         device = self.layers[0].ins.device if len(self.layers) else None
         keep = torch.cat(keep + [torch.ones(1, dtype=torch.bool, device=device)])
-        x = torch.zeros(1, *self.input_shape, device=keep.device)
+        param = next(self.net.parameters(), None)               # the net's dtype: float64 too
+        x = torch.zeros(1, *self.input_shape, device=keep.device,
+                        dtype=param.dtype if param is not None else None)
         return _prune(fx.GraphModule(self.net, self.graph()), self.layers, self.norms, keep, x)
 
 

@@ -52,7 +52,9 @@ def run_cli(main, argv=None):
         where = f' ({e.filename})' if e.filename else ''
         print(f'error: {e.strerror or e}{where}', file=sys.stderr)
         return 1
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:                               # CUDA's or the CPU's OOM
+        if not out_of_memory(e):
+            raise
         print('error: out of memory: lower --batch-size (or --dense-batch-size); the last '
               'checkpoint is kept', file=sys.stderr)
         return 1
@@ -63,6 +65,14 @@ def run_cli(main, argv=None):
               f'{os.path.basename(main.__code__.co_filename)} {again}', file=sys.stderr)
         return 130
     return 0
+
+
+def out_of_memory(error):
+    """Whether an exception says memory ran out: CUDA's OutOfMemoryError, or the RuntimeError
+    of the CPU allocator (which is not one)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("can't allocate memory" in str(error)
+                                             or 'DefaultCPUAllocator' in str(error)))
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -614,11 +614,14 @@ def test_damaged_runs_out_of_memory_and_unwritable_exports_end_in_one_line(
     assert 'pruned.pt2' in one_line_error(run(cifar, tmp_path / 'b', '--init', str(dense_ckpt)),
                                           status=1)
 
-    def no_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
-    monkeypatch.setattr(tl.TrainStep, '__call__', no_memory)
-    error = one_line_error(run(cifar, tmp_path / 'c', *same), status=1)
-    assert 'out of memory in epoch 1' in error and '--batch-size' in error
+    for error in (torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+                  RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 8589934592 bytes")):
+        def no_memory(*args, error=error, **kwargs):       # CUDA's, and the CPU's (issue 32)
+            raise error
+        monkeypatch.setattr(tl.TrainStep, '__call__', no_memory)
+        line = one_line_error(run(cifar, tmp_path / f'c{type(error).__name__}', *same), status=1)
+        assert 'out of memory in epoch 1' in line and '--batch-size' in line
 
 
 @pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])

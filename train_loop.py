@@ -202,9 +202,11 @@ class TrainStep:
             rng = _rng_state()
             try:
                 out = self._step(xb, yb, progress)
-            except (torch.OutOfMemoryError, KeyboardInterrupt, RunError, UsageError):
+            except (KeyboardInterrupt, RunError, UsageError):
                 raise
             except Exception as e:                          # compiling or a compiled call
+                if rf.out_of_memory(e):
+                    raise
                 self._eagerly(e)
                 _set_rng_state(rng)                         # the same noise, the same batch
                 self.opt.zero_grad(set_to_none=True)
@@ -428,7 +430,9 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
             best = max(best, test['test_acc']) if improved else best
     except KeyboardInterrupt:
         raise rf.Interrupted(f'in epoch {epoch + 1}', saved) from None
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:                               # CUDA's or the CPU's OOM
+        if not rf.out_of_memory(e):
+            raise
         raise RunError(f'out of memory in epoch {epoch + 1}: lower --batch-size (or '
                        '--dense-batch-size); the last checkpoint is kept') from None
     return last
@@ -534,7 +538,9 @@ def stage(label, log=print):
     log(f'{label} ...', flush=True)
     try:
         yield
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:
+        if not rf.out_of_memory(e):
+            raise
         raise RunError(f'out of memory in: {label}: lower --batch-size; the checkpoints are '
                        'kept') from None
     except KeyboardInterrupt:
