@@ -2,6 +2,7 @@
 channel groups are found, FLOPs(Z) is the pruned net's counted MACs exactly, and the pruned
 net computes the thresholded gated net."""
 import collections
+import io
 
 import pytest
 import torch
@@ -122,6 +123,10 @@ def test_a_users_own_cnn_gates_with_coupled_channels_and_exports():
     assert torch.allclose(folded(x), pruned(x), atol=1e-5)
     program = torch.export.export(folded, (x,))
     assert torch.allclose(program.module()(x), pruned(x), atol=1e-5)
+    buffer = io.BytesIO()                                   # pruned.pt: saved and loaded again
+    torch.save(pruned, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), pruned(x))
 
 
 def test_flops_of_any_cnn_are_differentiable_and_the_paper_losses_apply():
