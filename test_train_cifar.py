@@ -802,3 +802,25 @@ def test_evaluate_names_what_it_cannot_evaluate_and_needs_no_dense_folder(
                             '--data-dir', str(cifar)]) == 0
     assert 'CPU threads: 1' in capsys.readouterr().out
     assert (run_dir / 'final-tau0.45-recal2.json').exists()
+
+
+def test_the_digits_writer_writes_what_both_scripts_read(tmp_path, monkeypatch):
+    """docs/digits.py (issue 32: README's real-image commands from a clone), with stand-in
+    8 x 8 images where scikit-learn is not installed: CIFAR's format as cifar_data reads it
+    (297 test images, five training batches), and an ImageFolder of train/ and val/."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('digits', os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), 'docs', 'digits.py'))
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((400, 8, 8)), rng.integers(0, 10, 400)
+    monkeypatch.setattr(digits, 'digits', lambda: (images, labels, np.arange(400)))
+    folder = digits.as_cifar(tmp_path / 'cifar')
+    x, y, xt, yt = cifar_data.read_cifar(folder)
+    assert x.shape == (103, 3, 32, 32) and xt.shape == (297, 3, 32, 32)
+    assert yt.tolist() == labels[:297].tolist() and len(list(folder.glob('data_batch_*'))) == 5
+    assert (x[:, 1].int() + x[:, 0].int() - 255).abs().max() <= 1  # x and 1 - x, rounded
+    root = digits.as_imagefolder(tmp_path / 'if')
+    assert len(list((root / 'val').rglob('*.jpg'))) == 297
+    assert len(list((root / 'train').rglob('*.jpg'))) == 103
