@@ -66,13 +66,42 @@ def read_run(folder):
                                           or not isinstance(row[key], (int, float))):
             raise BadInput(f'{folder}/final.json: {key} must be a number, got {row[key]!r}')
     row['synthetic'] = folder.name.startswith('synthetic-')
+    row['data'] = data_of(folder, row)
     return folder, row
+
+
+PAPER_DATA = {'resnet56': ('CIFAR-10', 10_000), 'resnet110': ('CIFAR-10', 10_000),
+              'resnet18': ('ImageNet', 50_000), 'resnet34': ('ImageNet', 50_000),
+              'resnet50': ('ImageNet', 50_000)}      # the paper's data set and its test images
+
+
+def data_of(folder, row):
+    """The data a run used, in words, from its args.json (and its final row's test count)."""
+    try:
+        args = json.loads((folder / 'args.json').read_text())
+    except (OSError, ValueError):
+        args = {}
+    if args.get('synthetic') or row['synthetic']:
+        return 'synthetic data'
+    name = 'an ImageFolder' if 'crop_size' in args else args.get('dataset', 'cifar10')
+    count = f", {row['test_images']:,} test images" if row.get('test_images') else ''
+    return f"{name} from {args.get('data_dir', '?')}{count}"
+
+
+def paper_beside(arch, runs):
+    """The paper's data set when every run used it (name and test-set size), else None."""
+    name, images = PAPER_DATA.get(arch, (None, None))
+    same = name and all(r.get('test_images') == images and not r['synthetic'] and
+                        (name == 'ImageNet') == r['data'].startswith('an ImageFolder')
+                        for _, r in runs)
+    return name if same else None
 
 
 def fig3(plt, arch, runs, out):
     fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=100)
     markers = 'xP^vsD<>'
-    for k, (label, macs, acc) in enumerate(PAPER.get(arch, [])):   # in the legend: no overlaps
+    paper = paper_beside(arch, runs)                # the paper's points beside its data only
+    for k, (label, macs, acc) in enumerate(PAPER.get(arch, []) if paper else []):
         ax.scatter(macs, acc, marker=markers[k % len(markers)], color='gray',
                    label=f'paper: {label}')
     series = {}                                     # one frontier per configuration, over its t
@@ -95,10 +124,10 @@ def fig3(plt, arch, runs, out):
     ax.scatter(
         100, baseline, marker='*', s=150, color='black', label=f'dense baseline ({baseline:.2f})'
     )
-    synthetic = ', synthetic data' if any(row['synthetic'] for _, row in runs) else ''
+    data = '; '.join(sorted({row['data'] for _, row in runs}))
     ax.set(xlabel='MACs, % of the dense baseline', ylabel='top-1 accuracy (%)')
-    ax.set_title(f'{arch}: our runs{synthetic}' + (' beside the paper (CIFAR-10)'
-                                                   if arch in PAPER else ''), fontsize=9)
+    ax.set_title(f'{arch} on {data}' + (f'\nbeside the paper ({paper})' if paper else ''),
+                 fontsize=9)
     ax.margins(x=0.08, y=0.15)
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))   # beside the data
     fig.tight_layout()

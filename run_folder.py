@@ -470,11 +470,11 @@ def save_exports(model, baseline, x, run_dir, row, tag=''):
 def print_summary(rows):
     """One line per target at the end of a run with several: t, the MACs delivered, gates
     polarized, accuracy, the pruned net's accuracy, and a mark where t was missed."""
-    print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned %':>8}  (dense "
+    print(f"{'t':>5} {'MACs %':>7} {'polar':>6} {'acc %':>7} {'pruned acc %':>12}  (dense "
           f"{rows[0]['baseline_acc']:.2f}%)")
     for r in sorted(rows, key=lambda r: r['t']):
         print(f"{r['t']:5.2f} {r['macs_percent']:7.2f} {r['polarized']:6.2f} "
-              f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):8.2f}"
+              f"{r['gated_acc']:7.2f} {r.get('pruned_acc', math.nan):12.2f}"
               + ('  <- missed t by more than 3 points' if missed_t(r) else ''))
 
 
@@ -498,10 +498,15 @@ def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
               f"{row['train_macs_percent']:.1f}%; {why})", file=sys.stderr)
 
 
+def show(row, log=print):
+    """A final row as one 'final:' line."""
+    log('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                            for k, v in row.items() if not isinstance(v, dict)))
+
+
 def finish(row, run_dir, tag=''):
     save_atomic(to_json(row, indent=1), run_dir / f'final{tag}.json')
-    print('final:', '  '.join(f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
-                              for k, v in row.items() if not isinstance(v, dict)))
+    show(row)
     files = sorted(f.name for f in run_dir.iterdir() if f.is_file() and f.name != '.lock'
                    and tag in f.name)                      # --evaluate: only its own files
     print(f'written to {run_dir}: {", ".join(files)}')

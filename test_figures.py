@@ -114,3 +114,26 @@ def test_mistyped_final_json_gives_one_line(tmp_path, one_line_error):
     (static / 'final.json').write_text(json.dumps({**row, 'macs_percent': '50.1'}))
     assert 'macs_percent must be a number' in one_line_error(
         figures.main([str(static), '--out', str(tmp_path / 'f')]))
+
+
+def test_fig3_says_which_data_and_shows_the_paper_only_beside_its_own(tmp_path):
+    """Issue 32: a resnet56 run on a 297-image folder in CIFAR's format is titled with that
+    data and drawn without the paper's CIFAR-10 points; a run with CIFAR-10's 10,000 test
+    images from cifar10 gets them."""
+    pytest.importorskip('matplotlib')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    runs = []
+    for name, images in (('digits', 297), ('cifar', 10_000)):
+        run = tmp_path / name / 'resnet56-static-channel-flops-t0.5-s0'
+        run.mkdir(parents=True)
+        (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'data_dir': name}))
+        (run / 'final.json').write_text(json.dumps(dict(
+            arch='resnet56', gating='static', granularity='channel', loss='flops', t=0.5,
+            tau=0.5, baseline_acc=94.0, gated_acc=93.0, macs_percent=50.0, test_images=images)))
+        runs.append(figures.read_run(run))
+    for run, paper in ((runs[0], None), (runs[1], 'CIFAR-10')):
+        assert figures.paper_beside('resnet56', [run]) == paper
+    assert 'digits, 297 test images' in runs[0][1]['data']
+    figures.fig3(plt, 'resnet56', [runs[0]], tmp_path)         # draws, titled with its data

@@ -824,3 +824,14 @@ def test_the_digits_writer_writes_what_both_scripts_read(tmp_path, monkeypatch):
     root = digits.as_imagefolder(tmp_path / 'if')
     assert len(list((root / 'val').rglob('*.jpg'))) == 297
     assert len(list((root / 'train').rglob('*.jpg'))) == 103
+
+
+def test_a_dense_folder_records_the_dense_run_and_the_summary_says_accuracy(cifar, tmp_path,
+                                                                           capsys):
+    """Issue 32's wording: the dense folder a gated command trains records a dense run
+    (gating none, no t), and the table of several targets heads the pruned net's column as
+    an accuracy."""
+    assert run(cifar, tmp_path, '--t', '0.4', '0.6') == 0
+    dense = json.loads((tmp_path / 'dense-resnet8-s0' / 'args.json').read_text())
+    assert dense['gating'] == 'none' and dense['t'] == []
+    assert 'pruned acc %' in capsys.readouterr().out

@@ -334,3 +334,16 @@ def test_a_model_that_cannot_run_at_the_crop_is_refused_before_any_folder(imagen
     error = one_line_error(run(imagenet, tmp_path / 'out', '--arch', 'vit_b_16'))
     assert '--arch vit_b_16 at --crop-size 32 cannot run' in error
     assert not (tmp_path / 'out').exists()
+
+
+def test_reuse_prints_the_final_line_and_the_run_folder_comes_first(imagenet, tmp_path, capsys):
+    """Issue 32's wording: the run folder is said before training; the same command again
+    prints the finished run's 'final:' line as train_cifar.py does, not raw JSON."""
+    capsys.readouterr()
+    assert run(imagenet, tmp_path) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f'run folder: {tmp_path / RUN}' in lines[:3]            # before 'args:' and training
+    assert run(imagenet, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert 'reusing the finished run in' in out and '\nfinal: arch resnet18' in out
+    assert '{' not in out

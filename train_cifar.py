@@ -87,7 +87,8 @@ def parse_args(argv):
     tl.device_for(args.device)
     if args.arch in ANY and (args.gating not in (None, 'static', 'none') or args.granularity):
         raise UsageError(f'--arch {args.arch} takes --gating static (its channel groups, '
-                         'gumbel_any) or none; dynamic and layer gates are for the ResNets')
+                         'gumbel_any) or none; dynamic and layer gates are for this '
+                         "script's resnet8 ... resnet110 (and train_imagenet.py's ResNets)")
     if args.arch in DEPTHS and args.arch.startswith('densenet'):  # early exits (5)
         if args.gating not in (None, 'dynamic', 'none') or args.granularity is not None:
             raise UsageError('the DenseNets have early-exit gates: --gating dynamic (or none), '
@@ -148,6 +149,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
     epochs = args.dense_epochs if first else args.epochs
     batch_size = args.dense_batch_size if first else args.batch_size
     milestones = tl.milestones_at(epochs, (1, 2), (3, 4)) if first else args.milestones
+    if first:                   # its folder records the dense run, whatever command made it
+        args = argparse.Namespace(**{**vars(args), 'gating': 'none', 't': [], 'init': None})
     last = tl.fit_images(
         model, data, args, epochs=epochs, batch_size=batch_size,
         weight_decay=args.dense_weight_decay if first else args.weight_decay,
@@ -317,6 +320,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     with tl.stage(f'evaluation at threshold {args.tau}'):
         acc, rate, macs, polar = tl.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
+               test_images=len(data.x_test),
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
                activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0,
@@ -341,7 +345,8 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
         with autocast():
             row['table5'] = ge.exit_report(model, data.test_batches(size=500))
         print_exit_report(row['table5'])
-    with tl.stage('export'):                                # 4. the pruned network
+    static = args.gating == 'static'                            # 4. the pruned network
+    with tl.stage('export' if static else 'export of final.pt (dynamic gates: no pruned net)'):
         pruned = rf.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
                                  rf.evaluation_tag(args))
         if pruned is not None:

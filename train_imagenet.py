@@ -206,8 +206,10 @@ def main(argv=None):
                                  structure=p.dests('structure'), evaluation=p.dests('evaluation'),
                                  settings=[k for k in vars(args) if k not in free])
     if action == 'reuse':                           # the same command again: its results
-        log(f'reusing the finished run in {run_dir}: {json.dumps(finished)}')
+        log(f'reusing the finished run in {run_dir}')
+        rf.show(finished, log)
         return finished
+    log(f'run folder: {run_dir}')
     if not is_resnet(args.arch) and not args.evaluate:   # before any folder: it runs, gates
         example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
         tl.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
@@ -285,7 +287,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                gated_acc=top1, macs_percent=macs,                         # top-5 beside top-1
                train_macs_percent=last['macs'] if last else float('nan'), activation_rate=rate,
                polarized=polar, epochs=last['epoch'] if last else 0, baseline_top5=base_top5,
-               gated_top5=top5)
+               gated_top5=top5, test_images=len(val_loader.dataset.dataset))   # all shards
     if args.gating == 'static':                                 # every rank: a shared evaluation
         row['pruned_acc'] = evaluate(ge.prune(model), val_loader, device, autocast, distributed)[0]
     if rank == 0:
@@ -298,7 +300,8 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                 rates = figures.per_class_rates(model, batches, len(names))
             rf.save_files(figures.class_rate_files(rates, names, figures.gate_names(model)),
                           run_dir, rf.evaluation_tag(args))
-        with tl.stage('export'):
+        with tl.stage('export' if args.gating == 'static' else
+                      'export of final.pt (dynamic gates: no pruned net)'):
             rf.save_exports(model, baseline, x2, run_dir, row, rf.evaluation_tag(args))
         rf.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
                               'worth more than another' if args.synthetic else 'NOTES.md 20')
