@@ -48,7 +48,8 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def parse_args(argv):
+def parser():
+    """The command line, its flags in run_folder.Parser's four groups."""
     p = rf.Parser(description=__doc__.splitlines()[0])
     s, t, e, m = (p.group[g].add_argument for g in p.GROUPS)
     s('--arch', default='resnet20', choices=list(DEPTHS), help='a CIFAR ResNet')
@@ -79,7 +80,11 @@ def parse_args(argv):
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
     tl.add_machine_args(p.group['machine'])
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    args = parser().parse_args(argv)
     args.select_epochs = args.select_epochs or max(1, args.epochs // 3)
     if args.select_epochs >= args.epochs and 'select' in args.arms:
         raise UsageError(f'--select-epochs must be fewer than --epochs ({args.epochs})')

@@ -835,3 +835,26 @@ def test_a_dense_folder_records_the_dense_run_and_the_summary_says_accuracy(cifa
     dense = json.loads((tmp_path / 'dense-resnet8-s0' / 'args.json').read_text())
     assert dense['gating'] == 'none' and dense['t'] == []
     assert 'pruned acc %' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet', 'compare'])
+def test_no_flag_a_user_meets_ends_in_a_traceback(script, tmp_path, monkeypatch, capsys):
+    """Issue 32: every flag of --help, given a value it cannot take, is one line with exit
+    status 2 (or 1 for a run that cannot go on), never a traceback; the scripts start from a
+    scratch folder so that a value taken as a folder name lands there."""
+    import compare
+    import train_imagenet
+    module = {'train_cifar': train_cifar, 'train_imagenet': train_imagenet,
+              'compare': compare}[script]
+    monkeypatch.chdir(tmp_path)
+    for action in module.parser()._actions:
+        if not action.option_strings or action.dest in ('help', 'out', 'data_dir'):
+            continue                                # any name is a folder: a run would start
+        flag = action.option_strings[0]
+        value = [f'{flag}=bogus'] if action.nargs == 0 else [flag, 'bogus']
+        capsys.readouterr()
+        code = rf.run_cli(module.main, ['--device', 'cpu', '--synthetic', *value]
+                          if flag not in ('--device', '--synthetic') else value)
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err and code in (0, 1, 2), (flag, err)
+        assert code == 0 or [ln for ln in err.splitlines() if ln.startswith('error: ')], flag
