@@ -14,9 +14,15 @@ Reading map, in the paper's order (section -> where it lives here):
     4.4       channel vs layer granularity          the blocks' granularity='channel'/'layer'
     5         DenseNet early exits                  DenseNetExits, exit_net_macs
 
+    model = resnet56(gating='static')                     # dense weights load (strict=False)
+    logits, info = model(x)                               # training: gates sampled per image
+    loss = F.cross_entropy(logits, y) + flops_loss(info, t=0.5)
+    set_inference(model, 'threshold'); model.eval()       # Z = 1 iff p > 0.5 (3.3)
+    recalibrate_bn(model, batches)                        # 4.1, then evaluate
+
 The file itself runs bottom-up, each part using only what is above it: estimator, gates,
 blocks, FLOPs(Z), networks, losses, training settings, inference, BN recalibration, early
-exits. A gated network returns (logits, GateInfo), a dense one logits. Decisions Z multiply
+exits; what is not in the paper sits under its own banner. A gated network returns (logits, GateInfo), a dense one logits. Decisions Z multiply
 activations after BN and ReLU, so an off channel adds exactly zero downstream: the masked
 network computes what a physically pruned one would (gumbel_export.py prunes it).
 """
@@ -24,7 +30,7 @@ import contextlib
 import copy
 import itertools
 import math
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +38,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'INIT_P', 'POLAR', 'straight_through_gumbel', 'gate_probability', 'Decision',
-    'StaticGate', 'DynamicGate', 'gates', 'ShortcutA', 'BasicBlock', 'Bottleneck',
+    'StaticGate', 'DynamicGate', 'gates', 'GATE_NAMES', 'decide', 'ShortcutA', 'BasicBlock',
+    'Bottleneck',
     'conv_macs', 'branch_convs', 'basic_block_macs', 'bottleneck_macs', 'block_macs',
     'resnet_macs', 'GateInfo', 'split_output', 'ResNet', 'resnet_cifar', 'resnet20',
     'resnet32', 'resnet44', 'resnet56', 'resnet110', 'gate_resnet', 'batch_activation_loss',
@@ -201,16 +208,13 @@ def _mask(x, decision):
     return x if decision is None else x * decision.z[:, :, None, None].to(x.dtype)
 
 
-def _decide(block, x, names):
-    """Run the block's gates among `names` on its input -> {name: Decision}."""
-    return {n: g(x) for n in names if (g := getattr(block, n, None)) is not None}
+GATE_NAMES = ('gate1', 'gate2', 'gate')   # a block's gates in GateInfo order (None: unused)
 
 
-def _residual(block, x, branch, layer_decision):
-    """ReLU(shortcut(x) + z * branch), z (B, 1) the layer gate's; None: no layer gate.
-    AIG's placement of the layer gate (NOTES.md 6)."""
-    identity = x if block.downsample is None else block.downsample(x)
-    return block.relu(_mask(branch, layer_decision) + identity)
+def decide(block, x) -> Mapping[str, Decision]:
+    """The decisions of a block's gates on its input x: {name: Decision}, in GATE_NAMES order
+    (the order of GateInfo.z); a gate that is None (unused, or dropped) is all on."""
+    return {name: gate(x) for name in GATE_NAMES if (gate := getattr(block, name)) is not None}
 
 
 class ShortcutA(nn.Module):
@@ -248,16 +252,17 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        if granularity == 'channel':
-            self.gate1 = _make_gate(gating, inplanes, planes, init_p)
-        else:
-            self.gate = _make_gate(gating, inplanes, 1, init_p)
+        channel = granularity == 'channel'
+        self.gate1 = _make_gate(gating, inplanes, planes, init_p) if channel else None
+        self.gate2 = None
+        self.gate = None if channel else _make_gate(gating, inplanes, 1, init_p)
 
-    def forward(self, x):
-        d = _decide(self, x, ('gate1', 'gate'))                 # x (B, C_in, H, W)
-        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))    # (B, planes, H', W')
-        out = self.bn2(self.conv2(out))                                    # (B, planes, H', W')
-        return _residual(self, x, out, d.get('gate')), d
+    def forward(self, x):                                       # x (B, C_in, H, W)
+        d = decide(self, x)
+        out = self.relu(self.bn1(self.conv1(x)))                # (B, planes, H', W')
+        out = self.bn2(self.conv2(_mask(out, d.get('gate1'))))  # (B, planes, H', W')
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(_mask(out, d.get('gate')) + identity), d   # layer gate: AIG's place
 
 
 class Bottleneck(nn.Module):
@@ -279,20 +284,20 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        if granularity == 'channel':
-            # both read the block input: every decision is known before the block runs, so
-            # inference can skip work (NOTES.md 4)
-            self.gate1 = _make_gate(gating, inplanes, width, init_p)
-            self.gate2 = _make_gate(gating, inplanes, width, init_p)
-        else:
-            self.gate = _make_gate(gating, inplanes, 1, init_p)
+        channel = granularity == 'channel'
+        # both channel gates read the block input: every decision is known before the block
+        # runs, so inference can skip work (NOTES.md 4)
+        self.gate1 = _make_gate(gating, inplanes, width, init_p) if channel else None
+        self.gate2 = _make_gate(gating, inplanes, width, init_p) if channel else None
+        self.gate = None if channel else _make_gate(gating, inplanes, 1, init_p)
 
-    def forward(self, x):
-        d = _decide(self, x, ('gate1', 'gate2', 'gate'))        # x (B, C_in, H, W)
-        out = _mask(self.relu(self.bn1(self.conv1(x))), d.get('gate1'))    # (B, width, H, W)
-        out = _mask(self.relu(self.bn2(self.conv2(out))), d.get('gate2'))  # (B, width, H', W')
-        out = self.bn3(self.conv3(out))                                    # (B, 4 planes, H', W')
-        return _residual(self, x, out, d.get('gate')), d
+    def forward(self, x):                                       # x (B, C_in, H, W)
+        d = decide(self, x)
+        out = self.relu(self.bn1(self.conv1(x)))                # (B, width, H, W)
+        out = self.relu(self.bn2(self.conv2(_mask(out, d.get('gate1')))))  # (B, width, H', W')
+        out = self.bn3(self.conv3(_mask(out, d.get('gate2'))))  # (B, 4 planes, H', W')
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(_mask(out, d.get('gate')) + identity), d   # layer gate: AIG's place
 
 
 # ----------------------------------------------------------------------------- FLOPs(Z) (3.4)
@@ -345,7 +350,9 @@ def basic_block_macs(block, sizes, decisions):
 def bottleneck_macs(block, sizes, decisions):
     """A Bottleneck's branch, n1 and n2 the channels gate1 and gate2 keep:
         conv_macs(conv1, n_out=n1) [n2 > 0] + conv_macs(conv2, n1, n2)
-            + conv_macs(conv3, n_in=n2) [n1 > 0]"""
+            + conv_macs(conv3, n_in=n2) [n1 > 0]  +  n2 C_out [n1 = 0, dynamic gates]
+    (with gate1 empty, conv2's output is a constant; dynamic gates still run conv3 on it,
+    1 x 1; a static net's prune folds it into a bias)"""
     n1, n2 = _on(decisions, 'gate1'), _on(decisions, 'gate2')
     any1, any2 = (1 if n is None else (n > 0).double() for n in (n1, n2))
     macs = (conv_macs(block.conv1, sizes[0], n_out=n1) * any2     # gate2 empty: conv1 unused
@@ -561,15 +568,6 @@ def polarized(p):
     return (p < POLAR) | (p > 1 - POLAR)
 
 
-def polarization_loss(info):
-    """Deviation (NOTES.md 20): each logit difference's mean distance from polarization.
-        mean over gates (and samples) of max(0, logit(1 - POLAR) - |w1 - w0|)
-    Every undecided gate moves toward its nearer pole at one pace, where Var(Q) of Property 1
-    weighs a gate by (its MACs / MaxFLOPs)^2 and its 4p(1 - p) fades near the poles."""
-    p = torch.cat(info.p, 1).clamp(1e-6, 1 - 1e-6)              # a finite logit, 0 gradient
-    return F.relu(math.log((1 - POLAR) / POLAR) - (torch.log(p) - torch.log1p(-p)).abs()).mean()
-
-
 # ----------------------------------------------------------------------------- training
 
 def param_groups(model, lr, weight_decay=1e-4, gate_decay=20.0, gate_lr_mult=1.0):
@@ -605,6 +603,18 @@ def set_sampling(model, soft=False, temperature=1.0, per_batch=False):
         if isinstance(g, StaticGate):
             g.per_batch = per_batch
     return model
+
+
+# ----------------------------------------------------------------------------- not in the paper
+# Our deviations that the training recipe uses (NOTES.md, deviations 17-20).
+
+def polarization_loss(info):
+    """Deviation (NOTES.md 20): each logit difference's mean distance from polarization.
+        mean over gates (and samples) of max(0, logit(1 - POLAR) - |w1 - w0|)
+    Every undecided gate moves toward its nearer pole at one pace, where Var(Q) of Property 1
+    weighs a gate by (its MACs / MaxFLOPs)^2 and its 4p(1 - p) fades near the poles."""
+    p = torch.cat(info.p, 1).clamp(1e-6, 1 - 1e-6)              # a finite logit, 0 gradient
+    return F.relu(math.log((1 - POLAR) / POLAR) - (torch.log(p) - torch.log1p(-p)).abs()).mean()
 
 
 # ----------------------------------------------------------------------------- inference
