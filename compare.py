@@ -248,7 +248,7 @@ def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, 
 
 def keeps_of(gated):
     """Each static gate's channels on under threshold inference (3.3)."""
-    return [g.keep(gc.gate_probability(g.logits)).cpu() for g in gc.gates(gated)]
+    return [g.kept().cpu() for g in gc.gates(gated)]
 
 
 def reinit(net):

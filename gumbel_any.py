@@ -51,8 +51,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 try:                                                    # beside gumbel_channels, or in a package
     from . import gumbel_channels as gc
+    from . import gumbel_export as ge
 except ImportError:
     import gumbel_channels as gc
+    import gumbel_export as ge
 
 __all__ = ['gate_any', 'GatedNet', 'any_macs', 'conv_linear_macs']
 
@@ -96,12 +98,6 @@ def _is_norm(m):
 
 def _is_layer(m):
     return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-
-
-def _kind(m):
-    if isinstance(m, nn.Linear):
-        return 'linear'
-    return 'transposed' if m.transposed else 'conv'
 
 
 class _Tracer(fx.Tracer):
@@ -285,7 +281,7 @@ class _Analysis:
             if target in self.ignore:
                 return self.barrier(id_args, value, f'ignore={target!r}')
             if _is_layer(module):
-                return self.layer(target, node, _kind(module), x, value, module.weight,
+                return self.layer(target, node, ge.kind(module), x, value, module.weight,
                                   getattr(module, 'groups', 1))
             if _is_norm(module):
                 channels = self.ids.per_index(x, 1)
@@ -660,7 +656,7 @@ class GatedNet(nn.Module):
         """Physical pruning (3.1, 3.3): a plain module (fx.GraphModule) without the off
         channels of threshold inference (each gate's tau), in evaluation mode, computing
         what this network computes in evaluation mode; this network is left as it was."""
-        keep = [g.keep(gc.gate_probability(g.logits)) for g in self.gates]
+        keep = [g.kept() for g in self.gates]
         device = self.layers[0].ins.device if len(self.layers) else None
         keep = torch.cat(keep + [torch.ones(1, dtype=torch.bool, device=device)])
         param = next(self.net.parameters(), None)               # the net's dtype: float64 too
@@ -892,78 +888,6 @@ def _inside(q, p):
 
 # ----------------------------------------------------------------------------- pruning
 
-class _Constant(nn.Module):
-    """What a conv or linear layer with no input channel left computes: its bias (or 0) at
-    every output position, for out_channels channels (a conv keeps its output size)."""
-
-    def __init__(self, layer, bias, out_channels):
-        super().__init__()
-        self.kind = _kind(layer)
-        if self.kind != 'linear':
-            self.geometry = [layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-                             layer.output_padding]
-        self.register_buffer('bias', torch.zeros(out_channels) if bias is None else bias.clone())
-
-    def forward(self, x):
-        if self.kind == 'linear':               # contiguous: later ops may work in place
-            return self.bias.to(x.dtype).expand(*x.shape[:-1], len(self.bias)).contiguous()
-        k, s, p, d, op = self.geometry
-        size = []
-        for i, n in enumerate(x.shape[2:]):
-            pad = 0 if p == 'valid' else p[i] if p != 'same' else None
-            if self.kind == 'transposed':
-                size.append((n - 1) * s[i] - 2 * pad + d[i] * (k[i] - 1) + op[i] + 1)
-            else:
-                size.append(n if pad is None else (n + 2 * pad - d[i] * (k[i] - 1) - 1) // s[i] + 1)
-        shape = (1, -1) + (1,) * len(size)
-        return self.bias.to(x.dtype).view(shape).expand(x.shape[0], -1, *size).contiguous()
-
-
-def _with(module, **tensors):
-    """A copy of module whose named parameters or buffers are replaced (same kind)."""
-    new = copy.copy(module)
-    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
-    for name, t in tensors.items():
-        if name in module._parameters:
-            new._parameters[name] = None if t is None else nn.Parameter(
-                t.clone(), requires_grad=module._parameters[name].requires_grad)
-        else:
-            new._buffers[name] = t.clone()
-    return new
-
-
-def _sliced(layer, keep_in, keep_out, groups):
-    """A conv (any dimension, transposed) or linear layer, or a subclass, with only the kept
-    input and output channels; a grouped conv keeps whole groups."""
-    kind, w = _kind(layer), layer.weight
-    bias = None if layer.bias is None else layer.bias[keep_out]
-    if groups == 1:
-        w = w[keep_out][:, keep_in] if kind != 'transposed' else w[keep_in][:, keep_out]
-    else:                                                  # whole groups
-        w = w[keep_out] if kind == 'conv' else w[keep_in]
-        groups = int(keep_out.view(groups, -1)[:, 0].sum())
-    n_in, n_out = int(keep_in.sum()), int(keep_out.sum())
-    if n_in == 0 or n_out == 0:
-        return _Constant(layer, bias, n_out)
-    new = _with(layer, weight=w, bias=bias)
-    if kind == 'linear':
-        new.in_features, new.out_features = n_in, n_out
-    else:
-        new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
-    return new
-
-
-def _sliced_bn(bn, keep):
-    if not keep.any():
-        return nn.Identity()                               # a tensor with no channel left
-    new = _with(bn, **{k: getattr(bn, k)[keep] for k in ('weight', 'bias', 'running_mean',
-                                                         'running_var')
-                       if isinstance(getattr(bn, k, None), torch.Tensor)})
-    if hasattr(new, 'num_features'):
-        new.num_features = int(keep.sum())
-    return new
-
-
 def _module_of_call(gm, node):
     """The nn module computing an F.conv*d / F.linear call on module parameters."""
     call = _bound(node)
@@ -983,7 +907,7 @@ def _module_of_call(gm, node):
         else:
             new = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dim - 1](
                 w.shape[0], w.shape[1] * groups, w.shape[2:], bias=bias is not None, **kw)
-    return _with(new.to(w), weight=w.detach(), bias=None if bias is None else bias.detach())
+    return ge.replaced(new.to(w), weight=w.detach(), bias=None if bias is None else bias.detach())
 
 
 def _prune(gm, layers, norms, keep, x):
@@ -1010,10 +934,11 @@ def _prune(gm, layers, norms, keep, x):
     graph.eliminate_dead_code()
     for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
         layer = by_name[target]                          # once, however often it is called
-        gm.set_submodule(target, _sliced(gm.get_submodule(target), keep[layer.ins],
-                                         keep[layer.outs], layer.groups))
+        gm.set_submodule(target, ge.sliced(gm.get_submodule(target), keep[layer.ins],
+                                            keep[layer.outs], layer.groups))
     for norm in norms:
-        gm.set_submodule(norm.name, _sliced_bn(gm.get_submodule(norm.name), keep[norm.ins]))
+        gm.set_submodule(norm.name, ge.sliced_norm(gm.get_submodule(norm.name),
+                                                   keep[norm.ins]))
     gm.delete_all_unused_submodules()
     gm.recompile()
     _EmptySafe(gm.eval()).run(x)

@@ -150,6 +150,10 @@ class _Gate(nn.Module):
         """Threshold inference (3.3): Z = 1 iff p > tau, strictly (NOTES.md 11)."""
         return p > self.tau
 
+    def kept(self):
+        """A static gate's channels on under threshold inference, (C,) bool."""
+        return self.keep(gate_probability(self.logits))
+
 
 class StaticGate(_Gate):
     """Data-independent gates (pruning, 3.2): two free logits per channel.

@@ -27,7 +27,8 @@ try:                                                    # beside gumbel_channels
 except ImportError:
     import gumbel_channels as gc
 
-__all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'round_gates', 'prune',
+__all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'kind', 'Constant',
+           'replaced', 'sliced', 'sliced_norm', 'round_gates', 'prune',
            'fold_bn', 'onnx_graph', 'export_files', 'deploy', 'SkipNet', 'early_exit',
            'exit_report']
 
@@ -117,24 +118,92 @@ class ShortcutBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- pruning (3.1, 3.3)
 
-def _threshold(gate):
-    """A static gate's threshold decisions (C,) bool: the gate's own rule."""
-    return gate.keep(gc.gate_probability(gate.logits))
+def kind(layer):
+    """'linear', 'transposed' (a transposed conv) or 'conv'."""
+    if isinstance(layer, nn.Linear):
+        return 'linear'
+    return 'transposed' if layer.transposed else 'conv'
 
 
-def _sliced_conv(conv, out=None, in_=None):
-    w = conv.weight if out is None else conv.weight[out]
-    w = w if in_ is None else w[:, in_]
-    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    bias=False).to(w)
-    new.weight.copy_(w)
+class Constant(nn.Module):
+    """What a conv or linear layer with no input channel left computes: its bias (or 0) at
+    every output position, for out_channels channels (a conv keeps its output size)."""
+
+    def __init__(self, layer, bias, out_channels):
+        super().__init__()
+        self.kind = kind(layer)
+        if self.kind != 'linear':
+            self.geometry = [layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                             layer.output_padding]
+        self.register_buffer('bias', torch.zeros(out_channels) if bias is None else bias.clone())
+
+    def forward(self, x):
+        if self.kind == 'linear':               # contiguous: later ops may work in place
+            return self.bias.to(x.dtype).expand(*x.shape[:-1], len(self.bias)).contiguous()
+        k, s, p, d, op = self.geometry
+        size = []
+        for i, n in enumerate(x.shape[2:]):
+            pad = 0 if p == 'valid' else p[i] if p != 'same' else None
+            if self.kind == 'transposed':
+                size.append((n - 1) * s[i] - 2 * pad + d[i] * (k[i] - 1) + op[i] + 1)
+            else:
+                size.append(n if pad is None else (n + 2 * pad - d[i] * (k[i] - 1) - 1) // s[i] + 1)
+        shape = (1, -1) + (1,) * len(size)
+        return self.bias.to(x.dtype).view(shape).expand(x.shape[0], -1, *size).contiguous()
+
+
+def replaced(module, **tensors):
+    """A copy of module whose named parameters or buffers are replaced (same kind); its other
+    buffers are copies too, nothing is shared with module."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = {k: None if v is None else v.clone() for k, v in module._buffers.items()}
+    for name, t in tensors.items():
+        if name in module._parameters:
+            new._parameters[name] = None if t is None else nn.Parameter(
+                t.clone(), requires_grad=module._parameters[name].requires_grad)
+        else:
+            new._buffers[name] = t.clone()
     return new
 
 
-def _sliced_bn(bn, keep):
-    new = nn.BatchNorm2d(int(keep.sum()), bn.eps, bn.momentum).to(bn.weight)
-    for name in ('running_mean', 'running_var', 'weight', 'bias'):
-        getattr(new, name).copy_(getattr(bn, name)[keep])
+def sliced(layer, keep_in=None, keep_out=None, groups=1):
+    """A conv (any dimension, transposed) or linear layer, or a subclass, with only the kept
+    input and output channels (bool masks; None: all); a grouped conv keeps whole groups; a
+    layer left with no input or output channel is a Constant."""
+    how, w = kind(layer), layer.weight
+    n_in, n_out = (w.shape[0], w.shape[1] * groups) if how == 'transposed' else \
+        (w.shape[1] * groups, w.shape[0])
+    keep_in = torch.ones(n_in, dtype=torch.bool, device=w.device) if keep_in is None else keep_in
+    keep_out = torch.ones(n_out, dtype=torch.bool, device=w.device) if keep_out is None \
+        else keep_out
+    bias = None if layer.bias is None else layer.bias[keep_out]
+    if groups == 1:
+        w = w[keep_out][:, keep_in] if how != 'transposed' else w[keep_in][:, keep_out]
+    else:                                                  # whole groups
+        w = w[keep_out] if how == 'conv' else w[keep_in]
+        groups = int(keep_out.view(groups, -1)[:, 0].sum())
+    n_in, n_out = int(keep_in.sum()), int(keep_out.sum())
+    if n_in == 0 or n_out == 0:
+        return Constant(layer, bias, n_out)
+    new = replaced(layer, weight=w, bias=bias)
+    if how == 'linear':
+        new.in_features, new.out_features = n_in, n_out
+    else:
+        new.in_channels, new.out_channels, new.groups = n_in, n_out, groups
+    return new
+
+
+def sliced_norm(bn, keep):
+    """A BatchNorm of any dimension or subclass, or a frozen one, with only the kept channels;
+    Identity when none is kept (a tensor with no channel left)."""
+    if not keep.any():
+        return nn.Identity()                               # a tensor with no channel left
+    new = replaced(bn, **{k: getattr(bn, k)[keep] for k in ('weight', 'bias', 'running_mean',
+                                                         'running_var')
+                       if isinstance(getattr(bn, k, None), torch.Tensor)})
+    if hasattr(new, 'num_features'):
+        new.num_features = int(keep.sum())
     return new
 
 
@@ -151,26 +220,26 @@ def _prune_block(block):
     """The gate-free block that computes what `block` computes under threshold inference."""
     bottleneck = isinstance(block, gc.Bottleneck)
     if getattr(block, 'gate', None) is not None:                            # layer gate
-        if _threshold(block.gate).item():
+        if block.gate.kept().item():
             return _drop_gates(block)
         last_bn = block.bn3 if bottleneck else block.bn2
         return ShortcutBlock(block.downsample, last_bn.bias.new_zeros(last_bn.num_features))
-    keep1 = _threshold(block.gate1)
-    keep2 = _threshold(block.gate2) if bottleneck else None
+    keep1 = block.gate1.kept()
+    keep2 = block.gate2.kept() if bottleneck else None
     if not keep1.any() or (keep2 is not None and not keep2.any()):
         folded = _folded(block)                                 # Folded(weight, bias) per conv
         on2 = None if keep2 is None else keep2.nonzero().flatten()
         bias = _collapsed_branch(folded[-1].bias, on2=on2, shift2=folded[1].bias,
                                  w3=folded[-1].weight)
         return ShortcutBlock(block.downsample, bias)
-    block.conv1 = _sliced_conv(block.conv1, out=keep1)
-    block.bn1 = _sliced_bn(block.bn1, keep1)
+    block.conv1 = sliced(block.conv1, keep_out=keep1)
+    block.bn1 = sliced_norm(block.bn1, keep1)
     if keep2 is None:
-        block.conv2 = _sliced_conv(block.conv2, in_=keep1)
+        block.conv2 = sliced(block.conv2, keep_in=keep1)
     else:
-        block.conv2 = _sliced_conv(block.conv2, keep2, keep1)
-        block.bn2 = _sliced_bn(block.bn2, keep2)
-        block.conv3 = _sliced_conv(block.conv3, in_=keep2)
+        block.conv2 = sliced(block.conv2, keep_in=keep1, keep_out=keep2)
+        block.bn2 = sliced_norm(block.bn2, keep2)
+        block.conv3 = sliced(block.conv3, keep_in=keep2)
     return _drop_gates(block)
 
 
@@ -435,7 +504,7 @@ class _LeanGate(nn.Module):
         super().__init__()
         self.static = isinstance(gate, gc.StaticGate)
         if self.static:
-            self.register_buffer('on', _threshold(gate).nonzero().flatten())
+            self.register_buffer('on', gate.kept().nonzero().flatten())
             return
         bn, fc2 = gate.bn, gate.fc2
         scale = _bn_scale(bn)

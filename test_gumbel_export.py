@@ -100,7 +100,7 @@ def test_prune_computes_the_thresholded_network(arch, granularity):
     assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item() < info.max_macs
     assert any(isinstance(b, ge.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
     if granularity == 'channel' and arch == 'tv-resnet50':  # both Bottleneck halves
-        halves = [(ge._threshold(b.gate1).any().item(), ge._threshold(b.gate2).any().item())
+        halves = [(b.gate1.kept().any().item(), b.gate2.kept().any().item())
                   for b in model.blocks()]
         assert (False, True) in halves and (True, False) in halves
 
@@ -241,7 +241,7 @@ def test_round_gates_keeps_widths_on_the_lanes_and_every_on_channel():
     model, _, _, _ = configured('resnet56', 'static', 'channel', 1)
     rounded = ge.round_gates(model, 8)
     for g, r in zip(gc.gates(model), gc.gates(rounded)):
-        before, after = ge._threshold(g), ge._threshold(r)
+        before, after = g.kept(), r.kept()
         assert (after | ~before).all()                      # every on channel stays on
         assert int(after.sum()) in {0, g.channels} | set(range(8, 65, 8))
         if before.any():                                    # rounded up, not further
