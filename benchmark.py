@@ -359,10 +359,13 @@ def loader_table(folder, device, batch=32, batches=10, rounds=5):
     worker runs): decoding alone (PIL, torchvision.io on the CPU), each transform step, and
     on CUDA decode_jpeg on the GPU (nvJPEG, batched)."""
     import imagenet_data
-    import train_imagenet
     from PIL import Image
-    args = train_imagenet.parse_args(['--data-dir', str(folder), '--device', 'cpu',
-                                      '--batch-size', str(batch)])
+
+    def settings(workers=0):                          # what imagenet_data.loaders reads
+        return argparse.Namespace(data_dir=str(folder), synthetic=False, crop_size=224,
+                                  batch_size=batch, gating='static', seed=0, device='cpu',
+                                  workers=workers)
+    args = settings()
     transform = imagenet_data.loaders(args, 1, 0)[0].dataset.transform     # ends in uint8
     crop = torchvision.transforms.Compose(transform.transforms[:2])         # RRC, flip
     usual = torchvision.transforms.Compose([crop, torchvision.transforms.ToTensor(),
@@ -371,10 +374,7 @@ def loader_table(folder, device, batch=32, batches=10, rounds=5):
     loaders = {}
     for workers in sorted({0, 1, 2, os.cpu_count() or 1}):
         for name, steps in (('uint8 (the loader)', transform), ('float32 (usual)', usual)):
-            args = train_imagenet.parse_args(['--data-dir', str(folder), '--batch-size',
-                                              str(batch), '--workers', str(workers), '--device',
-                                              'cpu'])
-            loader = imagenet_data.loaders(args, 1, 0)[0]
+            loader = imagenet_data.loaders(settings(workers), 1, 0)[0]
             loader.dataset.transform = steps
 
             def epoch(loader=loader):                 # workers' start-up included
