@@ -136,7 +136,11 @@ def test_flops_of_any_cnn_are_differentiable_and_the_paper_losses_apply():
         + gc.polarization_loss(info)
     loss.backward()
     assert all(g.logits.grad is not None and g.logits.grad.abs().sum() > 0 for g in gated.gates)
-    assert len(gc.param_groups(gated, 0.1)) == 2
+    dense, gates = gc.param_groups(gated, 0.1, weight_decay=1e-4, gate_lr_mult=1000)
+    assert {id(p) for p in gates['params']} == {id(g.logits) for g in gated.gates}
+    assert len(dense['params']) + len(gates['params']) == len(list(gated.parameters()))
+    assert gates['lr'] == 100 and gates['weight_decay'] == pytest.approx(
+        1e-4 * 20 / sum(g.channels for g in gated.gates) / 1000)   # 3.2's decay, per step
 
 
 def test_what_cannot_be_gated_is_refused_or_left_ungated():
