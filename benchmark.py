@@ -258,8 +258,8 @@ class AudioCNN(torch.nn.Module):
         nn = torch.nn
         widths, layers = (1, 32, 32, 64, 64), []
         for k, (a, b) in enumerate(zip(widths, widths[1:])):
-            layers += [nn.Conv1d(a, b, 80 if k == 0 else 3, 16 if k == 0 else 1, padding=1 if k else 0),
-                       nn.BatchNorm1d(b), nn.ReLU(), nn.MaxPool1d(4 if k < 3 else 1)]
+            conv = nn.Conv1d(a, b, 80, 16) if k == 0 else nn.Conv1d(a, b, 3, padding=1)
+            layers += [conv, nn.BatchNorm1d(b), nn.ReLU(), nn.MaxPool1d(4 if k < 3 else 1)]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
         self.fc = nn.Linear(64, classes)
 

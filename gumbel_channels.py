@@ -22,7 +22,8 @@ Reading map, in the paper's order (section -> where it lives here):
 
 The file itself runs bottom-up, each part using only what is above it: estimator, gates,
 blocks, FLOPs(Z), networks, losses, training settings, inference, BN recalibration, early
-exits; what is not in the paper sits under its own banner. A gated network returns (logits, GateInfo), a dense one logits. Decisions Z multiply
+exits; what is not in the paper sits under its own banner. A gated network returns (logits,
+GateInfo), a dense one logits. Decisions Z multiply
 activations after BN and ReLU, so an off channel adds exactly zero downstream: the masked
 network computes what a physically pruned one would (gumbel_export.py prunes it).
 """

@@ -14,8 +14,9 @@ import cifar_data
 import compare
 
 TINY = ['--synthetic', '--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '3',
-        '--select-epochs', '1', '--seeds', '2', '--train-size', '320', '--batch-size', '32',
-        '--dense-batch-size', '32', '--recal-batches', '2', '--device', 'cpu', '--threads', '1']
+        '--final-test-only', '--select-epochs', '1', '--seeds', '2', '--train-size', '320',
+        '--batch-size', '32', '--dense-batch-size', '32', '--recal-batches', '2', '--device',
+        'cpu', '--threads', '1']
 PRUNED = ('uniform', 'random', 'l1', 'scratch')          # matched to the gates' MACs
 
 
@@ -118,7 +119,8 @@ def test_the_global_magnitude_arm_matches_the_macs_or_names_its_install(tmp_path
 def write_idx(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, 'wb') as f:
-        f.write(struct.pack('>HBB', 0, 8, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape))
+        f.write(struct.pack('>HBB', 0, 8, array.ndim))
+        f.write(struct.pack(f'>{array.ndim}I', *array.shape))
         f.write(array.astype(np.uint8).tobytes())
 
 

@@ -442,7 +442,8 @@ def fit_images(model, data, args, *, batch_size, gen, autocast, test_each_epoch=
     """fit() on a cifar_data.Images set: its augmented batches in gen's order, its test set
     every epoch (or after the last one only). -> the last epoch's row."""
     epochs = kw['epochs']
-    print(f"{kw.get('phase') or 'train'}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at "
+    phase = kw.get('phase') or 'train'
+    print(f"{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at "
           f"{kw['milestones']}" + (f", run dir {kw['run_dir']}" if kw.get('run_dir') else ''))
 
     def test(epoch):

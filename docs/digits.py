@@ -1,8 +1,8 @@
 """Small real images for a CPU: scikit-learn's handwritten digits (1,797 real 8 x 8 images, ten
 classes), written where the scripts read them.
 
-    python docs/digits.py data/digits                  # CIFAR-10's format: train_cifar.py --data-dir data/digits
-    python docs/digits.py data/digits_if --imagefolder # JPEGs: train_imagenet.py --data-dir data/digits_if
+    python docs/digits.py data/digits                   # for train_cifar.py --data-dir data/digits
+    python docs/digits.py data/digits_if --imagefolder  # for train_imagenet.py (JPEGs)
 
 Needs scikit-learn (and pillow for --imagefolder): `pip install scikit-learn pillow`. One fixed
 permutation (numpy's generator seeded with 0) puts 297 images in the test (val) set and 1,500
