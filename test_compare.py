@@ -157,3 +157,21 @@ def test_cifar100_is_read_with_its_fine_labels_and_bad_files_are_one_line(tmp_pa
     (folder / 'test').write_bytes(b'not a pickle')
     with pytest.raises(cifar_data.UsageError, match='not a CIFAR python batch'):
         cifar_data.load(tmp_path, False, torch.device('cpu'), 'cifar100')
+
+
+def test_train_cifar_takes_another_data_set(tmp_path):
+    """--dataset mnist in train_cifar.py: the set read from torchvision's raw files, its run
+    folders named after it, and the test images counted in the final row."""
+    import train_cifar
+    rng = np.random.default_rng(0)
+    raw = tmp_path / 'MNIST' / 'raw'
+    for split, n in (('train', 64), ('t10k', 16)):
+        write_idx(raw / f'{split}-images-idx3-ubyte', rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f'{split}-labels-idx1-ubyte', rng.integers(0, 10, n))
+    assert train_cifar.cli(['--dataset', 'mnist', '--data-dir', str(tmp_path), '--arch',
+                            'resnet8', '--dense-epochs', '1', '--epochs', '1', '--batch-size',
+                            '16', '--dense-batch-size', '16', '--recal-batches', '2', '--device',
+                            'cpu', '--out', str(tmp_path / 'runs')]) == 0
+    row = json.loads((tmp_path / 'runs' / 'mnist-resnet8-static-channel-flops-t0.5-s0' /
+                      'final.json').read_text())
+    assert row['test_images'] == 16 and (tmp_path / 'runs' / 'mnist-dense-resnet8-s0').is_dir()
