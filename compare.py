@@ -75,8 +75,8 @@ def parser():
     t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
     t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
     tl.add_evaluation_args(p.group['evaluation'])
-    e('--final-test-only', action='store_true',
-      help='test after the last epoch only (faster; per-epoch test accuracy otherwise)')
+    e('--final-test-only', action='store_true', help='test each arm once, its final net after '
+      'BN recalibration (faster; otherwise every epoch too, for the curves)')
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
     tl.add_machine_args(p.group['machine'])

@@ -168,17 +168,17 @@ def _run(command, timeout, env=None):
 
 
 def pipeline(out, device, compiled, timeout):
-    """(d): train_cifar.py --synthetic --arch resnet8 on 256 images (compiled, an lr
+    """(d): train_cifar.py --synthetic --arch resnet8 on 128 images (compiled, an lr
     milestone inside), then its pruned.pt2 on a CPU input in a fresh process that sees no
     GPU."""
     runs = out / 'cifar'
     code, log = _run([sys.executable, str(HERE / 'train_cifar.py'), '--synthetic', '--arch',
-                      'resnet8', '--train-size', '256', '--dense-epochs', '1', '--epochs', '2',
+                      'resnet8', '--train-size', '128', '--dense-epochs', '1', '--epochs', '2',
                       '--batch-size', '32', '--dense-batch-size', '32', '--recal-batches', '4',
                       '--device', device.type, '--compile', 'auto' if compiled else 'off',
                       '--out', str(runs)], timeout)      # --epochs 2: lr / 10 after epoch 1
     (out / 'cifar.log').write_text(log)
-    pt2 = runs / 'synthetic-n256-resnet8-static-channel-flops-t0.5-s0' / 'pruned.pt2'
+    pt2 = runs / 'synthetic-n128-resnet8-static-channel-flops-t0.5-s0' / 'pruned.pt2'
     if code != 0 or not pt2.exists():
         return dict(ok=False, exit=code, last_line=_last(log))
     probe = ('import torch; net = torch.export.load(%r).module(); '

@@ -440,14 +440,14 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
 
 def fit_images(model, data, args, *, batch_size, gen, autocast, test_each_epoch=True, **kw):
     """fit() on a cifar_data.Images set: its augmented batches in gen's order, its test set
-    every epoch (or after the last one only). -> the last epoch's row."""
+    every epoch (test_each_epoch=False: never; the caller tests). -> the last epoch's row."""
     epochs = kw['epochs']
     phase = kw.get('phase') or 'train'
     print(f"{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at "
           f"{kw['milestones']}" + (f", run dir {kw['run_dir']}" if kw.get('run_dir') else ''))
 
     def test(epoch):
-        if not (test_each_epoch or epoch + 1 == epochs):
+        if not test_each_epoch:
             return None
         acc, rate, macs, _ = evaluate(model, data, autocast)
         return dict(test_acc=acc, test_rate=rate, test_macs=macs)
