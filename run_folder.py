@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import sys
+import warnings
 
 import torch
 
@@ -150,6 +151,60 @@ def run_name(args, keys, *fixed):
     rest = [words.get(k, str)(getattr(args, k)) for k in keys if k not in data]
     return '-'.join(w for w in [*lead, *fixed, *rest] if w)
 
+
+
+# ----------------------------------------------------------------------------- the models asked for
+
+# torchvision's classifiers with auxiliary heads in training: built without them (their
+# training output is a tuple; gate_any needs the same layers in training and evaluation)
+AUX_HEADS = ('googlenet', 'inception_v3')
+
+
+def torchvision_model(arch, **kw):
+    """torchvision's classifier `arch` as the scripts train it (no auxiliary heads)."""
+    import torchvision
+    fresh = arch in AUX_HEADS and kw.get('weights') is None
+    model = torchvision.models.get_model(arch, **kw, **({'init_weights': True} if fresh else {}))
+    if arch == 'googlenet':
+        model.aux_logits, model.aux1, model.aux2 = False, None, None
+    elif arch == 'inception_v3':
+        model.aux_logits, model.AuxLogits = False, None
+    return model
+
+
+def gate_model(model, example, init_p):
+    """gumbel_any.gate_any for the scripts: conv and linear work it does not see (a
+    transformer's attention) is a fixed cost, said in a warning line; a refusal is one line."""
+    import gumbel_any
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        try:
+            gated = gumbel_any.gate_any(model, example, init_p=init_p, uncovered='fixed')
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for w in seen:
+        print(f'warning: {w.message}', file=sys.stderr)
+    return gated
+
+
+def check_model(model, example, gated, what):
+    """Before any folder is made: `model` runs on `example` (its input size), and gate_any
+    can gate it; else one line naming `what` (the flags that chose it)."""
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    except Exception as e:
+        raise UsageError(f'{what} cannot run on inputs of size {tuple(example.shape[1:])} '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:120]}): choose another '
+                         'model or input size') from None
+    if gated:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            try:
+                import gumbel_any
+                gumbel_any.gate_any(model, example, uncovered='fixed')
+            except ValueError as e:
+                raise UsageError(f'{what}: {e}') from None
 
 
 # ----------------------------------------------------------------------------- files

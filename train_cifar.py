@@ -114,7 +114,7 @@ def build(args, gated):
     """The CIFAR network of --arch: dense, or with its gates (ResNets, any torchvision
     classifier) or exits (DenseNets)."""
     if args.arch in ANY:
-        model = tl.torchvision_model(args.arch, num_classes=classes(args)).to(args.device)
+        model = rf.torchvision_model(args.arch, num_classes=classes(args)).to(args.device)
         return gated_from(model, args) if gated else model.to(memory_format=torch.channels_last)
     depth = DEPTHS[args.arch]
     if args.arch.startswith('densenet'):
@@ -135,7 +135,7 @@ def gated_from(baseline, args):
     """The gated network that fine-tuning starts from: the dense weights, new gates."""
     if args.arch in ANY:
         example = torch.zeros(2, 3, 32, 32, device=args.device)
-        model = tl.gate_model(baseline, example, init_p=args.gate_init_p)
+        model = rf.gate_model(baseline, example, init_p=args.gate_init_p)
         return tl.sampling(model.to(memory_format=torch.channels_last), args)
     model = tl.sampling(build(args, gated=True), args)
     rf.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
@@ -207,7 +207,7 @@ def main(argv=None):
     dirs = [out / run_name(run, 'gated') for run in runs]
     dirs += [dense_dir] * (not runs or not dense_done)
     if args.arch in ANY:                           # before any folder: it runs, it gates
-        tl.check_model(build(args, gated=False), torch.zeros(2, 3, 32, 32, device=device),
+        rf.check_model(build(args, gated=False), torch.zeros(2, 3, 32, 32, device=device),
                        runs, f'--arch {args.arch}')
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)

@@ -170,7 +170,7 @@ def dense_network(args, classes, device):
         enum = torchvision.models.get_model_weights(args.arch)
         weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
     try:
-        dense = tl.torchvision_model(args.arch, weights=weights, num_classes=classes)
+        dense = rf.torchvision_model(args.arch, weights=weights, num_classes=classes)
     except Exception as e:                                  # offline, or a broken cache
         raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
@@ -212,7 +212,7 @@ def main(argv=None):
     log(f'run folder: {run_dir}')
     if not is_resnet(args.arch) and not args.evaluate:   # before any folder: it runs, gates
         example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
-        tl.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
+        rf.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
                                                          'init': None}), 10, device),
                        example, args.gating != 'none',
                        f'--arch {args.arch} at --crop-size {args.crop_size}')
@@ -253,7 +253,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     if is_resnet(args.arch):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
-        model = tl.gate_model(baseline, x2, init_p=args.gate_init_p)
+        model = rf.gate_model(baseline, x2, init_p=args.gate_init_p)
     model = tl.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '
