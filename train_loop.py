@@ -3,12 +3,13 @@ the loss with its gate terms, the (compiled) training step, the epoch, and one f
 every phase of both scripts and compare.py runs (a dense baseline, the gated fine-tuning,
 plain fine-tuning of a pruned net).
 
-    opt_args = argparse.Namespace(lr=0.1, gate_lr_mult=1000, gate_decay=20, gate_lr_decay=False)
-    model, last = fit(model, opt_args, epochs=100, batches=lambda epoch: ..., steps=..., 
-                      evaluate=lambda: dict(test_acc=...), weight_decay=5e-4,
-                      milestones=[40, 70], gate_loss=gate_loss(args), autocast=autocast_for(dev))
+    args = parser.parse_args()                         # lr, t, the gate recipe's flags
+    last = fit_images(model, data, args, epochs=100, batch_size=256, weight_decay=5e-4,
+                      milestones=[40, 70], gen=data.generator(seed), autocast=autocast_for(dev),
+                      gate_loss=gate_loss(args))       # -> the last epoch's row
 
-Run folders (checkpoints, resume, errors) are in rf.py, which a first reading may skip.
+fit() itself takes any batches (train_imagenet.py's loaders); run folders (checkpoints,
+resume, errors) are in run_folder.py, which a first reading may skip.
 """
 import contextlib
 import itertools
