@@ -456,9 +456,7 @@ def lane_macs(net, x, lanes=16):
     total = []
 
     def hook(m, inputs, out):
-        c_out = _round_up(m.out_channels, lanes)
-        total.append(out.shape[-2] * out.shape[-1] * m.kernel_size[0] * m.kernel_size[1]
-                     * m.in_channels // m.groups * c_out)
+        total.append(gc.conv_macs(m, inputs[0].shape[-2:], n_out=_round_up(m.out_channels, lanes)))
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     try:
         with torch.no_grad():

@@ -98,6 +98,7 @@ def test_prune_computes_the_thresholded_network(arch, granularity):
     assert not gc.gates(pruned) and not isinstance(pruned(x), tuple)
     assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL
     assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item() < info.max_macs
+    assert ge.lane_macs(pruned, x[:1], lanes=1) == info.macs[0].item()    # the one formula
     assert any(isinstance(b, ge.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
     if granularity == 'channel' and arch == 'tv-resnet50':  # both Bottleneck halves
         halves = [(b.gate1.kept().any().item(), b.gate2.kept().any().item())
