@@ -454,6 +454,20 @@ def test_both_scripts_share_one_gate_recipe():
         1, 1, 0, True)
 
 
+def test_the_gate_lr_multiplier_goes_by_the_gates_kind():
+    """Issue 33: by default static gates' logits train at lr x 1000, a dynamic gate's network
+    at lr x 100 (x1000 made it collapse); --gate-lr-mult sets both."""
+    for flags, gating, mult in (([], 'static', 1000), ([], 'dynamic', 100),
+                                (['--gate-lr-mult', '7'], 'dynamic', 7)):
+        args = train_cifar.parse_args(['--device', 'cpu'] + flags)
+        model = gc.resnet_cifar(8, gating=gating)
+        opt, _ = tl.optimizer(model, args, 5e-4, [10])
+        gates = {id(q) for g in gc.gates(model) for q in g.parameters()}
+        assert [{id(q) for q in group['params']} == gates for group in opt.param_groups] == \
+            [False, True]
+        assert opt.param_groups[1]['lr'] == args.lr * mult
+
+
 def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error, capsys):
     """Re-evaluating with other settings or training a finished baseline with other settings:
     refused in one line; --gating none on a finished baseline reuses it, as train_imagenet.py

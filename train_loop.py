@@ -30,8 +30,11 @@ from run_folder import RunError, UsageError
 
 # One recipe for both scripts (NOTES.md, deviations 18-20): measured to deliver t on real
 # images (digits in CIFAR's format and in ImageNet's folders, static and dynamic gates).
-# PAPER_GATES gives the paper's own settings back.
-RECIPE = dict(loss_weight=20.0, gate_lr_mult=1000.0, polarize=5e-5, gate_lr_decay=False)
+# PAPER_GATES gives the paper's own settings back. The gate lr multiplier (gate_lr_mult None)
+# goes by the gates' kind: a static gate is two logits per channel, a dynamic gate a small
+# network, which trains unstably at x1000 (issue 33: at lr 0.1 its layers' lr is 100).
+RECIPE = dict(loss_weight=20.0, gate_lr_mult=None, polarize=5e-5, gate_lr_decay=False)
+GATE_LR_MULT = dict(static=1000.0, dynamic=100.0)
 PAPER_GATES = '--gate-lr-mult 1 --loss-weight 1 --polarize 0 --gate-lr-decay'
 
 
@@ -47,7 +50,8 @@ def add_gate_args(parser):
     a('--loss-weight', type=rf.NON_NEGATIVE, default=RECIPE['loss_weight'],
       help='gate loss weight (the paper: 1; NOTES.md 18)')
     a('--gate-lr-mult', type=rf.POSITIVE, default=RECIPE['gate_lr_mult'],
-      help='gate lr / lr (the paper: 1; NOTES.md 18)')
+      help=f"gate lr / lr (default: {GATE_LR_MULT['static']:g} for static gates, "
+           f"{GATE_LR_MULT['dynamic']:g} for dynamic ones; the paper: 1; NOTES.md 18)")
     a('--gate-lr-decay', action='store_true', default=RECIPE['gate_lr_decay'],
       help='the gate lr follows --milestones too (the paper); by default it stays constant so '
            'the gates can finish polarizing')
@@ -90,13 +94,20 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
     milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
     --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
-    groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay, args.gate_lr_mult)
+    groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay,
+                             args.gate_lr_mult or gate_lr_mult(model))
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
     def weights_lr(e):
         return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
     gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
+
+
+def gate_lr_mult(model):
+    """The recipe's gate lr multiplier for model's gates: GATE_LR_MULT by their kind."""
+    dynamic = any(isinstance(g, gc.DynamicGate) for g in gc.gates(model))
+    return GATE_LR_MULT['dynamic' if dynamic else 'static']
 
 
 def gate_loss(args):
