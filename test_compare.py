@@ -99,6 +99,16 @@ def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_
     code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--lr', '0.05',
                                                        '--arms', 'gates'])
     assert 'other settings' in one_line_error(code)
+    # an arm is keyed by the gate lr multiplier it trained with, the recipe's by its kind, so
+    # the same value given explicitly reuses it (and a sweep begun before the default moved)
+    kinds = {'gates': 'static', 'l1': 'static', 'dynamic': 'dynamic'}
+    for arm, kind in kinds.items():
+        row = json.loads((out / 't0.5' / 's0' / arm / 'final.json').read_text())
+        assert json.loads(row['settings'])['gate_lr_mult'] == compare.tl.GATE_LR_MULT[kind]
+    capsys.readouterr()
+    compare.main(TINY + ['--out', str(out), '--arms', 'gates', '--gate-lr-mult',
+                         str(compare.tl.GATE_LR_MULT['static'])])
+    assert '--- arm' not in capsys.readouterr().out
 
 
 def test_the_global_magnitude_arm_matches_the_macs_or_names_its_install(tmp_path, sweep,
