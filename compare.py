@@ -266,8 +266,7 @@ def run_arm(arm, t, seed, ctx):
     args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
     run_dir = ctx['out'] / f't{t:g}' / f's{seed}' / arm
     settings = dict(ctx['settings'], arm=arm, t=t, seed=seed)
-    settings['gate_lr_mult'] = args.gate_lr_mult or tl.GATE_LR_MULT[     # the recipe's, by kind
-        'dynamic' if arm == 'dynamic' else 'static']
+    settings['gate_lr_mult'] = tl.gate_lr_mult(args, 'dynamic' if arm == 'dynamic' else 'static')
     if (run_dir / 'final.json').exists():
         row = json.loads((run_dir / 'final.json').read_text())
         if row['settings'] != rf.to_json(settings):

@@ -94,8 +94,9 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
     milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
     --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
+    dynamic = any(isinstance(g, gc.DynamicGate) for g in gc.gates(model))
     groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay,
-                             args.gate_lr_mult or gate_lr_mult(model))
+                             gate_lr_mult(args, 'dynamic' if dynamic else 'static'))
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
     def weights_lr(e):
@@ -104,10 +105,9 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
 
 
-def gate_lr_mult(model):
-    """The recipe's gate lr multiplier for model's gates: GATE_LR_MULT by their kind."""
-    dynamic = any(isinstance(g, gc.DynamicGate) for g in gc.gates(model))
-    return GATE_LR_MULT['dynamic' if dynamic else 'static']
+def gate_lr_mult(args, kind):
+    """--gate-lr-mult, or the recipe's for gates of kind 'static' or 'dynamic'."""
+    return args.gate_lr_mult or GATE_LR_MULT[kind]
 
 
 def gate_loss(args):
