@@ -37,6 +37,7 @@ import torch
 import cifar_data
 import gumbel_channels as gc
 import gumbel_export as ge
+import machine
 import run_folder as rf
 import train_loop as tl
 from run_folder import UsageError
@@ -79,7 +80,7 @@ def parser():
       'BN recalibration (faster; otherwise every epoch too, for the curves)')
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
-    tl.add_machine_args(p.group['machine'])
+    machine.add_machine_args(p.group['machine'])
     return p
 
 
@@ -227,7 +228,7 @@ def recalibrated(net, data, args, seed, autocast):
     gc.set_inference(net, 'threshold', args.tau)
     gen = data.generator(seed + 2)
     steps = len(data.x_train) // args.batch_size
-    _, recal = tl.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
+    _, recal = rf.recal_batches(data.train_batches(args.batch_size, gen), args.recal_batches,
                                     steps, log=lambda *a, **k: None)
     with autocast():
         gc.recalibrate_bn(net, (xb for xb, _ in recal))
@@ -421,12 +422,12 @@ def print_table(table, dense_acc):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = tl.device_for(args.device)
+    device = machine.device_for(args.device)
     args.device = str(device)
-    tl.use_machine(args, device)
+    machine.use_machine(args, device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    autocast = tl.autocast_for(device)
+    autocast = machine.autocast_for(device)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
     data = data.subset(args.train_size)
     if len(data.x_train) < max(args.batch_size, args.dense_batch_size):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import gumbel_channels as gc
+import machine
 import train_loop as tl
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +47,7 @@ def _model(depth, gating, device, init_p=gc.INIT_P, seed=0):
 def _step(model, device, mode, backend=None):
     args = _recipe()
     opt, _ = tl.optimizer(model, args, 5e-4, [1000])
-    return tl.TrainStep(model, opt, tl.gate_loss(args), tl.autocast_for(device), mode=mode,
+    return tl.TrainStep(model, opt, tl.gate_loss(args), machine.autocast_for(device), mode=mode,
                         backend=backend)
 
 
@@ -212,7 +213,7 @@ def imagenet(out, device, timeout):
 def resnet56_speed(out, device, timeout):
     """(f): img/s of ResNet-56 training steps, dense, static and dynamic gates, compiled."""
     rows = {}
-    mode = tl.compile_mode('auto', device) or 'default'
+    mode = machine.compile_mode('auto', device) or 'default'
     for gating in (None, 'static', 'dynamic'):
         step = _step(_model(56, gating, device), device, mode)
         data = _batches(4, 256, device)
@@ -246,7 +247,7 @@ def run(out, device, budget=290, short=False):
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ['TORCHINDUCTOR_CUDAGRAPH_OR_ERROR'] = '1'
-    mode = tl.compile_mode('auto', device) or 'default'
+    mode = machine.compile_mode('auto', device) or 'default'
     backend = 'eager' if short else None                # dynamo's graphs without a compiler
     shares = dict(a=0.12, b=0.06, c=0.17, d=0.25, e=0.2, f=0.2)
     plan = {

@@ -974,7 +974,9 @@ class _OnEmpty(nn.Module):
 
 class _EmptySafe(fx.Interpreter):
     """Runs the pruned graph once; a node that fails on a channel-less input is rewritten to
-    go through _on_empty."""
+    go through _on_empty. (A conv or linear layer with nothing on is already a
+    gumbel_export.Constant, as in the ResNet exporter; this is for the other ops an
+    arbitrary graph may put after one, which torch refuses at zero channels.)"""
 
     def run_node(self, n):
         try:

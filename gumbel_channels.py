@@ -322,7 +322,9 @@ def _out_hw(m, hw):
 def conv_macs(conv, hw, n_in=None, n_out=None):
     """MACs per sample of `conv` on an input of size hw, n_in of its inputs and n_out of its
     outputs on (ints or (B,) tensors; default all):
-        h_out * w_out * k_h * k_w * n_in * n_out"""
+        h_out * w_out * k_h * k_w * n_in * n_out
+    0 when nothing is on at either side: such a conv computes a constant, its bias (or 0) at
+    every output position, which is all the exporters run for it (gumbel_export.Constant)."""
     h, w = _out_hw(conv, hw)
     n_in = conv.in_channels // conv.groups if n_in is None else n_in
     n_out = conv.out_channels if n_out is None else n_out
@@ -354,18 +356,11 @@ def basic_block_macs(block, sizes, decisions):
 
 def bottleneck_macs(block, sizes, decisions):
     """A Bottleneck's branch, n1 and n2 the channels gate1 and gate2 keep:
-        conv_macs(conv1, n_out=n1) [n2 > 0] + conv_macs(conv2, n1, n2)
-            + conv_macs(conv3, n_in=n2) [n1 > 0]  +  n2 C_out [n1 = 0, dynamic gates]
-    (with gate1 empty, conv2's output is a constant; dynamic gates still run conv3 on it,
-    1 x 1; a static net's prune folds it into a bias)"""
+        conv_macs(conv1, n_out=n1) + conv_macs(conv2, n1, n2) + conv_macs(conv3, n_in=n2)
+    (with gate1 empty, conv3 still runs on the constant conv2 leaves; NOTES.md 15)"""
     n1, n2 = _on(decisions, 'gate1'), _on(decisions, 'gate2')
-    any1, any2 = (1 if n is None else (n > 0).double() for n in (n1, n2))
-    macs = (conv_macs(block.conv1, sizes[0], n_out=n1) * any2     # gate2 empty: conv1 unused
-            + conv_macs(block.conv2, sizes[1], n1, n2)
-            + conv_macs(block.conv3, sizes[2], n_in=n2) * any1)   # gate1 empty: input constant
-    if n1 is not None and isinstance(block.gate1, DynamicGate):   # conv3 on that constant: 1x1
-        macs = macs + n2 * block.conv3.out_channels * (1 - any1)  # (prune folds static ones)
-    return macs
+    return (conv_macs(block.conv1, sizes[0], n_out=n1) + conv_macs(block.conv2, sizes[1], n1, n2)
+            + conv_macs(block.conv3, sizes[2], n_in=n2))
 
 
 BRANCH_MACS = {BasicBlock: basic_block_macs, Bottleneck: bottleneck_macs}

@@ -80,31 +80,15 @@ def _fold(conv, bn):
     return Folded((conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale)
 
 
-def _folded(block):
-    """[Folded] for each conv of the block's branch, its BN folded in."""
-    bns = [block.bn1, block.bn2] + ([block.bn3] if isinstance(block, gc.Bottleneck) else [])
-    return [_fold(c, bn) for c, bn in zip(gc.branch_convs(block), bns)]
-
-
 def _pick(t, i, dim=0):
     """t restricted to indices i along dim (None keeps all)."""
     return t if i is None else t.index_select(dim, i)
 
 
-def _collapsed_branch(bias, on2=None, shift2=None, w3=None):
-    """What a branch still adds when its gate1 (or gate2) keeps nothing: (1, C_out, 1, 1).
-    From folded parameters: the last conv sees zeros, so its BN leaves `bias`. In a Bottleneck
-    with only gate1 empty, conv3 (folded weight w3) also maps gate2's on channels on2
-    (indices), each the constant ReLU(bn2(0)) = ReLU(shift2), at 1x1: n2 * C_out MACs."""
-    y = bias.view(1, -1, 1, 1)
-    if on2 is not None and len(on2):
-        y = y + F.conv2d(_pick(F.relu(shift2), on2).view(1, -1, 1, 1), _pick(w3, on2, 1))
-    return y
-
-
 class ShortcutBlock(nn.Module):
-    """An exported block whose branch no longer runs -> (out, {}), as a block returns.
-        ReLU(shortcut(x) + bias),    bias (C_out,) the constant its branch left (0: layer off)"""
+    """An exported block whose layer gate is off -> (out, {}), as a block returns.
+        ReLU(shortcut(x) + bias),    bias (C_out,): 0 (pruned.pt files written before the
+    Constant took empty channel groups hold a collapsed branch's constant here)"""
 
     def __init__(self, downsample, bias):
         super().__init__()
@@ -126,8 +110,10 @@ def kind(layer):
 
 
 class Constant(nn.Module):
-    """What a conv or linear layer with no input channel left computes: its bias (or 0) at
-    every output position, for out_channels channels (a conv keeps its output size)."""
+    """What a conv or linear layer with no input (or no output) channel left computes: its
+    bias (or 0) at every output position, for out_channels channels, at 0 MACs. The one
+    form of a channel group with nothing on: gumbel_channels.conv_macs counts it so, prune,
+    SkipNet and gumbel_any's pruned nets run it (NOTES.md 15)."""
 
     def __init__(self, layer, bias, out_channels):
         super().__init__()
@@ -137,9 +123,11 @@ class Constant(nn.Module):
                              layer.output_padding]
         self.register_buffer('bias', torch.zeros(out_channels) if bias is None else bias.clone())
 
-    def forward(self, x):
+    def forward(self, x, bias=None):
+        """bias: other values than the layer's (SkipNet's per-input picks of a folded bias)."""
+        bias = self.bias if bias is None else bias
         if self.kind == 'linear':               # contiguous: later ops may work in place
-            return self.bias.to(x.dtype).expand(*x.shape[:-1], len(self.bias)).contiguous()
+            return bias.to(x.dtype).expand(*x.shape[:-1], len(bias)).contiguous()
         k, s, p, d, op = self.geometry
         size = []
         for i, n in enumerate(x.shape[2:]):
@@ -149,7 +137,7 @@ class Constant(nn.Module):
             else:
                 size.append(n if pad is None else (n + 2 * pad - d[i] * (k[i] - 1) - 1) // s[i] + 1)
         shape = (1, -1) + (1,) * len(size)
-        return self.bias.to(x.dtype).view(shape).expand(x.shape[0], -1, *size).contiguous()
+        return bias.to(x.dtype).view(shape).expand(x.shape[0], -1, *size).contiguous()
 
 
 def replaced(module, **tensors):
@@ -224,14 +212,8 @@ def _prune_block(block):
             return _drop_gates(block)
         last_bn = block.bn3 if bottleneck else block.bn2
         return ShortcutBlock(block.downsample, last_bn.bias.new_zeros(last_bn.num_features))
-    keep1 = block.gate1.kept()
+    keep1 = block.gate1.kept()                  # a conv left with nothing on becomes a Constant
     keep2 = block.gate2.kept() if bottleneck else None
-    if not keep1.any() or (keep2 is not None and not keep2.any()):
-        folded = _folded(block)                                 # Folded(weight, bias) per conv
-        on2 = None if keep2 is None else keep2.nonzero().flatten()
-        bias = _collapsed_branch(folded[-1].bias, on2=on2, shift2=folded[1].bias,
-                                 w3=folded[-1].weight)
-        return ShortcutBlock(block.downsample, bias)
     block.conv1 = sliced(block.conv1, keep_out=keep1)
     block.bn1 = sliced_norm(block.bn1, keep1)
     if keep2 is None:
@@ -268,8 +250,9 @@ def round_gates(model, lanes=16):
 @torch.no_grad()
 def prune(model):
     """Physical pruning (3.1): a gate-free copy of a static-gated net, smaller convs and BNs.
-    It computes what threshold inference (each gate's tau) computes in evaluation mode;
-    blocks whose branch empties keep the constant their last BN adds. Returns an ordinary
+    It computes what threshold inference (each gate's tau) computes in evaluation mode; a
+    conv left with nothing on at either side is a Constant, an off layer gate's block a
+    ShortcutBlock. Returns an ordinary
     ResNet (logits only) in evaluation mode; `model` is left as it was."""
     found = gc.gates(model)
     if not found:
@@ -294,7 +277,10 @@ def prune(model):
 
 @torch.no_grad()
 def _folded_conv(conv, bn):
-    """One Conv2d (with bias) computing bn(conv(x)) of an eval-mode BN."""
+    """One Conv2d (with bias) computing bn(conv(x)) of an eval-mode BN; of a Constant, the
+    Constant of bn(its bias)."""
+    if isinstance(conv, Constant):
+        return replaced(conv, bias=bn.bias - (bn.running_mean - conv.bias) * _bn_scale(bn))
     w, b = _fold(conv, bn)
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, bias=True).to(w)
@@ -317,7 +303,7 @@ def fold_bn(net):
     for m in list(net.modules()):
         for k in ('', '1', '2', '3'):
             conv, bn = getattr(m, f'conv{k}', None), getattr(m, f'bn{k}', None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if isinstance(conv, (nn.Conv2d, Constant)) and isinstance(bn, nn.BatchNorm2d):
                 setattr(m, f'conv{k}', _folded_conv(conv, bn))
                 setattr(m, f'bn{k}', nn.Identity())
         if _conv_bn(m):
@@ -336,7 +322,8 @@ def _fold_graph(gm):
             continue
         src = node.args[0]
         if not (isinstance(src, torch.fx.Node) and src.op == 'call_module'
-                and type(gm.get_submodule(src.target)) is nn.Conv2d and len(src.users) == 1
+                and type(gm.get_submodule(src.target)) in (nn.Conv2d, Constant)
+                and len(src.users) == 1
                 and len(calls[src.target]) == len(calls[node.target]) == 1):
             continue
         conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
@@ -435,13 +422,20 @@ def deploy(net, example_input, backend='inductor'):
     # would share one and, past dynamo's recompile limit, silently run eager. max_autotune:
     # on CPU it made the pruned nets 1-10% faster (NOTES.md, "Speed").
     try:
-        traced = torch.fx.symbolic_trace(folded)
+        traced = torch.fx.GraphModule(folded, _LeafConstants().trace(folded))
     except Exception:                                   # Python control flow on values
         traced = folded
     options = {'freezing': True, 'max_autotune': example_input.device.type == 'cpu'}
     deployed = _Deployed(folded, torch.compile(traced, options=options))
     deployed(example_input)                                 # compile now, not on first use
     return deployed
+
+
+class _LeafConstants(torch.fx.Tracer):
+    """fx's tracer, a Constant kept whole (its output size is Python arithmetic on shapes)."""
+
+    def is_leaf_module(self, m, qualified_name):
+        return isinstance(m, Constant) or super().is_leaf_module(m, qualified_name)
 
 
 def vector_lanes():
@@ -524,36 +518,39 @@ class _LeanGate(nn.Module):
 class _SkipBlock(nn.Module):
     """A gated block for one input at a time, running only the channels its gates keep.
     The gates decide (threshold inference), then the convs run on the sliced weights of the
-    on channels, BN folded in."""
+    on channels, BN folded in; a conv with nothing on at either side is a Constant."""
 
     def __init__(self, block):
         super().__init__()
         self.bottleneck = isinstance(block, gc.Bottleneck)
-        self.stride = block.conv2.stride if self.bottleneck else block.conv1.stride
         self.downsample = _shortcut_folded(block.downsample)
         for name in ('gate', 'gate1', 'gate2'):
             g = getattr(block, name, None)
             setattr(self, name, None if g is None else _LeanGate(g))
-        for k, (w, b) in enumerate(_folded(block), 1):                     # w1, b1, w2, b2, ...
-            self.register_buffer(f'w{k}', w)
-            self.register_buffer(f'b{k}', b)
+        bns = [block.bn1, block.bn2] + ([block.bn3] if self.bottleneck else [])
+        self.convs = nn.ModuleList(_folded_conv(c, bn).requires_grad_(False)    # a snapshot
+                                   for c, bn in zip(gc.branch_convs(block), bns))
+        self.empty = nn.ModuleList(Constant(c, None, 0) for c in self.convs)
+
+    def _conv(self, k, x, i_in=None, i_out=None):
+        """Conv k (BN folded in) from the input channels i_in to the outputs i_out (indices;
+        None: all)."""
+        conv = self.convs[k]
+        w, b = _pick(_pick(conv.weight, i_out), i_in, 1), _pick(conv.bias, i_out)
+        if w.shape[0] == 0 or w.shape[1] == 0:
+            return self.empty[k](x, b)
+        return F.conv2d(x, w, b, conv.stride, conv.padding)
 
     def forward(self, x):                                                   # x: (1, C, H, W)
         identity = x if self.downsample is None else self.downsample(x)
         if self.gate is not None and len(self.gate(x)) == 0:               # layer gate off
             return F.relu(identity)
         i1, i2 = (None if g is None else g(x) for g in (self.gate1, self.gate2))  # None: all
-        if any(i is not None and len(i) == 0 for i in (i1, i2)):           # a collapsed branch
-            w_last, b_last = (self.w3, self.b3) if self.bottleneck else (self.w2, self.b2)
-            return F.relu_(identity + _collapsed_branch(b_last, on2=i2, shift2=self.b2,
-                                                        w3=w_last))
+        a = F.relu_(self._conv(0, x, i_out=i1))
         if self.bottleneck:
-            a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1)))
-            w2 = _pick(_pick(self.w2, i2), i1, 1)
-            a = F.relu_(F.conv2d(a, w2, _pick(self.b2, i2), self.stride, 1))
-            return F.relu_(F.conv2d(a, _pick(self.w3, i2, 1), self.b3).add_(identity))
-        a = F.relu_(F.conv2d(x, _pick(self.w1, i1), _pick(self.b1, i1), self.stride, 1))
-        return F.relu_(F.conv2d(a, _pick(self.w2, i1, 1), self.b2, 1, 1).add_(identity))
+            a = F.relu_(self._conv(1, a, i1, i2))
+            return F.relu_(self._conv(2, a, i_in=i2).add_(identity))
+        return F.relu_(self._conv(1, a, i_in=i1).add_(identity))
 
 
 class SkipNet(nn.Module):

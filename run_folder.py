@@ -1,17 +1,20 @@
 """Run folders, safe to skip on a first reading: the command line and its one-line errors,
 atomic writes, checkpoints and an exact resume, the rules for starting, resuming and reusing a
-run, and the final row a finished run leaves. The training loop is in train_loop.py; the
-method in gumbel_channels.py.
+run, the timed stages after training, and the final row a finished run leaves. The training
+loop is in train_loop.py (the machine it runs on in machine.py); the method in
+gumbel_channels.py.
 """
 import argparse
 import contextlib
 import copy
 import fcntl
+import itertools
 import json
 import math
 import os
 import shlex
 import sys
+import time
 import warnings
 
 import torch
@@ -491,6 +494,55 @@ def evaluated_before(run, saved, run_dir, evaluation):
 def _diff(saved, args, keys):
     return ', '.join(f'--{k.replace("_", "-")} {saved.get(k)} -> {getattr(args, k)}'
                      for k in keys[:3])
+
+
+# ----------------------------------------------------------------------------- the end of training
+
+PROGRESS_SECONDS = 20     # seconds between status lines (an epoch, BN recalibration)
+
+
+def clock(seconds):
+    """h:mm:ss."""
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+@contextlib.contextmanager
+def stage(label, log=print):
+    """'label ...' before a long step of the pipeline after training, and its time after; Ctrl-C
+    or running out of memory in it says where."""
+    t0 = time.perf_counter()
+    log(f'{label} ...', flush=True)
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise RunError(f'out of memory in: {label}: lower --batch-size; the checkpoints are '
+                       'kept') from None
+    except KeyboardInterrupt:
+        raise Interrupted(f'in: {label}', 'the checkpoints are kept') from None
+    log(f'{label}: done in {time.perf_counter() - t0:.1f} s', flush=True)
+
+
+def recal_batches(batches, asked, available, log=print):
+    """BN recalibration's batches (4.1): `asked` (--recal-batches) of `batches`, but never
+    more than the `available` training batches (one pass); a status line every
+    PROGRESS_SECONDS. -> (label for stage(), the batches)."""
+    n = min(asked, available)
+    label = f'BN recalibration over {n} batches' + (
+        f' (all the training batches; --recal-batches {asked} asked for more)'
+        if n < asked else '')
+
+    def shown():
+        t0 = shown_at = time.perf_counter()
+        for i, batch in enumerate(itertools.islice(batches, n)):
+            if time.perf_counter() - shown_at > PROGRESS_SECONDS:
+                shown_at = time.perf_counter()
+                log(f'  BN recalibration: batch {i}/{n}, ETA '
+                    f'{clock((shown_at - t0) * (n - i) / max(i, 1))}', flush=True)
+            yield batch
+    return label, shown()
 
 
 # ----------------------------------------------------------------------------- the final row

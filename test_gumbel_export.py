@@ -1,5 +1,6 @@
 """Tests of gumbel_export.py: each export computes what threshold inference computes in the
 masked network, and spends the MACs that GateInfo.macs counts."""
+import ast
 import io
 import json
 import subprocess
@@ -99,7 +100,8 @@ def test_prune_computes_the_thresholded_network(arch, granularity):
     assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL
     assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item() < info.max_macs
     assert ge.lane_macs(pruned, x[:1], lanes=1) == info.macs[0].item()    # the one formula
-    assert any(isinstance(b, ge.ShortcutBlock) for b in pruned.blocks())      # emptied blocks occur
+    emptied = ge.ShortcutBlock if granularity == 'layer' else ge.Constant  # a group all off
+    assert any(isinstance(m, emptied) for m in pruned.modules())
     if granularity == 'channel' and arch == 'tv-resnet50':  # both Bottleneck halves
         halves = [(b.gate1.kept().any().item(), b.gate2.kept().any().item())
                   for b in model.blocks()]
@@ -133,6 +135,40 @@ def test_the_modules_import_each_other_inside_a_package(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
+
+
+TOP = {'benchmark', 'compare', 'train_cifar', 'train_imagenet'}   # scripts: nothing imports them
+
+
+def local_imports(path, local):
+    """The repository's modules that the file at `path` imports (at any depth, relative too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found |= {node.module.split('.')[0]} if node.module else {a.name for a in node.names}
+    return found & local
+
+
+def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
+    """Modules below, scripts on top: no module imports a training or benchmark script, no
+    two modules import each other (at any distance), and the three files users copy import
+    nothing of the repository but each other (gumbel_channels <- gumbel_export <- gumbel_any)."""
+    here = Path(__file__).parent
+    files = {p.stem: p for p in here.glob('*.py') if not p.stem.startswith(('test_', 'conftest'))}
+    graph = {name: local_imports(path, set(files)) - {name} for name, path in files.items()}
+    assert TOP <= set(graph) and not set().union(*graph.values()) & TOP
+    assert graph['gumbel_channels'] == set()
+    assert graph['gumbel_export'] == {'gumbel_channels'}
+    assert graph['gumbel_any'] == {'gumbel_channels', 'gumbel_export'}
+
+    def below(name, seen):                                  # every module name reaches
+        for m in graph[name] - seen:
+            seen.add(m)
+            below(m, seen)
+        return seen
+    assert all(name not in below(name, set()) for name in graph)
 
 
 def test_pruned_net_saves_loads_compiles_and_exports():
@@ -384,3 +420,19 @@ def test_bn_folding_keeps_eps_at_small_running_variances():
     x = torch.randn(2, 3, 32, 32)
     want = net(x)
     assert torch.allclose(ge.fold_bn(net)(x), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize('arch', ['resnet20', 'tv-resnet50'])
+def test_a_pruned_net_in_training_mode_computes_the_gated_nets_training_forward(arch):
+    """A channel group with nothing on is a Constant; the BN after it sees a constant batch
+    and gives its beta, as the gated net's BN after a masked input does: fine-tuning a
+    pruned net starts from the function the gated net has in training mode (gates at tau)."""
+    model, x, _, _ = configured(arch, 'static', 'channel', 4)
+    pruned = ge.prune(model).train()
+    assert any(isinstance(m, ge.Constant) for m in pruned.modules())
+    model.train()
+    for g in gc.gates(model):
+        g.eval()                                            # threshold decisions, no noise
+    logits, _ = model(x)
+    assert logits.abs().max() < 10                          # the premise of EXPORT_ATOL
+    assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL

@@ -15,6 +15,7 @@ import cifar_data
 import figures
 import gumbel_any
 import gumbel_channels as gc
+import machine
 import run_folder as rf
 import train_cifar
 import train_loop as tl
@@ -158,7 +159,7 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     compile short on a cold cache."""
     args = train_cifar.parse_args(FAST + ['--gate-init-p', '0.5'])
     args.t = 0.5                                # one run's t, as main hands it on
-    autocast = tl.autocast_for(torch.device('cpu'))
+    autocast = machine.autocast_for(torch.device('cpu'))
     torch.manual_seed(0)
     models = [tl.sampling(small_any_cnn(init_p=0.5), args) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
@@ -234,7 +235,7 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
     model = small_any_cnn() if arch == 'any' else train_cifar.build(args, gated=gating != 'none')
     opt, _ = tl.optimizer(model, args, 5e-4, [10])
     step = tl.TrainStep(model, opt, tl.gate_loss(args),
-                                  tl.autocast_for(torch.device('cpu')))
+                                  machine.autocast_for(torch.device('cpu')))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     torch._dynamo.reset()
     loss = torch.compile(step._losses, fullgraph=True, backend='aot_eager')(
@@ -665,7 +666,7 @@ def gated_step_setup(seed=0, **step_kw):
     args.t = 0.5
     model = train_cifar.build(args, gated=True)
     opt, _ = tl.optimizer(model, args, 5e-4, [10])
-    return model, tl.TrainStep(model, opt, tl.gate_loss(args), tl.autocast_for(
+    return model, tl.TrainStep(model, opt, tl.gate_loss(args), machine.autocast_for(
         torch.device('cpu')), **step_kw)
 
 
@@ -742,14 +743,14 @@ def test_a_phase_compiles_once():
 def test_the_status_line_survives_a_slow_first_batch(monkeypatch):
     """A first batch slower than PROGRESS_SECONDS: the ETA divides by the steps done (at
     least one), never by zero; the same for BN recalibration's line."""
-    monkeypatch.setattr(tl, 'PROGRESS_SECONDS', 0)
+    monkeypatch.setattr(rf, 'PROGRESS_SECONDS', 0)
     _, step = gated_step_setup()
     lines = []
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))] * 3
     tl.train_epoch(step, iter(batches), progress=lambda i: 0.5, epoch=1, steps=3,
                    log=lambda *a, **k: lines.append(a[0]))
     assert any('step 0/3' in line and 'ETA' in line for line in lines)
-    label, recal = tl.recal_batches(iter(batches), 3, 3, log=lambda *a, **k: lines.append(a[0]))
+    label, recal = rf.recal_batches(iter(batches), 3, 3, log=lambda *a, **k: lines.append(a[0]))
     assert len(list(recal)) == 3 and any('BN recalibration: batch 0/3' in s for s in lines)
 
 

@@ -13,8 +13,8 @@ import torchvision
 from PIL import Image
 
 import imagenet_data
+import machine
 import run_folder as rf
-import train_loop as tl
 import train_imagenet
 
 HERE = Path(__file__).parent
@@ -252,10 +252,10 @@ def test_one_device_rule_for_both_scripts(name, env, gpus, want):
     """Issue 20: --device cuda on a GPU machine gets an index (torch.cuda.set_device refuses
     a bare 'cuda'): LOCAL_RANK's under torchrun, else 0; impossible choices are one line."""
     if not want.startswith('error: '):
-        assert str(tl.device_for(name, env, gpus)) == want
+        assert str(machine.device_for(name, env, gpus)) == want
     else:
         with pytest.raises(rf.UsageError, match=want[len('error: '):]):
-            tl.device_for(name, env, gpus)
+            machine.device_for(name, env, gpus)
 
 
 def test_loader_yields_uint8_and_on_device_normalizes_as_torchvision(imagenet):

@@ -23,6 +23,7 @@ import cifar_data
 import figures
 import gumbel_channels as gc
 import gumbel_export as ge
+import machine
 import run_folder as rf
 import train_loop as tl
 from run_folder import UsageError
@@ -78,13 +79,13 @@ def parser():
     m('--data-dir', default='data', help='holds the data set (cifar-10-batches-py for CIFAR-10)')
     m('--out', default='runs', help='runs are written in subfolders of this folder')
     m('--resume', action='store_true', help="continue this configuration's unfinished run")
-    tl.add_machine_args(p.group['machine'])
+    machine.add_machine_args(p.group['machine'])
     return p
 
 
 def parse_args(argv):
     args = parser().parse_args(argv)
-    tl.device_for(args.device)
+    machine.device_for(args.device)
     if args.arch in ANY and (args.gating not in (None, 'static', 'none') or args.granularity):
         raise UsageError(f'--arch {args.arch} takes --gating static (its channel groups, '
                          'gumbel_any) or none; dynamic and layer gates are for this '
@@ -157,7 +158,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
         gen=data.generator(args.seed + (0 if first else 1)),      # lr 0.01 at 0
         gate_loss=tl.gate_loss(args), autocast=autocast,
-        mode=tl.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
+        mode=machine.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
     return model, last
 
 
@@ -182,7 +183,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.evaluate:
         return evaluate_runs(args, sys.argv[1:] if argv is None else argv)
-    device = tl.device_for(args.device)
+    device = machine.device_for(args.device)
     out = Path(args.out)
     dense_dir = out / run_name(args, 'dense')
     free = flags('evaluation', 'machine')
@@ -211,7 +212,7 @@ def main(argv=None):
                        runs, f'--arch {args.arch}')
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    tl.use_machine(args, device)
+    machine.use_machine(args, device)
     rf.ensure_writable(dirs, out)
     with rf.locked(dirs):
         rows = pipeline(args, runs, dense_dir, dense_done, device) + list(finished.values())
@@ -239,14 +240,14 @@ def evaluate_runs(args, argv):
             free = flags('evaluation', 'machine')
             rf.decide(run_dir, run, epochs_key='epochs', structure=flags('structure'),
                       settings=[k for k in saved if k not in free and k in vars(run)])
-            device = tl.device_for(run.device)
-            tl.use_machine(run, device)
+            device = machine.device_for(run.device)
+            machine.use_machine(run, device)
             with rf.locked([run_dir]):
                 data = cifar_data.load(run.data_dir, run.synthetic, device, run.dataset)
                 base_acc = json.loads((run_dir / 'final.json').read_text())['baseline_acc']
                 torch.manual_seed(run.seed)
                 row = fine_tune(run, run_dir, build(run, gated=False), base_acc,
-                                data.subset(run.train_size), tl.autocast_for(device))
+                                data.subset(run.train_size), machine.autocast_for(device))
         rows.append(row)
     if len(rows) > 1:
         rf.print_summary(rows)
@@ -256,7 +257,7 @@ def evaluate_runs(args, argv):
 def pipeline(args, runs, dense_dir, dense_done, device):
     """1. the dense baseline, then 2-4 (fine_tune) for each target."""
     print('args:', json.dumps(vars(args)))
-    autocast = tl.autocast_for(device)
+    autocast = machine.autocast_for(device)
     torch.manual_seed(args.seed)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
     data = data.subset(args.train_size)
@@ -313,11 +314,11 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     if args.round_to > 1 and args.gating == 'static':           # widths on the vector width
         model = ge.round_gates(model, args.round_to)
     gen = data.generator(args.seed + 2)
-    label, recal = tl.recal_batches(data.train_batches(args.batch_size, gen),
+    label, recal = rf.recal_batches(data.train_batches(args.batch_size, gen),
                                         args.recal_batches, len(data.x_train) // args.batch_size)
-    with tl.stage(label), autocast():
+    with rf.stage(label), autocast():
         gc.recalibrate_bn(model, (xb for xb, _ in recal))
-    with tl.stage(f'evaluation at threshold {args.tau}'):
+    with rf.stage(f'evaluation at threshold {args.tau}'):
         acc, rate, macs, polar = tl.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                test_images=len(data.x_test),
@@ -346,7 +347,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
             row['table5'] = ge.exit_report(model, data.test_batches(size=500))
         print_exit_report(row['table5'])
     static = args.gating == 'static'                            # 4. the pruned network
-    with tl.stage('export' if static else 'export of final.pt (dynamic gates: no pruned net)'):
+    with rf.stage('export' if static else 'export of final.pt (dynamic gates: no pruned net)'):
         pruned = rf.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
                                  rf.evaluation_tag(args))
         if pruned is not None:

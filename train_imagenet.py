@@ -29,6 +29,7 @@ import figures
 import gumbel_channels as gc
 import gumbel_export as ge
 import imagenet_data
+import machine
 import run_folder as rf
 import train_loop as tl
 from run_folder import UsageError
@@ -87,14 +88,14 @@ def parser():
     m('--evaluate', metavar='RUN_DIR', help='re-evaluate a finished run with --tau / '
       "--recal-batches; every other setting comes from the run's args.json; results go to new "
       'files named by those settings (final-tau0.4-recal200.json, ...)')
-    tl.add_machine_args(p.group['machine'])
+    machine.add_machine_args(p.group['machine'])
     m('--sync-bn', action='store_true', help='SyncBatchNorm across processes')
     return p
 
 
 def parse_args(argv):
     args = parser().parse_args(argv)
-    tl.device_for(args.device)
+    machine.device_for(args.device)
     if args.gating == 'none' and (args.t is not None or args.init):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
@@ -144,7 +145,7 @@ def evaluate(model, loader, device, autocast, distributed):
 def setup(args):
     """Processes (torchrun), device, precision: -> (device, rank, world, distributed, log)."""
     distributed = 'RANK' in os.environ                  # launched by torchrun
-    device = tl.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
+    device = machine.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
     if device.type == 'cuda':
         torch.cuda.set_device(device)                   # before the process group (NCCL)
     if distributed:
@@ -155,7 +156,7 @@ def setup(args):
     log = print if rank == 0 else (lambda *a, **k: None)
     if device.type != 'cuda' and rank == 0:
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
-    tl.use_machine(args, device, log)
+    machine.use_machine(args, device, log)
     return device, rank, world, distributed, log
 
 
@@ -201,7 +202,7 @@ def main(argv=None):
         if row is not None:
             return row
     device, rank, world, distributed, log = setup(args)
-    autocast = tl.autocast_for(device, args.amp)
+    autocast = machine.autocast_for(device, args.amp)
     action, finished = rf.decide(run_dir, args, epochs_key='epochs',
                                  structure=p.dests('structure'), evaluation=p.dests('evaluation'),
                                  settings=[k for k in vars(args) if k not in free])
@@ -261,7 +262,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     if args.sync_bn and distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rank:                                    # the same weights, each process its own noise
-        torch.manual_seed(tl.rank_seed(args.seed, rank))
+        torch.manual_seed(machine.rank_seed(args.seed, rank))
     if args.evaluate:                                   # the trained, unrecalibrated net
         ckpt = rf.load_checkpoint(run_dir / 'last.pt')
         rf.load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
@@ -271,16 +272,16 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                      (rank, world))
     # BN recalibration under threshold inference (4.1), then the final evaluation
     gc.set_inference(model, 'threshold', args.tau)
-    label, recal = tl.recal_batches(iter(train_loader), args.recal_batches,
+    label, recal = rf.recal_batches(iter(train_loader), args.recal_batches,
                                         len(train_loader), log)
-    with tl.stage(label, log), autocast():
+    with rf.stage(label, log), autocast():
         gc.recalibrate_bn(model, (imagenet_data.on_device(x, device) for x, _, _ in recal))
     if distributed:                                             # one set of BN statistics for all
         for buf in model.buffers():
             if buf.is_floating_point():
                 dist.all_reduce(buf)
                 buf /= world
-    with tl.stage(f'evaluation at threshold {args.tau}', log):
+    with rf.stage(f'evaluation at threshold {args.tau}', log):
         top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_top1,   # CIFAR's keys, and
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau,
@@ -300,7 +301,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                 rates = figures.per_class_rates(model, batches, len(names))
             rf.save_files(figures.class_rate_files(rates, names, figures.gate_names(model)),
                           run_dir, rf.evaluation_tag(args))
-        with tl.stage('export' if args.gating == 'static' else
+        with rf.stage('export' if args.gating == 'static' else
                       'export of final.pt (dynamic gates: no pruned net)'):
             rf.save_exports(model, baseline, x2, run_dir, row, rf.evaluation_tag(args))
         rf.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
@@ -339,8 +340,8 @@ def train(model, args, run_dir, data, device, autocast, processes):
     return tl.fit(model, args, epochs=args.epochs, batches=batches, steps=len(train_loader),
                   evaluate=test, after_epoch=skipped, weight_decay=args.weight_decay,
                   milestones=args.milestones, gate_loss=tl.gate_loss(args), autocast=autocast,
-                  mode=tl.compile_mode(args.compile, device), run_dir=run_dir,
-                  scaler=tl.grad_scaler_for(device, args.amp), log=log, writes=rank == 0,
+                  mode=machine.compile_mode(args.compile, device), run_dir=run_dir,
+                  scaler=machine.grad_scaler_for(device, args.amp), log=log, writes=rank == 0,
                   net=DistributedDataParallel(model, device_ids=ids) if distributed else model,
                   test_column='top-1')
 

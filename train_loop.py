@@ -5,24 +5,22 @@ plain fine-tuning of a pruned net).
 
     args = parser.parse_args()                         # lr, t, the gate recipe's flags
     last = fit_images(model, data, args, epochs=100, batch_size=256, weight_decay=5e-4,
-                      milestones=[40, 70], gen=data.generator(seed), autocast=autocast_for(dev),
-                      gate_loss=gate_loss(args))       # -> the last epoch's row
+                      milestones=[40, 70], gen=data.generator(seed),
+                      autocast=machine.autocast_for(dev), gate_loss=gate_loss(args))
 
-fit() itself takes any batches (train_imagenet.py's loaders); run folders (checkpoints,
-resume, errors) are in run_folder.py, which a first reading may skip.
+fit() itself takes any batches (train_imagenet.py's loaders). Two modules a first reading may
+skip: machine.py (the device, precision, threads, the compile mode, RNG states) and
+run_folder.py (checkpoints, resume, errors).
 """
-import contextlib
-import itertools
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import gumbel_channels as gc
+import machine
 import run_folder as rf
 from run_folder import RunError, UsageError
 
@@ -210,7 +208,7 @@ class TrainStep:
             if self.compile_seconds is None:                # caches keyed by input size (the
                 with torch.no_grad(), gc.evaluation(self.model):    # MaxFLOPs) filled eagerly:
                     self.model(xb[:2])                      # the compiled graph then keeps them
-            rng = _rng_state()
+            rng = machine.rng_state()
             try:
                 out = self._step(xb, yb, progress)
             except (KeyboardInterrupt, RunError, UsageError):
@@ -219,7 +217,7 @@ class TrainStep:
                 if rf.out_of_memory(e):
                     raise
                 self._eagerly(e)
-                _set_rng_state(rng)                         # the same noise, the same batch
+                machine.set_rng_state(rng)                  # the same noise, the same batch
                 self.opt.zero_grad(set_to_none=True)
                 out = self._step(xb, yb, progress)
         loss, ce, gl, correct, stats = out
@@ -240,25 +238,6 @@ class TrainStep:
         print(f'warning: torch.compile failed ({cause}); continuing eagerly (--compile off '
               'skips compiling)', file=sys.stderr, flush=True)
         self.mode, self.losses, self.opt_step = None, self._losses, self.opt.step
-
-
-def rank_seed(seed, rank):
-    """The torch seed of process `rank` under torchrun (rank 0: seed itself), so that each
-    process draws its own Gumbel noise (its weights come from seed, before)."""
-    return seed + 1_000_003 * rank
-
-
-def _rng_state():
-    """The torch RNG states a step draws from (CPU, and the CUDA device's when initialized)."""
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and \
-        torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
 
 
 def gate_stats(info):
@@ -283,31 +262,30 @@ def progress(epoch, step, epochs, steps):
 # ----------------------------------------------------------------------------- the epoch
 
 CHECK_EVERY = 20          # steps between checks for a non-finite loss (each check syncs)
-PROGRESS_SECONDS = 20     # seconds between status lines within an epoch
 
 
 def train_epoch(step, batches, progress, epoch, steps, log=print):
     """One epoch of `steps` batches through `step` (a TrainStep). `progress(i)` is the share
     of training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
-    PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within CHECK_EVERY
-    steps (two such spans on CUDA, whose host never waits for it), naming the step where it
-    began; nothing of this epoch is saved. Under torchrun the
-    statistics are averaged over all processes.
+    rf.PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within
+    CHECK_EVERY steps (two such spans on CUDA, whose host never waits for it), naming the step
+    where it began; nothing of this epoch is saved. Under torchrun the statistics are averaged
+    over all processes.
     Returns dict(ce, gate_loss, train_acc, rate, macs, polarized, images, seconds, first_loss)."""
     step.model.train()
     device = next(step.model.parameters()).device
     t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
     sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
-    bad = _Divergence(device)
+    bad = machine.Divergence(device)
     ramp = torch.tensor([progress(i) for i in range(max(steps, 1))], device=device)
     shown = t0
     for i, (xb, yb) in enumerate(batches):
         if i % CHECK_EVERY == 0:
             bad.check(epoch)
-        if time.perf_counter() - shown > PROGRESS_SECONDS and i < steps:
+        if time.perf_counter() - shown > rf.PROGRESS_SECONDS and i < steps:
             shown, spent = time.perf_counter(), time.perf_counter() - t0
             log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
-                f'{n / spent:.0f} img/s  ETA {_clock(spent * (steps - i) / max(i, 1))}',
+                f'{n / spent:.0f} img/s  ETA {rf.clock(spent * (steps - i) / max(i, 1))}',
                 flush=True)
         compiled = step.mode and step.compile_seconds is None
         loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
@@ -334,39 +312,6 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
     return dict(ce=ce, gate_loss=gl, train_acc=100 * correct, rate=rate, macs=macs,
                 polarized=polar, images=n, seconds=time.perf_counter() - t0,
                 first_loss=first.item())
-
-
-class _Divergence:
-    """The first step whose loss is not finite, watched without making the host wait for the
-    GPU: the step number stays on the device; check() reads the copy it started CHECK_EVERY
-    steps earlier once that copy has landed (a CUDA event says so), or waits (wait=True, at
-    the end of an epoch). A bad loss stops the run (RunError) naming the step."""
-
-    def __init__(self, device):
-        self.bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.host = torch.full((), -1, dtype=torch.long, pin_memory=device.type == 'cuda')
-        self.landed = None                                  # the CUDA event after a copy
-
-    def see(self, i, loss):
-        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(loss), i, self.bad)
-
-    def check(self, epoch, wait=False):
-        if wait or self.bad.device.type != 'cuda':
-            step = int(self.bad)
-        else:
-            step = int(self.host) if self.landed is not None and self.landed.query() else -1
-            self.host.copy_(self.bad, non_blocking=True)
-            self.landed = torch.cuda.Event()
-            self.landed.record()
-        if step >= 0:
-            raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
-                           'diverged (try a lower --lr); the last good checkpoint is kept and '
-                           'nothing is exported')
-
-
-def _clock(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 ROW = '{:>5} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>8} {:>8}'
@@ -430,7 +375,7 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
             ranks = None
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 ranks = [None] * torch.distributed.get_world_size()      # every process's
-                torch.distributed.all_gather_object(ranks, _rng_state())  # noise, for resume
+                torch.distributed.all_gather_object(ranks, machine.rng_state())  # for resume
             if run_dir is not None and writes:
                 ckpt = rf.checkpoint(model, opt, sched, epoch=epoch + 1,
                                      best=max(best, test['test_acc']) if improved else best,
@@ -486,133 +431,3 @@ def evaluate(model, data, autocast):
     return 100 * correct.item() / len(data.x_test), *averages(stats, batches)
 
 
-# ----------------------------------------------------------------------------- the end of training
-
-@contextlib.contextmanager
-def stage(label, log=print):
-    """'label ...' before a long step of the pipeline after training, and its time after; Ctrl-C
-    or running out of memory in it says where."""
-    t0 = time.perf_counter()
-    log(f'{label} ...', flush=True)
-    try:
-        yield
-    except RuntimeError as e:
-        if not rf.out_of_memory(e):
-            raise
-        raise RunError(f'out of memory in: {label}: lower --batch-size; the checkpoints are '
-                       'kept') from None
-    except KeyboardInterrupt:
-        raise rf.Interrupted(f'in: {label}', 'the checkpoints are kept') from None
-    log(f'{label}: done in {time.perf_counter() - t0:.1f} s', flush=True)
-
-
-def recal_batches(batches, asked, available, log=print):
-    """BN recalibration's batches (4.1): `asked` (--recal-batches) of `batches`, but never
-    more than the `available` training batches (one pass); a status line every
-    PROGRESS_SECONDS. -> (label for stage(), the batches)."""
-    n = min(asked, available)
-    label = f'BN recalibration over {n} batches' + (
-        f' (all the training batches; --recal-batches {asked} asked for more)'
-        if n < asked else '')
-
-    def shown():
-        t0 = shown_at = time.perf_counter()
-        for i, batch in enumerate(itertools.islice(batches, n)):
-            if time.perf_counter() - shown_at > PROGRESS_SECONDS:
-                shown_at = time.perf_counter()
-                log(f'  BN recalibration: batch {i}/{n}, ETA '
-                    f'{_clock((shown_at - t0) * (n - i) / max(i, 1))}', flush=True)
-            yield batch
-    return label, shown()
-
-
-# ----------------------------------------------------------------------------- device and compile
-
-def device_for(name, env=None, gpus=None):
-    """The one device rule of both scripts: --device cpu, cuda or cuda:N -> a torch.device with
-    an index for CUDA. 'cuda' is cuda:LOCAL_RANK under torchrun (env), else cuda:0; an explicit
-    cuda:N under torchrun with several processes is refused (they would share one GPU), and
-    so is a device this machine does not have (gpus: its GPU count)."""
-    env = os.environ if env is None else env
-    gpus = torch.cuda.device_count() if gpus is None else gpus
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f'--device {name!r} is not a device (cpu, cuda, cuda:1, ...)') from None
-    if device.type != 'cuda':
-        return device
-    if gpus == 0:
-        raise UsageError(f'--device {name}: no CUDA GPU is available here (use --device cpu)')
-    if device.index is not None and int(env.get('WORLD_SIZE', 1)) > 1:
-        raise UsageError(f'--device {name}: under torchrun pass --device cuda (each process '
-                         'takes cuda:LOCAL_RANK)')
-    index = int(env.get('LOCAL_RANK', 0)) if device.index is None else device.index
-    if index >= gpus:
-        raise UsageError(f'--device {name}: this machine has {gpus} GPU(s), not cuda:{index}')
-    return torch.device('cuda', index)
-
-
-def autocast_for(device, amp='bf16'):
-    """The precision context: autocast on CUDA in bf16 (no loss scaling needed) or fp16 (the
-    caller scales the loss: grad_scaler_for), float32 with amp 'off' and on the CPU."""
-    if device.type == 'cuda' and amp != 'off':
-        dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-        return lambda: torch.autocast('cuda', dtype)
-    return lambda: torch.autocast(device.type, enabled=False)
-
-
-def grad_scaler_for(device, amp):
-    """A GradScaler for fp16 on CUDA, else None (bf16 and float32 need no loss scaling)."""
-    return torch.amp.GradScaler('cuda') if device.type == 'cuda' and amp == 'fp16' else None
-
-
-COMPILE_MODES = ('auto', 'off', 'default', 'reduce-overhead', 'max-autotune')
-
-
-def add_machine_args(group):
-    """The flags for where and how a script runs (a parser's machine group): --device,
-    --threads, --compile."""
-    a = group.add_argument
-    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-      help='cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu')
-    a('--threads', type=rf.COUNT, help='CPU threads (default: the CPUs this process may use, '
-      'its affinity and container quota, at most 8)')
-    a('--compile', nargs='?', const='default', default='auto', choices=COMPILE_MODES,
-      help="torch.compile the training step: auto = reduce-overhead (CUDA graphs) on CUDA, off "
-           "on the CPU; off runs it eagerly (NOTES.md: the GPU path)")
-
-
-def usable_cpus():
-    """CPUs this process may really use: its affinity mask, and a container's (cgroup v2)
-    CPU quota when one is set."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    try:
-        quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()
-        if quota != 'max':
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, n or 1)
-
-
-def use_machine(args, device, log=print):
-    """torch's CPU threads from --threads, else usable_cpus() up to 8, said in the log; on
-    CUDA cuDNN's autotuner (each phase's shapes are fixed, so it tunes once)."""
-    threads = args.threads or min(8, usable_cpus())
-    torch.set_num_threads(threads)
-    if torch.device(device).type == 'cpu':
-        log(f'CPU threads: {threads} (--threads to change)')
-    else:
-        torch.backends.cudnn.benchmark = True
-
-
-def compile_mode(flag, device):
-    """--compile -> the torch.compile mode of the training step, or None (eager). True and
-    False are the flag's values in the args.json of older runs."""
-    if flag is True:
-        return 'default'
-    if flag in (False, None, 'off'):
-        return None
-    if flag == 'auto':
-        return 'reduce-overhead' if torch.device(device).type == 'cuda' else None
-    return flag
