@@ -323,8 +323,8 @@ def run_arm(arm, t, seed, ctx):
                 keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
             net = pruned_with(template, keeps)
         net = fine_tune(net.train(), data, args, seed, run_dir, autocast)
-    acc, _, macs_percent, _ = tl.evaluate(net, data, autocast)
-    predictions = tl.evaluate.predictions.cpu()
+    acc, _, macs_percent, _, predictions = tl.evaluate(net, data, autocast)
+    predictions = predictions.cpu()
     macs = ge.counted_macs(net, x) if arm != 'dynamic' else macs_percent / 100 * ctx['dense_macs']
     row = dict(arm=arm, t=t, seed=seed, acc=acc, macs=macs,
                macs_percent=100 * macs / ctx['dense_macs'], settings=rf.to_json(settings),

@@ -319,7 +319,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     with rf.stage(label), autocast():
         gc.recalibrate_bn(model, (xb for xb, _ in recal))
     with rf.stage(f'evaluation at threshold {args.tau}'):
-        acc, rate, macs, polar = tl.evaluate(model, data, autocast)
+        acc, rate, macs, polar, _ = tl.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
                test_images=len(data.x_test),
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,

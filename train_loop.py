@@ -15,6 +15,7 @@ run_folder.py (checkpoints, resume, errors).
 import math
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -405,18 +406,26 @@ def fit_images(model, data, args, *, batch_size, gen, autocast, test_each_epoch=
     def test(epoch):
         if not test_each_epoch:
             return None
-        acc, rate, macs, _ = evaluate(model, data, autocast)
+        acc, rate, macs, _, _ = evaluate(model, data, autocast)
         return dict(test_acc=acc, test_rate=rate, test_macs=macs)
     return fit(model, args, batches=lambda epoch: data.train_batches(batch_size, gen),
                steps=len(data.x_train) // batch_size, evaluate=test, gen=gen,
                autocast=autocast, **kw)
 
 
+class Evaluation(NamedTuple):
+    """What evaluate() measures on a test set."""
+    acc: float                  # top-1 %
+    rate: float                 # gate activation rate (NaN for a net without gates)
+    macs: float                 # MACs % of the dense net
+    polarized: float            # share of polarized gate probabilities
+    predictions: torch.Tensor   # (N,) the predicted classes, in the test set's order
+
+
 @torch.no_grad()
 def evaluate(model, data, autocast):
     """Accuracy % on data's test set (cifar_data.Images) and (rate, MACs %, polarized) under
-    the model's current inference strategy; the predictions ride along as
-    evaluate.predictions."""
+    the model's current inference strategy, and the predictions -> Evaluation."""
     model.eval()
     correct, stats, batches, predictions = 0, 0, 0, []
     for xb, yb in data.test_batches():
@@ -427,7 +436,7 @@ def evaluate(model, data, autocast):
         correct += (predictions[-1] == yb).sum()
         if info is not None:
             stats, batches = stats + gate_stats(info), batches + 1
-    evaluate.predictions = torch.cat(predictions)
-    return 100 * correct.item() / len(data.x_test), *averages(stats, batches)
+    return Evaluation(100 * correct.item() / len(data.x_test), *averages(stats, batches),
+                      torch.cat(predictions))
 
 
