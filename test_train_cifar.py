@@ -120,16 +120,16 @@ def test_dynamic_layer_per_gate_pipeline(cifar, dense_ckpt, tmp_path):
 
 
 def test_densenet_early_exit_pipeline_prints_table5(cifar, tmp_path, capsys):
-    assert run(cifar, tmp_path, '--arch', 'densenet16', '--t', '0.5') == 0
+    assert run(cifar, tmp_path, '--arch', 'densenet16', '--t', '0.9') == 0
     row = json.loads(
-        (tmp_path / 'densenet16-dynamic-exit-flops-t0.5-s0' / 'final.json').read_text()
+        (tmp_path / 'densenet16-dynamic-exit-flops-t0.9-s0' / 'final.json').read_text()
     )
     exits = row['table5']['exits']
     assert len(exits) == 3 and sum(e['share'] for e in exits) == pytest.approx(1)
     assert row['table5']['counted_macs'] == row['table5']['accounted_macs']
     out = capsys.readouterr().out
-    for e in exits:                                               # Table 5's lines, as computed
-        assert f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave" in out
+    for e, name in zip(exits, ('block 1', 'block 2', 'final block')):   # Table 5's lines
+        assert f"{name}: {100 * e['share']:5.2f}% of images leave" in out
 
 
 def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch_1):
@@ -248,6 +248,7 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
     (['--gating', 'none', '--t', '0.5'], '--gating none'), (['--gating', 'soft'], '--gating'),
     (['--loss', 'per-gate', '--targets', '0.5', '0.5'], '--targets'),
     (['--arch', 'densenet16', '--gating', 'static'], 'DenseNets'),
+    (['--arch', 'densenet16', '--t', '0.7'], 'leaves at the first exit already costs 71.4%'),
     (['--batch-size', '0'], '--batch-size'), (['--epochs', '-1'], '--epochs'),
     (['--recal-batches', '0'], '--recal-batches'), (['--runs', '0'], '--runs'),
     (['--loss', 'per-gate', '--targets', '1.5'], '--targets'), (['--lr', '0'], '--lr'),
@@ -457,11 +458,13 @@ def test_both_scripts_share_one_gate_recipe():
 
 def test_the_gate_lr_multiplier_goes_by_the_gates_kind():
     """Issue 33: by default static gates' logits train at lr x 1000, a dynamic gate's network
-    at lr x 100 (x1000 made it collapse); --gate-lr-mult sets both."""
-    for flags, gating, mult in (([], 'static', 1000), ([], 'dynamic', 100),
-                                (['--gate-lr-mult', '7'], 'dynamic', 7)):
+    at lr x 100 (x1000 made it collapse), a DenseNet's exit gates at x10 (x100 and x1000 shut
+    every exit); --gate-lr-mult sets them all."""
+    for flags, gating, mult in (([], 'static', 1000), ([], 'dynamic', 100), ([], 'exit', 10),
+                                (['--gate-lr-mult', '7'], 'dynamic', 7),
+                                (['--gate-lr-mult', '7'], 'exit', 7)):
         args = train_cifar.parse_args(['--device', 'cpu'] + flags)
-        model = gc.resnet_cifar(8, gating=gating)
+        model = gc.densenet_cifar(16) if gating == 'exit' else gc.resnet_cifar(8, gating=gating)
         opt, _ = tl.optimizer(model, args, 5e-4, [10])
         gates = {id(q) for g in gc.gates(model) for q in g.parameters()}
         assert [{id(q) for q in group['params']} == gates for group in opt.param_groups] == \

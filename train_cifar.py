@@ -53,7 +53,8 @@ def parser():
     s('--granularity', choices=gc.GRANULARITIES,
       help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
     tl.add_gate_args(p)
-    s('--t', type=rf.RATE, nargs='+', help='target rate(s), one run each (default 0.5)')
+    s('--t', type=rf.RATE, nargs='+', help='target rate(s), one run each (default 0.5; '
+      f'DenseNets with early exits: {EXIT_T}, NOTES.md "Early exits")')
     s('--seed', type=int, default=0, help='seeds the weights, gates, data order and noise')
     t('--epochs', type=rf.COUNT, default=100, help='gated fine-tuning epochs (4.1)')
     t('--batch-size', type=rf.COUNT, default=256, help='gated fine-tuning batch (4.1)')
@@ -102,11 +103,32 @@ def parse_args(argv):
     if args.gating == 'none' and (args.t is not None or args.init):
         raise UsageError('--gating none trains the dense baseline only: it takes no --t, and '
                          '--init would replace what it trains')
-    args.t = [] if args.gating == 'none' else args.t or [0.5]
+    args.t = [] if args.gating == 'none' else args.t or [
+        EXIT_T if args.granularity == 'exit' else 0.5]
+    least = exit_costs(DEPTHS[args.arch])[0] if args.granularity == 'exit' else 0
+    if args.t and min(args.t) <= least:                 # the cheapest way out of an exit net
+        raise UsageError(f'--t {min(args.t):g} is out of reach of {args.arch}: an image that '
+                         f'leaves at the first exit already costs {100 * least:.1f}% of its '
+                         'MACs, so every image would leave there; choose t in '
+                         f'({least:.2f}, 1] (the paper\'s Table 5 split is t = {EXIT_T})')
     args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
     if len(set(args.t)) != len(args.t):
         raise UsageError(f'--t must be distinct rates, got {args.t}')
     return args
+
+
+# The MACs share that the paper's Table 5 split (28.71% / 11.56% / 59.74% of images leaving at
+# blocks 1 / 2 / the end) costs DenseNet-BC-100 in our accounting: 0.876 (NOTES.md, Early exits).
+EXIT_T = 0.88
+
+
+def exit_costs(depth, hw=(32, 32)):
+    """Each way out of the early-exit DenseNet of `depth` as a share of its MaxFLOPs: leaving
+    at exit 1, at exit 2, running to the end (gc.exit_net_macs)."""
+    model = gc.densenet_cifar(depth)
+    n = len(model.exits)
+    return [(gc.exit_net_macs(model, hw, [torch.full((1, 1), float(j == k)) for j in range(n)])
+             / gc.exit_net_macs(model, hw)).item() for k in range(n + 1)]
 
 
 # ----------------------------------------------------------------------------- training
@@ -357,10 +379,15 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     return row
 
 
+def exit_names(n):
+    """Table 5's rows: 'block 1', 'block 2', ..., 'final block'."""
+    return [f'block {k + 1}' for k in range(n - 1)] + ['final block']
+
+
 def print_exit_report(report):
-    """Table 5 from gumbel_export.exit_report, one line per exit."""
-    for e in report['exits']:
-        print(f"exit {e['exit']}: {100 * e['share']:5.2f}% of images leave, accuracy "
+    """Table 5 from gumbel_export.exit_report, one line per exit, named as the paper does."""
+    for e, name in zip(report['exits'], exit_names(len(report['exits']))):
+        print(f"{name}: {100 * e['share']:5.2f}% of images leave, accuracy "
               f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
     print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
           f"image to the end; time {report['seconds'] / report['seconds_to_the_end']:.2f} x")

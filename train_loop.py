@@ -33,7 +33,7 @@ from run_folder import RunError, UsageError
 # goes by the gates' kind: a static gate is two logits per channel, a dynamic gate a small
 # network, which trains unstably at x1000 (issue 33: at lr 0.1 its layers' lr is 100).
 RECIPE = dict(loss_weight=20.0, gate_lr_mult=None, polarize=5e-5, gate_lr_decay=False)
-GATE_LR_MULT = dict(static=1000.0, dynamic=100.0)
+GATE_LR_MULT = dict(static=1000.0, dynamic=100.0, exit=10.0)
 PAPER_GATES = '--gate-lr-mult 1 --loss-weight 1 --polarize 0 --gate-lr-decay'
 
 
@@ -50,7 +50,8 @@ def add_gate_args(parser):
       help='gate loss weight (the paper: 1; NOTES.md 18)')
     a('--gate-lr-mult', type=rf.POSITIVE, default=RECIPE['gate_lr_mult'],
       help=f"gate lr / lr (default: {GATE_LR_MULT['static']:g} for static gates, "
-           f"{GATE_LR_MULT['dynamic']:g} for dynamic ones; the paper: 1; NOTES.md 18)")
+           f"{GATE_LR_MULT['dynamic']:g} for dynamic ones, {GATE_LR_MULT['exit']:g} for "
+           "DenseNet exits; the paper: 1; NOTES.md 18)")
     a('--gate-lr-decay', action='store_true', default=RECIPE['gate_lr_decay'],
       help='the gate lr follows --milestones too (the paper); by default it stays constant so '
            'the gates can finish polarizing')
@@ -93,9 +94,8 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
     milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
     --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
-    dynamic = any(isinstance(g, gc.DynamicGate) for g in gc.gates(model))
     groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay,
-                             gate_lr_mult(args, 'dynamic' if dynamic else 'static'))
+                             gate_lr_mult(args, gate_kind(model)))
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
     def weights_lr(e):
@@ -104,8 +104,15 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
 
 
+def gate_kind(model):
+    """'exit' (a DenseNet's exit gates), 'dynamic' or 'static': what GATE_LR_MULT is keyed by."""
+    if isinstance(model, gc.DenseNetExits):
+        return 'exit'
+    return 'dynamic' if any(isinstance(g, gc.DynamicGate) for g in gc.gates(model)) else 'static'
+
+
 def gate_lr_mult(args, kind):
-    """--gate-lr-mult, or the recipe's for gates of kind 'static' or 'dynamic'."""
+    """--gate-lr-mult, or the recipe's for gates of kind 'static', 'dynamic' or 'exit'."""
     return args.gate_lr_mult or GATE_LR_MULT[kind]
 
 
