@@ -110,7 +110,8 @@ def parse_args(argv):
         raise UsageError(f'--t {min(args.t):g} is out of reach of {args.arch}: an image that '
                          f'leaves at the first exit already costs {100 * least:.1f}% of its '
                          'MACs, so every image would leave there; choose t in '
-                         f'({least:.2f}, 1] (the paper\'s Table 5 split is t = {EXIT_T})')
+                         f'({least:.2f}, 1] (the paper\'s Table 5 split costs DenseNet-BC-100 '
+                         f'{EXIT_T})')
     args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
     if len(set(args.t)) != len(args.t):
         raise UsageError(f'--t must be distinct rates, got {args.t}')
