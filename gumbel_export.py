@@ -15,7 +15,6 @@ import importlib.util
 import io
 import math
 import time
-from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -50,12 +49,6 @@ def counted_macs(model, x):
 ADDED_MARGIN = 4.0   # round_gates: an added channel's w1 - w0 sits this far above logit(tau)
 
 
-class Folded(NamedTuple):
-    """A conv with the eval-mode BN after it folded in."""
-    weight: torch.Tensor       # (C_out, C_in, k, k): the conv's weight times the BN's scale
-    bias: torch.Tensor         # (C_out,): the BN's shift
-
-
 def _bn_scale(bn):
     """An eval-mode BN's per-channel scale.
         gamma / sqrt(running_var + eps)"""
@@ -70,14 +63,6 @@ def _logit(p):
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
-
-
-def _fold(conv, bn):
-    """conv, then an eval-mode BN, as one conv -> Folded(weight, bias).
-        weight * s,    beta - (mean - conv bias) * s,    s = _bn_scale(bn)"""
-    scale = _bn_scale(bn)
-    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-    return Folded((conv.weight * scale.view(-1, 1, 1, 1)).contiguous(), bn.bias - mean * scale)
 
 
 def _pick(t, i, dim=0):
@@ -278,14 +263,16 @@ def prune(model):
 @torch.no_grad()
 def _folded_conv(conv, bn):
     """One Conv2d (with bias) computing bn(conv(x)) of an eval-mode BN; of a Constant, the
-    Constant of bn(its bias)."""
+    Constant of bn(its bias):
+        weight * s,    beta - (mean - conv bias) * s,    s = _bn_scale(bn)"""
+    scale = _bn_scale(bn)
+    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
     if isinstance(conv, Constant):
-        return replaced(conv, bias=bn.bias - (bn.running_mean - conv.bias) * _bn_scale(bn))
-    w, b = _fold(conv, bn)
+        return replaced(conv, bias=bn.bias - mean * scale)
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, bias=True).to(w)
-    new.weight.copy_(w)
-    new.bias.copy_(b)
+                    conv.padding, conv.dilation, conv.groups, bias=True).to(conv.weight)
+    new.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    new.bias.copy_(bn.bias - mean * scale)
     return new
 
 

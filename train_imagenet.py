@@ -145,7 +145,7 @@ def evaluate(model, loader, device, autocast, distributed):
 def setup(args):
     """Processes (torchrun), device, precision: -> (device, rank, world, distributed, log)."""
     distributed = 'RANK' in os.environ                  # launched by torchrun
-    device = machine.device_for(args.device)                 # cuda -> cuda:LOCAL_RANK
+    device = machine.device_for(args.device)            # cuda -> cuda:LOCAL_RANK
     if device.type == 'cuda':
         torch.cuda.set_device(device)                   # before the process group (NCCL)
     if distributed:
