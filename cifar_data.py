@@ -36,6 +36,7 @@ def read_batch(path, labels_key=b'labels', classes=10):
     try:
         with open(path, 'rb') as f:
             batch = ArraysOnly(f, encoding='bytes').load()
+        batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
         x, labels = batch[b'data'], torch.tensor(batch[labels_key])
         y = labels.to(torch.int64)
     except Exception as e:                                  # corrupt, truncated, not CIFAR
