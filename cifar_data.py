@@ -116,14 +116,14 @@ class Images(NamedTuple):
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    mean: torch.Tensor          # (1, 3, 1, 1) float32 on the CPU, on the 0..255 scale
+    mean: torch.Tensor          # (1, 3, 1, 1) float32 on the images' device, 0..255 scale
     std: torch.Tensor
     flip: bool
     classes: tuple
 
     def prepare(self, x):
         """uint8 (B, 3, 32, 32) -> normalized float, channels_last."""
-        x = (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+        x = (x.float() - self.mean) / self.std          # both on x's device (load)
         return x.contiguous(memory_format=torch.channels_last)
 
     def generator(self, seed):
@@ -209,7 +209,8 @@ def load(data_dir, synthetic, device, dataset='cifar10'):
     there when absent), or the synthetic stripes."""
     if synthetic:
         parts = [d.to(device) for d in (*stripes(5_000, seed=1234), *stripes(1_000, seed=4321))]
-        return Images(*parts, CIFAR10_MEAN, CIFAR10_STD, True, CIFAR10_CLASSES)
+        return Images(*parts, CIFAR10_MEAN.to(device), CIFAR10_STD.to(device), True,
+                      CIFAR10_CLASSES)
     kind, sub, classes, flip = DATASETS[dataset]
     folder = Path(data_dir) / sub
     needed = {'cifar10': 'test_batch', 'cifar100': 'test', 'mnist': 't10k-labels-idx1-ubyte',
@@ -234,6 +235,6 @@ def load(data_dir, synthetic, device, dataset='cifar10'):
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:                                                        # of the training images
         x = parts[0].float()
-        mean = x.mean((0, 2, 3)).view(1, 3, 1, 1).cpu()
-        std = x.std((0, 2, 3)).clamp_min(1).view(1, 3, 1, 1).cpu()
-    return Images(*parts, mean, std, flip, classes)
+        mean = x.mean((0, 2, 3)).view(1, 3, 1, 1)
+        std = x.std((0, 2, 3)).clamp_min(1).view(1, 3, 1, 1)
+    return Images(*parts, mean.to(device), std.to(device), flip, classes)

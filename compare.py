@@ -96,18 +96,9 @@ def parse_args(argv):
 
 # ----------------------------------------------------------------------------- channels
 
-def block_convs(model):
-    """(gate, the conv whose output channels it gates) of a channel-gated CIFAR ResNet, in
-    GateInfo order."""
-    pairs = [(getattr(b, f'gate{k}'), getattr(b, f'conv{k}')) for b in model.blocks()
-             for k in (1, 2) if getattr(b, f'gate{k}', None) is not None]
-    assert [g for g, _ in pairs] == gc.gates(model)
-    return pairs
-
-
 def l1_scores(model):
     """Each gated channel's L1 norm of the filter that computes it, per gate."""
-    return [conv.weight.detach().abs().sum((1, 2, 3)) for _, conv in block_convs(model)]
+    return [conv.weight.detach().abs().sum((1, 2, 3)) for _, conv in tl.gated_convs(model)]
 
 
 def top(scores, n):
@@ -122,7 +113,7 @@ def pruned_with(gated, keeps):
     gate), and its MACs."""
     gated = copy.deepcopy(gated)
     with torch.no_grad():
-        for (gate, _), keep in zip(block_convs(gated), keeps):
+        for (gate, _), keep in zip(tl.gated_convs(gated), keeps):
             gate.logits.copy_(torch.stack([torch.zeros(len(keep)),
                                            torch.where(keep, 4.0, -4.0)], 1))
     gc.set_inference(gated, 'threshold', 0.5)
@@ -191,9 +182,12 @@ def dense_start(args, data, out, autocast):
         rf.load_init(dense, args.init)
         return dense
     if (run_dir / 'final.json').exists():
-        if json.loads((run_dir / 'final.json').read_text())['settings'] != settings:
-            raise UsageError(f'{run_dir} holds a dense start trained with other settings: pass '
-                             'the same ones, --init it, or choose another --out')
+        differ = settings_differ(
+            json.loads(json.loads((run_dir / 'final.json').read_text())['settings']),
+            json.loads(settings))
+        if differ:
+            raise UsageError(f'{run_dir} holds a dense start trained with other settings '
+                             f'({differ}): pass the same ones, --init it, or choose another --out')
         rf.load_weights(dense, rf.load_checkpoint(run_dir / 'last.pt')['model'],
                         run_dir / 'last.pt', gated=False)
         return dense
@@ -201,6 +195,7 @@ def dense_start(args, data, out, autocast):
                   batch_size=args.dense_batch_size, weight_decay=args.dense_weight_decay,
                   milestones=tl.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
                   gen=data.generator(0), gate_loss=None, autocast=autocast,
+                  mode=machine.compile_mode(args.compile, args.device),
                   run_dir=run_dir, phase='dense')              # tested every epoch: converged?
     acc = tl.evaluate(dense, data, autocast)[0]
     rf.save_atomic(rf.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
@@ -218,6 +213,7 @@ def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='a
                   milestones=[m - first for m in args.milestones if first < m < end],
                   gen=gen or data.generator(seed + 1), gate_loss=gate_loss,
                   autocast=autocast, run_dir=run_dir, phase=phase,
+                  mode=machine.compile_mode(args.compile, args.device),
                   test_each_epoch=not args.final_test_only)
     return recalibrated(net, data, args, seed, autocast)
 
@@ -243,6 +239,7 @@ def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, 
                             init_p=args.gate_init_p)
     model = tl.sampling(model.to(args.device, memory_format=torch.channels_last), run)
     rf.load_weights(model, dense.state_dict(), 'the dense start', gated=True)
+    tl.init_gates(model, run)
     return fine_tune(model, data, run, seed, run_dir, autocast, gate_loss=tl.gate_loss(run),
                      phase=gating, part=part, gen=gen)
 
@@ -270,9 +267,10 @@ def run_arm(arm, t, seed, ctx):
     settings['gate_lr_mult'] = tl.gate_lr_mult(args, 'dynamic' if arm == 'dynamic' else 'static')
     if (run_dir / 'final.json').exists():
         row = json.loads((run_dir / 'final.json').read_text())
-        if row['settings'] != rf.to_json(settings):
-            raise UsageError(f'{run_dir} holds a finished arm with other settings: pass the '
-                             'same ones to reuse it, or another --out')
+        differ = settings_differ(json.loads(row['settings']), settings)
+        if differ:
+            raise UsageError(f'{run_dir} holds a finished arm with other settings ({differ}): '
+                             'pass the same ones to reuse it, or another --out')
         return row
     print(f'--- arm {arm}, t = {t:g}, seed {seed}: {run_dir}', flush=True)
     x = data.prepare(data.x_test[:1])
@@ -309,6 +307,7 @@ def run_arm(arm, t, seed, ctx):
                       milestones=tl.milestones_at(total, (1, 2), (3, 4)),
                       gen=data.generator(seed + 1), gate_loss=None,
                       autocast=autocast, run_dir=run_dir, phase='scratch',
+                      mode=machine.compile_mode(args.compile, args.device),
                       test_each_epoch=not args.final_test_only)
         net = recalibrated(net, data, args, seed, autocast)
     else:
@@ -333,6 +332,15 @@ def run_arm(arm, t, seed, ctx):
     rf.save_atomic(rf.to_json(row, indent=1), run_dir / 'final.json')
     print(f'arm {arm}, t = {t:g}, seed {seed}: {acc:.2f}% at {row["macs_percent"]:.2f}% MACs')
     return row
+
+
+def settings_differ(old, new):
+    """'key: old -> new, ...' for the settings that differ ('' if none). A key the old run
+    did not record (a flag added since) counts as its default."""
+    defaults, new = (json.loads(rf.to_json(d)) for d in (vars(parser().parse_args([])), new))
+    keys = sorted(set(old) | set(new))
+    return ', '.join(f'{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}'
+                     for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
 
 
 def _last_train_acc(run_dir):
@@ -440,7 +448,7 @@ def main(argv=None):
                 'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
                 'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
                 'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
-                'soft_gates', 'temperature', 'gate_sample', 'polarize')
+                'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp')
         ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
                    dense_macs=ge.counted_macs(dense.eval(), x),
                    settings={k: getattr(args, k) for k in keys})

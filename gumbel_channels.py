@@ -62,7 +62,7 @@ def _check_choice(name, value, allowed):
 
 
 def _check_t(t):
-    if not 0 < t <= 1:
+    if not isinstance(t, torch.Tensor) and not 0 < t <= 1:     # a tensor: a scheduled target
         raise ValueError(f't (target rate) must be in (0, 1], got {t!r}')
 
 

@@ -129,9 +129,11 @@ def set_rng_state(state):
 
 class Divergence:
     """The first step whose loss is not finite, watched without making the host wait for the
-    GPU: the step number stays on the device; check() reads the copy its previous call
-    started once that copy has landed (a CUDA event says so), or waits (wait=True, at
-    the end of an epoch). A bad loss stops the run (RunError) naming the step."""
+    GPU at every step: the step number stays on the device; check() reads the copy its
+    previous call started, waiting for that copy if it has not landed yet (so the host runs
+    at most two check spans ahead of the GPU and a bad loss is seen within them), or reads
+    it at once (wait=True, at the end of an epoch). A bad loss stops the run (RunError)
+    naming the step."""
 
     def __init__(self, device):
         self.bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -145,7 +147,9 @@ class Divergence:
         if wait or self.bad.device.type != 'cuda':
             step = int(self.bad)
         else:
-            step = int(self.host) if self.landed is not None and self.landed.query() else -1
+            if self.landed is not None:
+                self.landed.synchronize()                   # at once, unless the GPU lags
+            step = int(self.host) if self.landed is not None else -1
             self.host.copy_(self.bad, non_blocking=True)
             self.landed = torch.cuda.Event()
             self.landed.record()

@@ -307,11 +307,15 @@ def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=N
     and every RNG state (torch, CUDA, the data generator; under torchrun each process's)."""
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() \
         else None
-    return dict(model=_cpu(model.state_dict()), optimizer=_cpu(opt.state_dict()),
+    optimizer = _cpu(opt.state_dict())
+    for group in optimizer['param_groups']:          # a compiled step's tensor lr: a number
+        group['lr'] = float(group['lr'])
+    return dict(model=_cpu(model.state_dict()), optimizer=optimizer,
                 scheduler=sched.state_dict(), epoch=epoch, best_acc=best, args=vars(args),
                 metrics=metrics,
                 rng=dict(torch=torch.get_rng_state(), cuda=cuda, ranks=ranks,
-                         data=None if gen is None else gen.get_state()),
+                         data=None if gen is None else gen.get_state(),
+                         data_device=None if gen is None else gen.device.type),
                 scaler=None if scaler is None else scaler.state_dict())
 
 
@@ -327,6 +331,14 @@ def _cpu(obj):
 def resume(run_dir, model, opt, sched, gen=None, scaler=None):
     """Restore what checkpoint() saved in run_dir/last.pt; returns (epoch, best, metrics)."""
     ckpt = load_checkpoint(run_dir / 'last.pt')
+    if gen is not None:              # a generator's state is its device's (CUDA's 16 bytes)
+        saved = ckpt['rng'].get('data_device') or (
+            'cpu' if ckpt['rng']['data'].numel() == torch.Generator().get_state().numel()
+            else 'cuda')
+        if saved != gen.device.type:
+            raise UsageError(f'{run_dir} was trained with its data on {saved}, this run has it '
+                             f'on {gen.device.type}: resume it on a {saved} device (--device '
+                             f'{saved}); the data order\'s generator cannot move between them')
     load_weights(model, ckpt['model'], run_dir / 'last.pt', gated=False)
     opt.load_state_dict(ckpt['optimizer'])
     sched.load_state_dict(ckpt['scheduler'])

@@ -98,7 +98,21 @@ def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_
         [r['acc'] for r in result['rows'] if r['arm'] == 'l1']
     code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--lr', '0.05',
                                                        '--arms', 'gates'])
-    assert 'other settings' in one_line_error(code)
+    assert 'dense start trained with other settings (lr: 0.1 -> 0.05)' in one_line_error(code)
+    code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--weight-decay',
+                                                       '0.001', '--arms', 'gates'])
+    assert 'arm with other settings (weight_decay: 0.0005 -> 0.001)' in one_line_error(code)
+    row_file = out / 't0.5' / 's0' / 'gates' / 'final.json'      # written before --t-ramp was
+    row = json.loads(row_file.read_text())                         # a flag: its default
+    old = json.loads(row['settings'])
+    del old['t_ramp']
+    row_file.write_text(json.dumps(dict(row, settings=json.dumps(old))))
+    capsys.readouterr()
+    compare.main(TINY + ['--out', str(out), '--arms', 'gates'])
+    assert '--- arm' not in capsys.readouterr().out
+    code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--t-ramp', '0.5',
+                                                       '--arms', 'gates'])
+    assert 'other settings (t_ramp: 0.0 -> 0.5)' in one_line_error(code)
     # an arm is keyed by the gate lr multiplier it trained with, the recipe's by its kind, so
     # the same value given explicitly reuses it (and a sweep begun before the default moved)
     kinds = {'gates': 'static', 'l1': 'static', 'dynamic': 'dynamic'}
@@ -109,6 +123,19 @@ def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_
     compare.main(TINY + ['--out', str(out), '--arms', 'gates', '--gate-lr-mult',
                          str(compare.tl.GATE_LR_MULT['static'])])
     assert '--- arm' not in capsys.readouterr().out
+
+
+def test_compare_compiles_the_steps_when_asked(tmp_path, monkeypatch):
+    """Issue 41.8: --compile reaches every arm's training (it was accepted and dropped)."""
+    compiled = []
+
+    def counting(fn, **kw):
+        compiled.append(fn.__name__)
+        return fn
+    monkeypatch.setattr(torch, 'compile', counting)
+    compare.main(TINY + ['--out', str(tmp_path), '--arms', 'gates', '--seeds', '1',
+                         '--compile', 'default'])
+    assert compiled.count('losses') == 2          # the dense start and the gates arm
 
 
 def test_the_global_magnitude_arm_matches_the_macs_or_names_its_install(tmp_path, sweep,

@@ -490,7 +490,7 @@ def test_the_polarization_ramp_starts_at_zero_and_ends_at_full_weight():
     z = [torch.tensor([[1.0, 0.0], [1.0, 1.0]])]
     p = [torch.tensor([[0.6, 0.3], [0.6, 0.3]])]
     info = gc.GateInfo(z, p, torch.tensor([30.0, 50.0], dtype=torch.float64), 100)
-    args = argparse.Namespace(loss='flops', t=0.5, loss_weight=20.0, polarize=0.5)
+    args = argparse.Namespace(loss='flops', t=0.5, loss_weight=20.0, polarize=0.5, t_ramp=0.0)
     flops = 20 * gc.flops_loss(info, 0.5)
     assert tl.gate_loss(args)(info, 0.0).item() == pytest.approx(flops.item())
     term = 0.5 * 2 * gc.polarization_loss(info)

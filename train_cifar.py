@@ -159,7 +159,7 @@ def gated_from(baseline, args):
         return tl.sampling(model.to(memory_format=torch.channels_last), args)
     model = tl.sampling(build(args, gated=True), args)
     rf.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)
-    return model
+    return tl.init_gates(model, args)
 
 
 def run_phase(phase, model, data, args, run_dir, autocast):

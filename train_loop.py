@@ -66,6 +66,13 @@ def add_gate_args(parser):
     a('--polarize', type=rf.NON_NEGATIVE, default=RECIPE['polarize'], help='weight per gate of '
       'the polarization term (summed over gates), rising from 0 over fine-tuning (the paper: 0; '
       'NOTES.md 20)')
+    a('--gate-init', default='uniform', choices=('uniform', 'magnitude'),
+      help='uniform: every gate at --gate-init-p (the paper); magnitude: within each gate '
+           "module the logits spread by the rank of the dense filter's L1 norm (static gates "
+           'of the paper\'s ResNets; NOTES.md 21)')
+    a('--t-ramp', type=rf.UNIT, default=0.0,
+      help='the FLOPs target falls linearly from 1 to t over this share of the fine-tuning '
+           '(0: t from the first step, the paper)')
     a('--milestones', type=rf.COUNT, nargs='+',
       help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
 
@@ -116,6 +123,48 @@ def gate_lr_mult(args, kind):
     return args.gate_lr_mult or GATE_LR_MULT[kind]
 
 
+MAGNITUDE_SPREAD = 4.0    # --gate-init magnitude: logits l(init_p) - 4 .. l(init_p) + 4 by rank
+
+
+def gated_convs(model):
+    """(static gate, the conv whose output channels it gates) of a channel-gated ResNet of
+    gumbel_channels: gate1 after conv1, a Bottleneck's gate2 after conv2."""
+    pairs = [(getattr(b, f'gate{k}'), getattr(b, f'conv{k}')) for b in model.blocks()
+             for k in (1, 2) if getattr(b, f'gate{k}', None) is not None]
+    assert [g for g, _ in pairs] == gc.gates(model)
+    return pairs
+
+
+def init_gates(model, args):
+    """--gate-init magnitude (a deviation, NOTES.md 21): each static gate's logit difference
+    set from the rank r in [0, 1] of its channel's filter L1 norm within the gate module,
+        w1 - w0 = logit(init_p) + MAGNITUDE_SPREAD (2 r - 1)
+    so that the FLOPs loss, which pushes every channel of a module alike, turns off the
+    smallest filters first (network slimming's ranking) instead of those the Gumbel noise
+    picks. Call after the dense weights are loaded; 'uniform' leaves the gates as built."""
+    if getattr(args, 'gate_init', 'uniform') == 'uniform':
+        return model
+    if not isinstance(model, gc.ResNet) or gate_kind(model) != 'static':
+        raise UsageError('--gate-init magnitude: static gates of the paper\'s ResNets only')
+    base = math.log(args.gate_init_p / (1 - args.gate_init_p))
+    with torch.no_grad():
+        for gate, conv in gated_convs(model):
+            norms = conv.weight.abs().sum((1, 2, 3))
+            rank = norms.argsort().argsort().to(gate.logits.dtype) / max(len(norms) - 1, 1)
+            diff = base + MAGNITUDE_SPREAD * (2 * rank - 1)
+            gate.logits.copy_(torch.stack([-diff / 2, diff / 2], 1))
+    return model
+
+
+def target(t, ramp, progress):
+    """The FLOPs target at `progress` (0 -> 1 through fine-tuning): 1 at the start, falling
+    linearly to t at progress `ramp` (--t-ramp; CoFi's warm-up of the target), t after;
+    ramp 0: t throughout (the paper)."""
+    if not ramp:
+        return t
+    return t + (1 - t) * torch.clamp(1 - torch.as_tensor(progress) / ramp, min=0)
+
+
 def gate_loss(args):
     """The gate terms of the training loss, built once per run -> loss(info, progress).
         loss_weight x L  +  polarize x progress x |G| x polarization_loss(info)
@@ -123,62 +172,42 @@ def gate_loss(args):
     progress runs 0 -> 1 through fine-tuning, so the polarization term rises linearly from 0
     (NOTES.md 20). |G| x its mean is its sum over the gates: each gate feels the same push in
     a net of 336 gates or of 7,552."""
-    t, weight, polarize = args.t, args.loss_weight, args.polarize
+    t, weight, polarize, ramp = args.t, args.loss_weight, args.polarize, args.t_ramp
     targets = args.targets if args.loss == 'per-gate' else None
-    terms = {'flops': lambda info: gc.flops_loss(info, t),
-             'batch': lambda info: gc.batch_activation_loss(info, t),
-             'per-gate': lambda info: gc.per_gate_loss(info, targets or [t] * len(info.z))}
+    if ramp and args.loss == 'per-gate':
+        raise UsageError('--t-ramp ramps the flops or batch loss\'s target, not per-gate targets')
+    terms = {'flops': gc.flops_loss, 'batch': gc.batch_activation_loss,
+             'per-gate': lambda info, t: gc.per_gate_loss(info, targets or [t] * len(info.z))}
     term = terms[args.loss]
 
     def loss(info, progress):
         n_gates = sum(z.shape[1] for z in info.z)
-        return weight * term(info) + polarize * progress * n_gates * gc.polarization_loss(info)
+        return weight * term(info, target(t, ramp, progress)) \
+            + polarize * progress * n_gates * gc.polarization_loss(info)
     return loss
 
 
 # ----------------------------------------------------------------------------- the step
 
 class TrainStep:
-    """One training step: forward, loss, backward, optimizer step; called (x, y, progress).
+    """One training step of the paper (4.1): forward, loss, backward, optimizer step; called
+    (x, y, progress).
         loss = CE(the output each image takes) [+ each exit classifier's CE, 5]
                + gate_loss(info, progress)
-    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. With a
-    compile `mode` the forward and loss (and with them AOTAutograd's backward) and the
-    optimizer step are torch.compiled, once per phase (static shapes: a phase has one batch
-    size; the caches a forward fills are filled before); on CUDA 'reduce-overhead' replays
-    them as CUDA graphs, so a step costs a few graph launches instead of a thousand kernel
-    launches (issue 20). A compiled call that fails (no C compiler, a Triton or driver
-    mismatch, an inductor bug) is said in one line and the step is redone eagerly from the
-    same state and noise, so the run ends as an eager run would; under torchrun it stops,
-    naming --compile off. `net` is what the forward calls (a DDP wrapper of `model`); `scaler`
-    (fp16) keeps the optimizer step eager; `backend` replaces inductor (tests count compiles).
-    Returns (loss, ce, gate loss, correct count, gate stats or None), detached; they live
-    until the next call (CUDA graph outputs are reused)."""
+    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. `net`
+    is what the forward calls (a DDP wrapper of `model`); `scaler` (fp16) scales the loss and
+    keeps the optimizer step eager. With a compile `mode` the step runs through
+    CompiledStep (below: how, and what happens when compiling fails). Returns (loss, ce,
+    gate loss, correct count, gate stats or None), detached; they live until the next call
+    (CUDA graph outputs are reused)."""
 
     def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None,
                  backend=None):
-        self.model = model
-        self.net = net or model
-        self.opt = opt
-        self.gate_loss = gate_loss
-        self.autocast = autocast
-        self.mode = mode
-        self.scaler = scaler
-        self.losses = self._losses
-        self.opt_step = opt.step
-        self.compile_seconds = None         # the first compiled step's time, compile included
-        if not mode:
-            return
-        torch._dynamo.reset()               # this phase's graphs only: no cache of an earlier one
-        how = dict(backend=backend) if backend else dict(mode=mode)
-        self.losses = torch.compile(self._losses, dynamic=False, **how)
-        if not scaler:
-            for group in opt.param_groups:  # SGD's first step sets buf = grad = 0.9 * 0 + grad:
-                for p in group['params']:   # zeros now give one compiled graph, not two
-                    opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
-            self.opt_step = torch.compile(self._opt_step, dynamic=False, **how)
+        self.model, self.net, self.opt = model, net or model, opt
+        self.gate_loss, self.autocast, self.scaler = gate_loss, autocast, scaler
+        self.compiled = CompiledStep(self, mode, backend) if mode else None
 
-    def _losses(self, xb, yb, progress):
+    def losses(self, xb, yb, progress):
         # Nothing is detached in here: torch 2.14's inductor dropped the loss's grad_fn when
         # the graph also returned a detached alias of it (NOTES.md: the GPU path).
         with self.autocast():
@@ -191,61 +220,121 @@ class TrainStep:
             gl = self.gate_loss(info, progress)
         return ce + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
 
-    def _opt_step(self):            # compiled as a function: dynamo failed on bound opt.step
-        self.opt.step()
-
-    def _step(self, xb, yb, progress):
-        if self.mode:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss, ce, gl, correct, stats = self.losses(xb, yb, progress)
+    def backward(self, loss):
         self.opt.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def opt_step(self):
         if self.scaler is None:
-            loss.backward()
-            self.opt_step()
-        else:                                               # fp16: scale, unscale, skip infs
-            self.scaler.scale(loss).backward()
+            self.opt.step()
+        else:                                               # fp16: unscale, skip infs
             self.scaler.step(self.opt)
             self.scaler.update()
-        return loss, ce, gl, correct, stats
 
     def __call__(self, xb, yb, progress):
-        t0 = time.perf_counter()
-        if not self.mode:
-            out = self._step(xb, yb, progress)
+        if self.compiled and self.compiled.mode:
+            out = self.compiled(xb, yb, progress)
         else:
-            if self.compile_seconds is None:                # caches keyed by input size (the
-                with torch.no_grad(), gc.evaluation(self.model):    # MaxFLOPs) filled eagerly:
-                    self.model(xb[:2])                      # the compiled graph then keeps them
-            rng = machine.rng_state()
-            try:
-                out = self._step(xb, yb, progress)
-            except (KeyboardInterrupt, RunError, UsageError):
-                raise
-            except Exception as e:                          # compiling or a compiled call
-                if rf.out_of_memory(e):
-                    raise
-                self._eagerly(e)
-                machine.set_rng_state(rng)                  # the same noise, the same batch
-                self.opt.zero_grad(set_to_none=True)
-                out = self._step(xb, yb, progress)
+            out = self.losses(xb, yb, progress)
+            self.backward(out[0])
+            self.opt_step()
         loss, ce, gl, correct, stats = out
-        if self.mode and self.compile_seconds is None:
-            loss.item()                                     # wait for the first step's kernels
-            self.compile_seconds = time.perf_counter() - t0
         gl = torch.zeros_like(ce) if gl is None else gl
         return loss.detach(), ce.detach(), gl.detach(), correct, \
             None if stats is None else stats.detach()
 
+    @property
+    def mode(self):
+        """The compile mode the step runs in now (None: eager, or fallen back to eager)."""
+        return self.compiled.mode if self.compiled else None
+
+
+class CompiledStep:
+    """A TrainStep's forward and loss (and with them AOTAutograd's backward) and its SGD step,
+    torch.compiled once per phase (static shapes: a phase has one batch size; the caches a
+    forward fills are filled before, and every lr is a tensor that the scheduler fills in
+    place, so lr milestones do not recompile); on CUDA 'reduce-overhead' replays them as CUDA
+    graphs, a few graph launches a step instead of a thousand kernel launches (issue 20).
+    A failure to compile (torch.compile itself, no C compiler, a Triton or driver mismatch,
+    an inductor bug) is said in one line and the step goes on eagerly from the same state:
+    the BN buffers and RNG states taken before the compiled forward are put back (AOTAutograd
+    compiles the backward lazily, after the forward has run), the gradients are dropped, and
+    the step is redone; a failing optimizer step is done eagerly on the same gradients. The
+    run then ends as an eager run would. Under torchrun it stops instead (torchrun then ends
+    the other processes), naming --compile off. `backend` replaces inductor (tests)."""
+
+    def __init__(self, step, mode, backend=None):
+        self.step, self.mode = step, mode
+        self.seconds = None                 # the first compiled step's time, compile included
+        self.fallback = None                # why the step went on eagerly
+        self.buffers = list(step.model.buffers())       # what a forward mutates: BN's
+        self.saved = [b.clone() for b in self.buffers]
+        if step.scaler is None:
+            for group in step.opt.param_groups:     # a tensor lr: a milestone is no new graph
+                group['lr'] = torch.as_tensor(group['lr'], dtype=torch.float64,
+                                              device=group['params'][0].device)
+                for p in group['params']:   # SGD's first step sets buf = grad = 0.9 * 0 + grad:
+                    step.opt.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+        try:
+            torch._dynamo.reset()           # this phase's graphs only: no cache of an earlier one
+            how = dict(backend=backend) if backend else dict(mode=mode)
+            self.losses = torch.compile(step.losses, dynamic=False, **how)
+            self.opt_step = torch.compile(step.opt_step, dynamic=False, **how) \
+                if step.scaler is None else step.opt_step
+        except Exception as e:              # an unsupported Python, a broken install
+            self._eagerly(e)
+
+    def __call__(self, xb, yb, progress):
+        step, t0 = self.step, time.perf_counter()
+        if self.seconds is None:            # caches keyed by input size (the MaxFLOPs) filled
+            with torch.no_grad(), gc.evaluation(step.model):   # eagerly: the graph keeps them
+                step.model(xb[:2])
+        rng = machine.rng_state()
+        torch._foreach_copy_(self.saved, self.buffers)
+        try:
+            torch.compiler.cudagraph_mark_step_begin()
+            out = self.losses(xb, yb, progress)
+            step.backward(out[0])
+        except (KeyboardInterrupt, RunError, UsageError):
+            raise
+        except Exception as e:                              # compiling, or a compiled call
+            if rf.out_of_memory(e):
+                raise
+            self._eagerly(e)
+            torch._foreach_copy_(self.buffers, self.saved)  # BN statistics as before
+            machine.set_rng_state(rng)                      # the same noise, the same batch
+            out = step.losses(xb, yb, progress)
+            step.backward(out[0])
+            step.opt_step()
+            return out
+        try:
+            self.opt_step()
+        except (KeyboardInterrupt, RunError, UsageError):
+            raise
+        except Exception as e:
+            if rf.out_of_memory(e):
+                raise
+            self._eagerly(e)
+            step.opt_step()                                 # the same gradients
+            return out
+        if self.seconds is None:
+            out[0].item()                                   # wait for the first step's kernels
+            self.seconds = time.perf_counter() - t0
+        return out
+
     def _eagerly(self, error):
-        """A compiled call failed: go on eagerly (one line says why), or, under torchrun where
-        the processes must agree, stop."""
+        """Compiling failed: go on eagerly (one line says why; the compiled graphs and their
+        memory freed), or, under torchrun where the processes must agree, stop."""
         cause = f'{type(error).__name__}: {(str(error).strip().splitlines() or [""])[0][:200]}'
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise RunError(f'torch.compile failed ({cause}); run again with --compile off') \
                 from None
         print(f'warning: torch.compile failed ({cause}); continuing eagerly (--compile off '
               'skips compiling)', file=sys.stderr, flush=True)
-        self.mode, self.losses, self.opt_step = None, self._losses, self.opt.step
+        self.mode, self.fallback = None, cause
+        torch._dynamo.reset()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()                        # CUDA graphs' memory pools
 
 
 def gate_stats(info):
@@ -295,11 +384,11 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
             log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
                 f'{n / spent:.0f} img/s  ETA {rf.clock(spent * (steps - i) / max(i, 1))}',
                 flush=True)
-        compiled = step.mode and step.compile_seconds is None
+        compiling = step.mode and step.compiled.seconds is None
         loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
-        if compiled:
+        if compiling and step.mode:                         # else it said why it fell back
             log(f'  compiled the training step (torch.compile mode {step.mode}): first step '
-                f'{step.compile_seconds:.1f} s', flush=True)
+                f'{step.compiled.seconds:.1f} s', flush=True)
         bad.see(i, loss)
         first = loss.clone() if first is None else first
         sums += torch.stack([ce * len(yb), gl * len(yb), correct])
@@ -371,7 +460,7 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
             m = train_epoch(step, batches(epoch), epoch=epoch + 1, steps=steps, log=log,
                             progress=lambda i: progress(epoch, i, epochs, steps))
             m.update(after_epoch(epoch) if after_epoch else {})
-            lr = opt.param_groups[0]['lr']
+            lr = float(opt.param_groups[0]['lr'])
             sched.step()
             test = evaluate(epoch) or dict(test_acc=None, test_macs=None)
             last = dict(**({'phase': phase} if phase else {}), epoch=epoch + 1, lr=lr, **m,
@@ -397,8 +486,10 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
     except RuntimeError as e:                               # CUDA's or the CPU's OOM
         if not rf.out_of_memory(e):
             raise
+        graphs = ', or --compile off (CUDA graphs keep memory pools of their own)' \
+            if step.mode else ''
         raise RunError(f'out of memory in epoch {epoch + 1}: lower --batch-size (or '
-                       '--dense-batch-size); the last checkpoint is kept') from None
+                       f'--dense-batch-size){graphs}; the last checkpoint is kept') from None
     return last
 
 
