@@ -145,8 +145,11 @@ class Images(NamedTuple):
             yield self.prepare(self.x_test[i:i + size]), self.y_test[i:i + size]
 
     def subset(self, n, seed=0):
-        """The same set with n training images, drawn at random (a fixed seed)."""
-        if n is None or n >= len(self.x_train):
+        """The same set with n training images, drawn at random (a fixed seed); more than
+        it has is refused (--train-size)."""
+        if n is not None and n > len(self.x_train):
+            raise UsageError(f'--train-size {n}: the training set has {len(self.x_train)} images')
+        if n is None or n == len(self.x_train):
             return self
         keep = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(seed))
         keep = keep[:n].to(self.x_train.device)
@@ -208,6 +211,8 @@ def load(data_dir, synthetic, device, dataset='cifar10'):
     """An Images set on `device`: `dataset` from data_dir in torchvision's layout (downloaded
     there when absent), or the synthetic stripes."""
     if synthetic:
+        if dataset != 'cifar10':
+            raise UsageError(f'--synthetic replaces the data set: it takes no --dataset {dataset}')
         parts = [d.to(device) for d in (*stripes(5_000, seed=1234), *stripes(1_000, seed=4321))]
         return Images(*parts, CIFAR10_MEAN.to(device), CIFAR10_STD.to(device), True,
                       CIFAR10_CLASSES)

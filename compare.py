@@ -30,6 +30,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,7 +90,7 @@ def parse_args(argv):
     args.select_epochs = args.select_epochs or max(1, args.epochs // 3)
     if args.select_epochs >= args.epochs and 'select' in args.arms:
         raise UsageError(f'--select-epochs must be fewer than --epochs ({args.epochs})')
-    args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
+    args.milestones = tl.checked_milestones(args.milestones, args.epochs, ((2, 5), (7, 10)))
     args.gating, args.granularity = 'static', 'channel'
     return args
 
@@ -168,6 +169,26 @@ def tp_global(dense, x, target):
 
 
 # ----------------------------------------------------------------------------- training
+
+def preflight(args, data):
+    """Before anything trains: every gated arm's net built at each t and its gate loss
+    computed once on two test images, so that a recipe the arms cannot run (--targets that
+    do not match the gate modules, say) is one line now, not a traceback after the dense
+    start."""
+    x = data.prepare(data.x_test[:2])
+    kinds = {'dynamic' if a == 'dynamic' else 'static' for a in args.arms if a != 'global'}
+    for gating in sorted(kinds):
+        for t in args.t:
+            run = argparse.Namespace(**{**vars(args), 't': t, 'gating': gating})
+            model = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes),
+                                    gating=gating, init_p=args.gate_init_p).to(x.device)
+            tl.init_gates(tl.sampling(model, run), run)
+            _, info = gc.split_output(model.train()(x))
+            try:
+                tl.gate_loss(run)(info, torch.tensor(0.0, device=x.device))
+            except ValueError as e:
+                raise UsageError(f'the {gating} gates at t = {t:g}: {e}') from None
+
 
 def dense_start(args, data, out, autocast):
     """The one dense net every arm starts from: --init, or trained once in OUT/dense."""
@@ -259,26 +280,43 @@ def reinit(net):
     return net
 
 
-def run_arm(arm, t, seed, ctx):
-    """One arm at (t, seed): trained, or reused from its folder. -> its row."""
-    args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
-    run_dir = ctx['out'] / f't{t:g}' / f's{seed}' / arm
+NEEDS_GATES = ('uniform', 'global', 'random', 'l1', 'scratch')    # the gates' MACs or widths
+
+
+def arm_dir(out, arm, t, seed):
+    return out / f't{t:g}' / f's{seed}' / arm
+
+
+def finished_row(arm, t, seed, ctx):
+    """The row of a finished arm (its settings checked against this sweep's), or None."""
+    run_dir = arm_dir(ctx['out'], arm, t, seed)
+    if not (run_dir / 'final.json').exists():
+        return None
+    row = json.loads((run_dir / 'final.json').read_text())
+    differ = settings_differ(json.loads(row['settings']), arm_settings(arm, t, seed, ctx))
+    if differ:
+        raise UsageError(f'{run_dir} holds a finished arm with other settings ({differ}): '
+                         'pass the same ones to reuse it, or another --out')
+    return row
+
+
+def arm_settings(arm, t, seed, ctx):
     settings = dict(ctx['settings'], arm=arm, t=t, seed=seed)
-    settings['gate_lr_mult'] = tl.gate_lr_mult(args, 'dynamic' if arm == 'dynamic' else 'static')
-    if (run_dir / 'final.json').exists():
-        row = json.loads((run_dir / 'final.json').read_text())
-        differ = settings_differ(json.loads(row['settings']), settings)
-        if differ:
-            raise UsageError(f'{run_dir} holds a finished arm with other settings ({differ}): '
-                             'pass the same ones to reuse it, or another --out')
-        return row
+    settings['gate_lr_mult'] = tl.gate_lr_mult(ctx['args'],
+                                               'dynamic' if arm == 'dynamic' else 'static')
+    return settings
+
+
+def run_arm(arm, t, seed, ctx):
+    """Train one arm at (t, seed) in its folder (the gates' row, where it needs it, is in
+    ctx['rows']). -> its row."""
+    args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
+    run_dir = arm_dir(ctx['out'], arm, t, seed)
+    settings = arm_settings(arm, t, seed, ctx)
     print(f'--- arm {arm}, t = {t:g}, seed {seed}: {run_dir}', flush=True)
     x = data.prepare(data.x_test[:1])
-    gates_row = ctx['rows'].get(('gates', t, seed))
-    need = arm in ('uniform', 'global', 'random', 'l1', 'scratch')
-    if need and gates_row is None:
-        gates_row = run_arm('gates', t, seed, ctx)
-        ctx['rows'][('gates', t, seed)] = gates_row
+    need = arm in NEEDS_GATES
+    gates_row = ctx['rows'][('gates', t, seed)] if need else None      # finished before
     keeps = [torch.tensor(k, dtype=torch.bool) for k in gates_row['keeps']] if need else None
     template = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes),
                                gating='static').to(args.device)
@@ -343,6 +381,46 @@ def settings_differ(old, new):
                      for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
 
 
+POLL_SECONDS = 5          # a finished arm is a final.json: cheap to look for
+
+
+def sweep(ctx, arms):
+    """Every arm at every t and seed into ctx['rows'], in order (t, seed, arm): a finished
+    one is read, a free one trained under its folder's lock, one that another process is
+    training (several compare.py on one --out: a job array, one process per GPU) skipped
+    and waited for at the end. An arm that needs the gates' row (NEEDS_GATES) waits for it,
+    and has the gates trained first when --arms leaves them out."""
+    args, out, rows = ctx['args'], ctx['out'], ctx['rows']
+    wanted = [(arm, t, seed) for t in args.t for seed in range(args.seeds)
+              for arm in (['gates'] if any(a in NEEDS_GATES for a in arms) and 'gates'
+                          not in arms else []) + arms]
+    pending, waited = list(wanted), False
+    while pending:
+        for key in pending:
+            arm, t, seed = key
+            row = finished_row(arm, t, seed, ctx)
+            if row is None and arm in NEEDS_GATES and ('gates', t, seed) not in rows:
+                continue                                    # its gates are not finished yet
+            if row is None:
+                run_dir = arm_dir(out, arm, t, seed)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    with rf.locked([run_dir]):
+                        row = finished_row(arm, t, seed, ctx) or run_arm(arm, t, seed, ctx)
+                except rf.InUse:
+                    continue                                # another process trains it
+            rows[key] = row
+            pending.remove(key)
+            waited = False
+            break
+        else:                                               # all left are someone else's
+            if not waited:
+                print(f'waiting for {len(pending)} arm(s) that other processes are training '
+                      f'(checking every {POLL_SECONDS} s)', flush=True)
+                waited = True
+            time.sleep(POLL_SECONDS)
+
+
 def _last_train_acc(run_dir):
     """The last epoch's training accuracy of the run (its last phase)."""
     rows = [json.loads(line) for d in (run_dir, run_dir / 'finetune')
@@ -394,10 +472,13 @@ def summary(rows, truth, out):
             if arm != 'gates' and paired:
                 diff, half = t_interval([r['acc'] - gates[r['seed']]['acc'] for r in paired])
                 counts = [discordant(_right(out, gates[r['seed']], truth), _right(out, r, truth))
-                          for r in paired]                  # pooled over the seeds
+                          for r in paired]
                 b, c = sum(n for n, _ in counts), sum(n for _, n in counts)
+                # per seed: each test image once, as McNemar's test assumes; pooled over
+                # seeds an image counts once per seed, as if the seeds' images were others
                 entry.update(diff=diff, diff_half=half, mcnemar_b=b, mcnemar_c=c,
-                             mcnemar_p=mcnemar_p(b, c))
+                             mcnemar_p_seeds=[mcnemar_p(n, m) for n, m in counts],
+                             mcnemar_p_pooled=mcnemar_p(b, c))
             table.append(entry)
     return table
 
@@ -412,20 +493,41 @@ def _right(out, row, truth):
     return preds.long() == truth
 
 
+def warnings_for(table, dense_acc):
+    """When not to trust the table, in lines: a dense start below every arm (not converged:
+    the arms then measure more training, not pruning), and paired intervals over too few
+    seeds to mean much."""
+    lines = []
+    if table and dense_acc < min(e['acc'] for e in table):
+        lines.append(f'the dense start ({dense_acc:.2f}%) is below every arm: it is not '
+                     'converged, so the arms differ by training more, not by what they prune; '
+                     'train it longer (--dense-epochs)')
+    seeds = min((e['seeds'] for e in table if 'diff' in e), default=None)
+    if seeds is not None and seeds < 3:
+        lines.append(f'{seeds} paired seed(s): the 95% intervals are {"absent" if seeds < 2 else "wide (t = 12.7)"}; '
+                     'use --seeds 3 or more before reading a difference')
+    return lines
+
+
 def print_table(table, dense_acc):
+    """The table; McNemar's p per seed (each test image once), then pooled over the seeds
+    (an image counted once per seed: tighter than it should be)."""
     print(f"\n{'t':>5} {'arm':8} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
-          f"{'train %':>7} {'vs gates':>9} {'95% interval':>17} {'McNemar p':>9}"
-          f'   (dense start {dense_acc:.2f}%)')
+          f"{'train %':>7} {'vs gates':>9} {'95% interval':>17} {'McNemar p per seed':>20} "
+          f"{'pooled':>8}   (dense start {dense_acc:.2f}%)")
     for e in table:
         vs = f"{e['diff']:+9.2f}" if 'diff' in e else f"{'':9}"
         half = e.get('diff_half')
         ci = f"[{e['diff'] - half:+6.2f}, {e['diff'] + half:+6.2f}]" if half is not None \
             else f"{'':17}"
-        p = f"{e['mcnemar_p']:9.3g}" if 'mcnemar_p' in e else f"{'':9}"
+        seeds = ' '.join(f'{q:.2g}' for q in e['mcnemar_p_seeds']) if 'diff' in e else ''
+        pooled = f"{e['mcnemar_p_pooled']:8.2g}" if 'diff' in e else f"{'':8}"
         std = f"{e['acc_std']:5.2f}" if e['acc_std'] is not None else f"{'':5}"
         train = f"{e['train_acc']:7.2f}" if e['train_acc'] is not None else f"{'':7}"
         print(f"{e['t']:5.2f} {e['arm']:8} {e['seeds']:5} {e['macs_percent']:7.2f} "
-              f"{e['acc']:7.2f} {std} {train} {vs} {ci:>17} {p}")
+              f"{e['acc']:7.2f} {std} {train} {vs} {ci:>17} {seeds:>20} {pooled}")
+    for line in warnings_for(table, dense_acc):
+        print(f'warning: {line}', file=sys.stderr)
 
 
 def main(argv=None):
@@ -437,29 +539,26 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     autocast = machine.autocast_for(device)
     data = cifar_data.load(args.data_dir, args.synthetic, device, args.dataset)
+    preflight(args, data)
     data = data.subset(args.train_size)
     if len(data.x_train) < max(args.batch_size, args.dense_batch_size):
         raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch')
-    with rf.locked([out]):
+    with rf.locked([out], wait=True, name='.dense.lock'):      # trained once: others wait
         dense = dense_start(args, data, out, autocast)
-        dense_acc = tl.evaluate(dense, data, autocast)[0]
-        x = data.prepare(data.x_test[:1])
-        keys = ('arch', 'dataset', 'synthetic', 'train_size', 'init', 'dense_epochs', 'epochs',
-                'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
-                'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
-                'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
-                'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp')
-        ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
-                   dense_macs=ge.counted_macs(dense.eval(), x),
-                   settings={k: getattr(args, k) for k in keys})
-        arms = [a for a in ARMS if a in args.arms]
-        for t in args.t:
-            for seed in range(args.seeds):
-                for arm in arms:
-                    ctx['rows'][(arm, t, seed)] = ctx['rows'].get((arm, t, seed)) or \
-                        run_arm(arm, t, seed, ctx)
-        rows = [r for (arm, _, _), r in ctx['rows'].items() if arm in arms]
-        table = summary(rows, data.y_test.cpu(), out)
+    dense_acc = tl.evaluate(dense, data, autocast)[0]
+    x = data.prepare(data.x_test[:1])
+    keys = ('arch', 'dataset', 'synthetic', 'train_size', 'init', 'dense_epochs', 'epochs',
+            'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
+            'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
+            'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
+            'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp')
+    ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
+               dense_macs=ge.counted_macs(dense.eval(), x),
+               settings={k: getattr(args, k) for k in keys})
+    arms = [a for a in ARMS if a in args.arms]
+    sweep(ctx, arms)
+    rows = [r for (arm, _, _), r in ctx['rows'].items() if arm in arms]
+    table = summary(rows, data.y_test.cpu(), out)
     print_table(table, dense_acc)
     result = dict(settings=ctx['settings'], dense_acc=dense_acc, dense_macs=ctx['dense_macs'],
                   train_images=len(data.x_train), test_images=len(data.x_test),
@@ -475,5 +574,10 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None):
+    """main() with one-line errors; Ctrl-C hints the same command (finished arms are reused)."""
+    return rf.run_cli(main, argv, resume=None)
+
+
 if __name__ == '__main__':
-    sys.exit(rf.run_cli(main))
+    sys.exit(cli())

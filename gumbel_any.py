@@ -245,6 +245,7 @@ class _Analysis:
         load_ids = lambda a: fx.node.map_arg(                                     # noqa: E731
             a, lambda n: values[n] if ids[n] is None else ids[n])
         for node in graph.nodes:
+            self.node = node                        # where a failure happened, for the refusal
             if node.op == 'placeholder':
                 values[node], ids[node] = x, self.fixed_id.expand(x.shape)
                 continue
@@ -720,9 +721,18 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
                 trained = {name for name, _ in analysis.sites.values()}
             analysis.run(graphs[False], x)
     except Exception as e:
-        raise ValueError(f'the model cannot run on example_input {tuple(example_input.shape)} '
-                         f'({type(e).__name__}: {str(e).splitlines()[0][:160]}): pass an input '
-                         'of the size it is trained at') from None
+        cause = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        except Exception:
+            raise ValueError(f'the model cannot run on example_input '
+                             f'{tuple(example_input.shape)} ({cause}): pass an input of the size '
+                             'it is trained at') from None
+        raise ValueError(f'the model runs on example_input {tuple(example_input.shape)}, but '
+                         f'the channel analysis of its torch.fx trace failed at '
+                         f'{_describe(analysis.node, model)} ({cause}); pass ignore=[the module '
+                         'that holds it] to keep that module whole (its channels fixed)') from None
     if not same and trained != {name for name, _ in analysis.sites.values()}:
         extra = sorted(trained ^ {name for name, _ in analysis.sites.values()})
         raise ValueError(f'the model runs other layers in training than in evaluation '

@@ -449,23 +449,36 @@ def lane_macs(net, x, lanes=16):
     return sum(total) + linear
 
 
-def export_files(model, x):
+def _with_metadata(onnx_bytes, metadata):
+    """An ONNX graph's bytes with {key: text} added to its metadata_props."""
+    if not metadata:
+        return onnx_bytes
+    import onnx
+    graph = onnx.load_from_string(onnx_bytes)
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    return graph.SerializeToString()
+
+
+def export_files(model, x, metadata=None):
     """The files a finished static-gated run leaves, on the CPU whatever device trained it
     (a CPU-only machine loads them): the physically pruned net as a module ('pruned.pt') and,
     BN folded into its convs, as a torch.export program with a dynamic batch ('pruned.pt2',
     loadable without this repository) and, when the onnx package is installed, as an ONNX
     graph ('pruned.onnx', for ONNX Runtime). x: an example batch of at least 2 inputs.
-    -> (the pruned net (CPU), {file name: module or bytes})."""
+    metadata {key: text} (the input normalization, say) goes into both: the .pt2's extra
+    files (torch.export.load(f, extra_files={key: ''}) reads it) and the ONNX graph's
+    metadata_props. -> (the pruned net (CPU), {file name: module or bytes})."""
     pruned = prune(model).cpu()
     x = x.detach().cpu().contiguous()
     folded = fold_bn(pruned)
     files = {'pruned.pt': pruned}
     if importlib.util.find_spec('onnx') is not None:    # optional: for ONNX Runtime
-        files['pruned.onnx'] = onnx_graph(folded, x)
+        files['pruned.onnx'] = _with_metadata(onnx_graph(folded, x), metadata)
     batch = torch.export.Dim('batch', min=1, max=65536)
     program = torch.export.export(folded, (x,), dynamic_shapes=({0: batch},))
     buffer = io.BytesIO()               # in memory first: torch's C++ writer aborts the
-    torch.export.save(program, buffer)  # process on a full disk instead of raising
+    torch.export.save(program, buffer, extra_files=metadata)   # process on a full disk
     files['pruned.pt2'] = buffer.getvalue()
     return pruned, files
 

@@ -42,10 +42,11 @@ class Interrupted(KeyboardInterrupt):
         self.saved = saved
 
 
-def run_cli(main, argv=None):
+def run_cli(main, argv=None, resume='--resume'):
     """Run main(argv); bad input (exit status 2), a run that cannot go on and a failed read
     or write (exit status 1) are reported as one line on stderr, without a traceback; Ctrl-C
-    as one line with the command that continues the run (exit status 130)."""
+    as one line with the command that continues the run (exit status 130): the same one with
+    the script's `resume` flag (None: a script that continues by itself, as compare.py)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         main(argv)
@@ -64,7 +65,8 @@ def run_cli(main, argv=None):
         return 1
     except KeyboardInterrupt as e:
         now, saved = getattr(e, 'now', 'before training'), getattr(e, 'saved', 'nothing saved yet')
-        again = ' '.join(shlex.quote(a) for a in argv + ['--resume'] * ('--resume' not in argv))
+        more = [resume] if resume and resume not in argv else []
+        again = ' '.join(shlex.quote(a) for a in argv + more)
         print(f'\ninterrupted {now} ({saved}); continue with: python '
               f'{os.path.basename(main.__code__.co_filename)} {again}', file=sys.stderr)
         return 130
@@ -252,18 +254,23 @@ def to_json(obj, indent=None):
     return json.dumps(clean(obj), indent=indent, allow_nan=False)
 
 
+class InUse(UsageError):
+    """A run folder that another process holds."""
+
+
 @contextlib.contextmanager
-def locked(dirs):
-    """Hold an exclusive lock on each run folder for the with-block: a second run on one of
-    them stops with a one-line error instead of interleaving its files."""
+def locked(dirs, wait=False, name='.lock'):
+    """Hold an exclusive lock (the file `name`) on each run folder for the with-block: a
+    second run on one of them stops with a one-line error (InUse) instead of interleaving
+    its files, or, with wait, waits for the first to finish."""
     with contextlib.ExitStack() as stack:
         for d in dirs:
-            f = stack.enter_context(open(d / '.lock', 'a+'))
+            f = stack.enter_context(open(d / name, 'a+'))
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                raise UsageError(f'{d} is in use by another run; wait for it, or choose '
-                                 'another --out') from None
+                raise InUse(f'{d} is in use by another run; wait for it, or choose '
+                            'another --out') from None
             stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
         yield
 
@@ -567,14 +574,24 @@ def save_files(files, run_dir, tag=''):
         save_atomic(obj, run_dir / f'{stem}{tag}{dot}{suffix}')
 
 
+def normalization(mean, std):
+    """What a deployed net expects of its input, for final.json and the exports' metadata:
+    RGB images as uint8 (0..255), N x 3 x H x W, each channel then (x - mean) / std."""
+    return dict(input='RGB, 0..255, (N, 3, H, W); per channel (x - mean) / std',
+                mean=[round(float(v), 4) for v in torch.as_tensor(mean).flatten()],
+                std=[round(float(v), 4) for v in torch.as_tensor(std).flatten()])
+
+
 def save_exports(model, baseline, x, run_dir, row, tag=''):
     """The final gated weights (final.pt) and, for static gates, gumbel_export.export_files
     (pruned.pt, pruned.pt2, pruned.onnx), all on the CPU; the pruned net's FlopCounterMode
-    MACs % of the dense net goes into row. Returns the pruned net (CPU), or None."""
+    MACs % of the dense net goes into row, and row['normalization'] (normalization()) into
+    the .pt2 and ONNX metadata as 'normalization'. Returns the pruned net (CPU), or None."""
     save_atomic({k: v.cpu() for k, v in model.state_dict().items()}, run_dir / f'final{tag}.pt')
     if not all(isinstance(g, gc.StaticGate) for g in gc.gates(model)):
         return None
-    pruned, files = ge.export_files(model, x)
+    pruned, files = ge.export_files(model, x, metadata=dict(normalization=json.dumps(
+        row['normalization'])) if 'normalization' in row else None)
     x1 = x[:1].cpu()
     row['pruned_macs_percent'] = 100 * ge.counted_macs(pruned, x1) / ge.counted_macs(
         copy.deepcopy(baseline).cpu().eval(), x1)

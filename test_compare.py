@@ -5,6 +5,7 @@ import json
 import math
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,15 +77,31 @@ def test_the_summary_pairs_seeds_and_tests_predictions(sweep):
         gates = {r['seed']: r['acc'] for r in result['rows'] if r['arm'] == 'gates'}
         assert entry['diff'] == pytest.approx(sum(accs[s] - gates[s] for s in (0, 1)) / 2)
         b = c = 0
+        per_seed = []
         for seed in (0, 1):
             mine = torch.load(out / 't0.5' / f's{seed}' / entry['arm'] / 'predictions.pt').long()
             theirs = torch.load(out / 't0.5' / f's{seed}' / 'gates' / 'predictions.pt').long()
             assert 100 * (mine == truth).float().mean().item() == pytest.approx(accs[seed])
-            b += int(((theirs == truth) & (mine != truth)).sum())
-            c += int(((theirs != truth) & (mine == truth)).sum())
+            bs = int(((theirs == truth) & (mine != truth)).sum())
+            cs = int(((theirs != truth) & (mine == truth)).sum())
+            per_seed.append(compare.mcnemar_p(bs, cs))
+            b, c = b + bs, c + cs
         assert (entry['mcnemar_b'], entry['mcnemar_c']) == (b, c)
+        assert entry['mcnemar_p_seeds'] == per_seed            # each image once per test
+        assert entry['mcnemar_p_pooled'] == compare.mcnemar_p(b, c)
     assert json.loads((out / 'compare.json').read_text())['summary'] == json.loads(
         json.dumps(result['summary']))
+
+
+def test_the_table_says_when_not_to_trust_it(sweep):
+    """Issue 45.9: a dense start below every arm (not converged) and fewer than three
+    paired seeds are said; a converged start with three seeds says nothing."""
+    _, result = sweep
+    table = result['summary']
+    low = compare.warnings_for(table, dense_acc=min(e['acc'] for e in table) - 1)
+    assert any('not converged' in w for w in low) and any('2 paired seed' in w for w in low)
+    three = [dict(e, seeds=3) for e in table]
+    assert compare.warnings_for(three, dense_acc=max(e['acc'] for e in table) + 1) == []
 
 
 def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_line_error):
@@ -123,6 +140,55 @@ def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_
     compare.main(TINY + ['--out', str(out), '--arms', 'gates', '--gate-lr-mult',
                          str(compare.tl.GATE_LR_MULT['static'])])
     assert '--- arm' not in capsys.readouterr().out
+
+
+def test_ctrl_c_hints_a_command_compare_accepts(monkeypatch, capsys, tmp_path):
+    """Issue 45.1: the hint after Ctrl-C is the same command (compare.py has no --resume)."""
+    import shlex
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compare, 'dense_start', interrupted)
+    assert compare.cli(TINY + ['--out', str(tmp_path)]) == 130
+    hint = capsys.readouterr().err.split('continue with: python compare.py ')[1].strip()
+    assert shlex.split(hint) == TINY + ['--out', str(tmp_path)]
+    compare.parse_args(shlex.split(hint))
+
+
+@pytest.mark.parametrize('flags, says', [
+    (['--arms', 'dynamic', '--loss', 'per-gate', '--targets', '0.5', '0.5'],
+     'one rate per gate module (3), got 2'),
+    (['--milestones', '7', '--epochs', '2', '--select-epochs', '1'], 'never reached'),
+    (['--milestones', '1', '1'], 'each epoch once'),
+    (['--train-size', '99999999'], 'the training set has 5000 images'),
+    (['--dataset', 'mnist'], 'takes no --dataset mnist')])
+def test_what_can_be_checked_before_training_is_one_line_before_it(tmp_path, one_line_error,
+                                                                   flags, says):
+    """Issue 45.2-3: refused in one line (exit 2) before the dense start trains, never
+    dropped, doubled or found wrong after it."""
+    line = one_line_error(compare.cli(TINY + ['--out', str(tmp_path)] + flags))
+    assert says in line, line
+    assert not (tmp_path / 'dense').exists()
+
+
+def test_two_processes_on_one_out_train_every_arm_once(tmp_path):
+    """Issue 40.5: two compare.py processes on one --out (a job array, one process per GPU):
+    the dense start is trained once, each arm by one of them, and both end with the whole
+    table."""
+    import subprocess
+    import sys
+    here = Path(compare.__file__).parent
+    command = [sys.executable, str(here / 'compare.py'), *TINY, '--arms', 'gates', 'uniform',
+               'random', '--out', str(tmp_path)]
+    procs = [subprocess.Popen(command, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    trained = [line for log in logs for line in log.splitlines() if line.startswith('--- arm')]
+    assert sorted(trained) == sorted(set(trained)) and len(trained) == 3 * 2
+    assert sum(log.count('dense: ') for log in logs) == 1                # trained once
+    result = json.loads((tmp_path / 'compare.json').read_text())
+    assert len(result['rows']) == 6
 
 
 def test_compare_compiles_the_steps_when_asked(tmp_path, monkeypatch):

@@ -478,6 +478,22 @@ def test_errors_are_one_sentence_that_says_what_to_do():
     assert gated.sizes(x)[1] == 8 * 8 * 16
     with pytest.raises(ValueError, match=r'ignore names no module'):
         ga.gate_any(model, x, ignore=['nope'])
+    # issue 45.6: a model that runs but whose trace the analysis cannot: said as that, with
+    # the op, not as an input of the wrong size; one that cannot run on it: said as that
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
+    broken = ga._Analysis.rule
+
+    def failing(self, node, *a):
+        if node.op == 'call_module' and node.target == '1':
+            raise RuntimeError('an op the analysis cannot follow')
+        return broken(self, node, *a)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ga._Analysis, 'rule', failing)
+        with pytest.raises(ValueError, match=r'runs on example_input .* channel analysis of its '
+                                             r'torch\.fx trace failed at 1 \(ReLU\).*ignore='):
+            ga.gate_any(plain, x)
+    with pytest.raises(ValueError, match=r'cannot run on example_input \(2, 5, 6, 6\)'):
+        ga.gate_any(plain, torch.randn(2, 5, 6, 6))
     with pytest.raises(ValueError, match=r'prune\(model\)'):
         ge.SkipNet(gated)
     with pytest.raises(ValueError, match=r'prune the gated net first'):

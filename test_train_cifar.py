@@ -596,6 +596,15 @@ def test_pruned_onnx_runs_in_onnx_runtime_like_the_pruned_net(cifar, dense_ckpt,
         got = torch.from_numpy(session.run(None, {'x': x.numpy()})[0])
         with torch.no_grad():
             assert (got - pruned(x)).abs().max() <= 1e-4       # float32 rounding only
+    # issue 45.7: the input normalization a deployment needs, in final.json and both exports
+    final = json.loads((run_dir / 'final.json').read_text())['normalization']
+    assert final['mean'] == [round(v, 4) for v in cifar_data.CIFAR10_MEAN.flatten().tolist()]
+    assert final['std'] == [round(v, 4) for v in cifar_data.CIFAR10_STD.flatten().tolist()]
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta['normalization']) == final
+    extra = {'normalization': ''}
+    torch.export.load(run_dir / 'pruned.pt2', extra_files=extra)
+    assert json.loads(extra['normalization']) == final
 
 
 def test_evaluate_writes_new_files_and_the_pt2_runs_without_the_repo(cifar, dense_ckpt, tmp_path,
@@ -907,6 +916,26 @@ def test_the_gpu_self_check_runs_on_the_cpu_from_any_folder(tmp_path):
     report = json.loads((tmp_path / 'check' / 'gpu_check.json').read_text())
     assert [(c['check'], c['status']) for c in report['checks']] == \
         [('a', 'ok'), ('b', 'ok'), ('c', 'ok'), ('d', 'ok')]
+
+
+def test_the_gpu_self_check_never_passes_what_did_not_compile(monkeypatch):
+    """Issue 41.9: with compilation forced to fail, the checks that compare or time the
+    compiled step say 'not exercised' (ok None) with the fallback's reason, instead of
+    comparing eager with eager; a script log without a compiled step is not a pass either."""
+    import gpu_check
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError('forced compile failure')
+        return call
+    monkeypatch.setattr(torch, 'compile', broken)
+    cpu = torch.device('cpu')
+    for result in (gpu_check.compiled_equals_eager(cpu, 'default', None, steps=1),
+                   gpu_check.speed(cpu, 'default', None, steps=1, batch=4)):
+        assert result['ok'] is None and 'forced compile failure' in result['why']
+    assert gpu_check._compiled_in('warning: torch.compile failed (X); continuing eagerly')
+    assert gpu_check._compiled_in('epoch 1 ...')
+    assert gpu_check._compiled_in('  compiled the training step (...): first step 3.0 s') is None
 
 
 # ----------------------------------------------------------------------------- issue 32

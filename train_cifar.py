@@ -110,7 +110,7 @@ def parse_args(argv):
         raise UsageError(f'--t {min(args.t):g}: an image that leaves at the first exit already '
                          f'costs {100 * least:.1f}% of the MACs of {args.arch}, so every image '
                          f'would leave there; choose t in ({least:.2f}, 1] (default {EXIT_T})')
-    args.milestones = args.milestones or tl.milestones_at(args.epochs, (2, 5), (7, 10))
+    args.milestones = tl.checked_milestones(args.milestones, args.epochs, ((2, 5), (7, 10)))
     if len(set(args.t)) != len(args.t):
         raise UsageError(f'--t must be distinct rates, got {args.t}')
     return args
@@ -307,7 +307,8 @@ def pipeline(args, runs, dense_dir, dense_done, device):
         baseline, _ = run_phase('dense', baseline, data, args, dense_dir, autocast)
     base_acc = tl.evaluate(baseline, data, autocast)[0]
     if not runs:
-        row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc)
+        row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
+                   normalization=rf.normalization(data.mean, data.std))
         if dense_done:                                          # reused: its files as they are
             print(f'final: baseline_acc {base_acc:.2f} (the finished baseline in {dense_dir})')
         else:
@@ -340,7 +341,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     with rf.stage(f'evaluation at threshold {args.tau}'):
         acc, rate, macs, polar, _ = tl.evaluate(model, data, autocast)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_acc,
-               test_images=len(data.x_test),
+               test_images=len(data.x_test), normalization=rf.normalization(data.mean, data.std),
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau, gated_acc=acc,
                macs_percent=macs, train_macs_percent=last['macs'] if last else math.nan,
                activation_rate=rate, polarized=polar, epochs=last['epoch'] if last else 0,

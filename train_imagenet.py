@@ -34,6 +34,9 @@ import run_folder as rf
 import train_loop as tl
 from run_folder import UsageError
 
+NORMALIZATION = rf.normalization([255 * v for v in imagenet_data.MEAN],
+                                [255 * v for v in imagenet_data.STD])
+
 ARCHS = sorted(torchvision.models.list_models(module=torchvision.models))  # classification
 
 
@@ -103,7 +106,7 @@ def parse_args(argv):
         raise UsageError('--init and --pretrained both give the dense start: pass one')
     args.t = None if args.gating == 'none' else args.t or 0.5
     shares = [(3, 10), (6, 10), (9, 10)]                    # AIG's every 30 of 100 epochs
-    args.milestones = args.milestones or tl.milestones_at(args.epochs, *shares)
+    args.milestones = tl.checked_milestones(args.milestones, args.epochs, shares)
     args.gating = args.gating or ('dynamic' if is_resnet(args.arch) else 'static')
     if not is_resnet(args.arch) and (args.gating == 'dynamic' or args.granularity != 'channel'):
         raise UsageError(f'--arch {args.arch}: dynamic gates and layer gates are for the '
@@ -236,7 +239,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                      (rank, world))
         top1, top5, *_ = evaluate(baseline, val_loader, device, autocast, distributed)
         row = dict(arch=args.arch, gating='none', baseline_acc=top1, baseline_top5=top5,
-                   epochs=last['epoch'])
+                   epochs=last['epoch'], normalization=NORMALIZATION)
         if rank == 0:
             rf.save_atomic(baseline.state_dict(), run_dir / 'final.pt')
             rf.finish(row, run_dir)
@@ -284,6 +287,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     with rf.stage(f'evaluation at threshold {args.tau}', log):
         top1, top5, rate, macs, polar = evaluate(model, val_loader, device, autocast, distributed)
     row = dict(arch=args.arch, gating=args.gating, baseline_acc=base_top1,   # CIFAR's keys, and
+               normalization=NORMALIZATION,
                granularity=args.granularity, loss=args.loss, t=args.t, tau=args.tau,
                gated_acc=top1, macs_percent=macs,                         # top-5 beside top-1
                train_macs_percent=last['macs'] if last else float('nan'), activation_rate=rate,

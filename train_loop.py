@@ -84,6 +84,21 @@ def add_evaluation_args(group):
                        help='BN recalibration batches (4.1)')
 
 
+def checked_milestones(milestones, epochs, shares):
+    """--milestones as given (each epoch once, within 1 .. epochs - 1; anything else is
+    refused in one line, never dropped or doubled), or milestones_at(epochs, *shares)."""
+    if not milestones:
+        return milestones_at(epochs, *shares)
+    if len(set(milestones)) != len(milestones):
+        raise UsageError(f'--milestones {" ".join(map(str, milestones))}: each epoch once (the '
+                         'lr is divided by 10 at each)')
+    late = [m for m in milestones if m >= epochs]
+    if late:
+        raise UsageError(f'--milestones {" ".join(map(str, late))}: at or past the last epoch '
+                         f'(--epochs {epochs}), so never reached')
+    return sorted(milestones)
+
+
 def milestones_at(epochs, *shares):
     """lr milestones (epochs) at these shares of `epochs` (num, den); none at epoch 0, so a
     run of one epoch trains at the base lr. Schedules follow training progress, so that one
