@@ -81,6 +81,9 @@ def parser():
       'BN recalibration (faster; otherwise every epoch too, for the curves)')
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
+    m('--also', nargs='+', default=[], metavar='DIR:ARM', help='add ARM of another sweep folder '
+      'to the table, paired by seed (a recipe variant run there with --init OUT/dense/last.pt '
+      'and the same seeds, say); nothing is trained for it')
     machine.add_machine_args(p.group['machine'])
     return p
 
@@ -458,7 +461,7 @@ def summary(rows, truth, out):
     table = []
     for t in sorted({r['t'] for r in rows}):
         gates = {r['seed']: r for r in rows if r['t'] == t and r['arm'] == 'gates'}
-        for arm in ARMS:
+        for arm in ARMS + tuple(dict.fromkeys(r['arm'] for r in rows if r['arm'] not in ARMS)):
             got = sorted((r for r in rows if r['t'] == t and r['arm'] == arm),
                          key=lambda r: r['seed'])
             if not got:
@@ -489,8 +492,27 @@ def _mean(values):
 
 
 def _right(out, row, truth):
-    preds = torch.load(out / f"t{row['t']:g}" / f"s{row['seed']}" / row['arm'] / 'predictions.pt')
-    return preds.long() == truth
+    folder = Path(row['dir']) if 'dir' in row else arm_dir(out, row['arm'], row['t'], row['seed'])
+    return torch.load(folder / 'predictions.pt').long() == truth
+
+
+def also_rows(specs, args):
+    """--also DIR:ARM: the finished rows of ARM in another sweep folder at this sweep's t and
+    seeds, named ARM@DIR's name, with where they are."""
+    rows = []
+    for spec in specs:
+        folder, _, arm = spec.rpartition(':')
+        if not folder or not Path(folder).is_dir():
+            raise UsageError(f'--also {spec}: expected DIR:ARM with DIR a sweep folder')
+        for t in args.t:
+            for seed in range(args.seeds):
+                run_dir = arm_dir(Path(folder), arm, t, seed)
+                if (run_dir / 'final.json').exists():
+                    row = json.loads((run_dir / 'final.json').read_text())
+                    rows.append(dict(row, arm=f'{arm}@{Path(folder).name}', dir=str(run_dir)))
+        if not any(r['arm'] == f'{arm}@{Path(folder).name}' for r in rows):
+            raise UsageError(f'--also {spec}: no finished {arm} arm at these t and seeds')
+    return rows
 
 
 def warnings_for(table, dense_acc):
@@ -512,7 +534,7 @@ def warnings_for(table, dense_acc):
 def print_table(table, dense_acc):
     """The table; McNemar's p per seed (each test image once), then pooled over the seeds
     (an image counted once per seed: tighter than it should be)."""
-    print(f"\n{'t':>5} {'arm':8} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
+    print(f"\n{'t':>5} {'arm':16} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
           f"{'train %':>7} {'vs gates':>9} {'95% interval':>17} {'McNemar p per seed':>20} "
           f"{'pooled':>8}   (dense start {dense_acc:.2f}%)")
     for e in table:
@@ -524,7 +546,7 @@ def print_table(table, dense_acc):
         pooled = f"{e['mcnemar_p_pooled']:8.2g}" if 'diff' in e else f"{'':8}"
         std = f"{e['acc_std']:5.2f}" if e['acc_std'] is not None else f"{'':5}"
         train = f"{e['train_acc']:7.2f}" if e['train_acc'] is not None else f"{'':7}"
-        print(f"{e['t']:5.2f} {e['arm']:8} {e['seeds']:5} {e['macs_percent']:7.2f} "
+        print(f"{e['t']:5.2f} {e['arm']:16} {e['seeds']:5} {e['macs_percent']:7.2f} "
               f"{e['acc']:7.2f} {std} {train} {vs} {ci:>17} {seeds:>20} {pooled}")
     for line in warnings_for(table, dense_acc):
         print(f'warning: {line}', file=sys.stderr)
@@ -558,6 +580,7 @@ def main(argv=None):
     arms = [a for a in ARMS if a in args.arms]
     sweep(ctx, arms)
     rows = [r for (arm, _, _), r in ctx['rows'].items() if arm in arms]
+    rows += also_rows(args.also, args)
     table = summary(rows, data.y_test.cpu(), out)
     print_table(table, dense_acc)
     result = dict(settings=ctx['settings'], dense_acc=dense_acc, dense_macs=ctx['dense_macs'],

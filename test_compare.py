@@ -93,6 +93,29 @@ def test_the_summary_pairs_seeds_and_tests_predictions(sweep):
         json.dumps(result['summary']))
 
 
+def test_a_variant_from_another_folder_is_paired_by_seed(sweep, tmp_path):
+    """--also DIR:ARM (issue 40's recipe variants): a gates arm trained in another folder from
+    the same dense start (--init) joins the table as gates@DIR, paired with this sweep's gates
+    seed by seed (its difference and McNemar counts from its own predictions)."""
+    out, result = sweep
+    other = tmp_path / 'magnitude'
+    compare.main(TINY + ['--out', str(other), '--arms', 'gates', '--gate-init', 'magnitude',
+                         '--init', str(out / 'dense' / 'last.pt')])
+    again = compare.main(TINY + ['--out', str(out), '--arms', 'gates', '--also',
+                                 f'{other}:gates'])
+    entry = next(e for e in again['summary'] if e['arm'] == 'gates@magnitude')
+    mine = {r['seed']: r['acc'] for r in again['rows'] if r['arm'] == 'gates@magnitude'}
+    gates = {r['seed']: r['acc'] for r in result['rows'] if r['arm'] == 'gates'}
+    assert entry['seeds'] == 2 and entry['diff'] == pytest.approx(
+        sum(mine[s] - gates[s] for s in (0, 1)) / 2)
+    truth = cifar_data.stripes(1_000, seed=4321)[1]
+    theirs = torch.load(other / 't0.5' / 's0' / 'gates' / 'predictions.pt').long()
+    base = torch.load(out / 't0.5' / 's0' / 'gates' / 'predictions.pt').long()
+    b = int(((base == truth) & (theirs != truth)).sum())
+    c = int(((base != truth) & (theirs == truth)).sum())
+    assert entry['mcnemar_p_seeds'][0] == compare.mcnemar_p(b, c)
+
+
 def test_the_table_says_when_not_to_trust_it(sweep):
     """Issue 45.9: a dense start below every arm (not converged) and fewer than three
     paired seeds are said; a converged start with three seeds says nothing."""
