@@ -73,6 +73,8 @@ def parser():
     t('--epochs', type=rf.COUNT, default=100, help='the post-dense budget of every arm (4.1)')
     t('--select-epochs', type=rf.COUNT, help='arm select: epochs of gate training before the '
       'plain fine-tuning (default a third of --epochs)')
+    t('--select-frozen', action='store_true', help='arm select: the weights frozen while the '
+      'gates choose (Gate Decorator), trained only after')
     t('--batch-size', type=rf.COUNT, default=256, help='fine-tuning batch of every arm')
     t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
     t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
@@ -255,10 +257,12 @@ def recalibrated(net, data, args, seed, autocast):
     return net
 
 
-def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, gen=None):
-    """The paper's gates (static or dynamic) trained with the weights from the dense start."""
+def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, gen=None,
+              frozen=False):
+    """The paper's gates (static or dynamic) trained with the weights from the dense start
+    (frozen: the gates alone, the weights' lr 0)."""
     torch.manual_seed(seed)
-    run = argparse.Namespace(**{**vars(args), 't': t, 'gating': gating})
+    run = argparse.Namespace(**{**vars(args), 't': t, 'gating': gating, 'freeze_weights': frozen})
     model = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes), gating=gating,
                             init_p=args.gate_init_p)
     model = tl.sampling(model.to(args.device, memory_format=torch.channels_last), run)
@@ -336,7 +340,7 @@ def run_arm(arm, t, seed, ctx):
     elif arm == 'select':
         order, cut = data.generator(seed + 1), args.select_epochs
         gated = gated_arm(dense, data, args, t, seed, 'static', run_dir / 'select', autocast,
-                          part=(0, cut), gen=order)
+                          part=(0, cut), gen=order, frozen=args.select_frozen)
         extra['keeps'] = [k.tolist() for k in keeps_of(gated)]
         net = fine_tune(ge.prune(gated).train(), data, args, seed, run_dir / 'finetune',
                         autocast, part=(cut, args.epochs), gen=order)   # one schedule, one order
@@ -573,7 +577,8 @@ def main(argv=None):
             'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
             'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
             'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
-            'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp')
+            'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp',
+            'select_frozen')
     ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
                dense_macs=ge.counted_macs(dense.eval(), x),
                settings={k: getattr(args, k) for k in keys})

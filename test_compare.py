@@ -116,6 +116,25 @@ def test_a_variant_from_another_folder_is_paired_by_seed(sweep, tmp_path):
     assert entry['mcnemar_p_seeds'][0] == compare.mcnemar_p(b, c)
 
 
+def test_a_frozen_search_trains_the_gates_alone_then_the_weights(sweep, tmp_path):
+    """--select-frozen (issue 40, Gate Decorator's search): in select's first part every
+    weight and BN affine parameter stays the dense start's while the gates move; the plain
+    fine-tuning after it trains the weights."""
+    out, _ = sweep
+    dense = torch.load(out / 'dense' / 'last.pt', weights_only=True)['model']
+    compare.main(TINY + ['--out', str(tmp_path), '--arms', 'select', '--seeds', '1',
+                         '--select-frozen', '--init', str(out / 'dense' / 'last.pt')])
+    part = tmp_path / 't0.5' / 's0' / 'select'
+    searched = torch.load(part / 'select' / 'last.pt', weights_only=True)['model']
+    params = [k for k in dense if k.endswith(('weight', 'bias'))]
+    assert all(torch.equal(searched[k], dense[k]) for k in params)
+    moved = [not torch.allclose(v, compare.gc._init_logits(len(v), compare.gc.INIT_P))
+             for k, v in searched.items() if k.endswith('logits')]
+    assert moved and all(moved)
+    tuned = torch.load(part / 'finetune' / 'last.pt', weights_only=True)['model']
+    assert not torch.equal(tuned['fc.weight'], dense['fc.weight'])
+
+
 def test_the_table_says_when_not_to_trust_it(sweep):
     """Issue 45.9: a dense start below every arm (not converged) and fewer than three
     paired seeds are said; a converged start with three seeds says nothing."""

@@ -118,6 +118,8 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
     --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
     groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay,
                              gate_lr_mult(args, gate_kind(model)))
+    if getattr(args, 'freeze_weights', False):          # the gates alone (compare's select)
+        groups[0].update(lr=0.0, weight_decay=0.0)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
     def weights_lr(e):
