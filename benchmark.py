@@ -19,6 +19,7 @@ dynamic gates, varying per image).
     python benchmark.py --convs --threads 1   # single convs: how pruned widths scale
     python benchmark.py --any       # gumbel_any on 19 models: gates, FLOPs(Z) vs counted MACs
     python benchmark.py --gpu-check # the GPU path's self-check (gpu_check.py; CPU without a GPU)
+    python benchmark.py --file dense.pt2 runs/.../pruned.pt2 --shape 1 3 32 32   # your files
 """
 import argparse
 import contextlib
@@ -416,6 +417,48 @@ def loader_table(folder, device, batch=32, batches=10, rounds=5):
     return rows
 
 
+def load_exported(path):
+    """A deployed file as a callable on a float32 CPU batch: .pt2 (torch.export), .onnx
+    (ONNX Runtime, installed apart), or .pt (a pickled module, as pruned.pt: only a file you
+    trust, it can run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f'error: {path}: no such file')
+    if path.suffix == '.pt2':
+        net = torch.export.load(path).module()
+        return lambda x: net(x)
+    if path.suffix == '.onnx':
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise SystemExit('error: timing an .onnx file needs onnxruntime (pip install '
+                             'onnxruntime)') from None
+        session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.numpy()})
+    if path.suffix == '.pt':
+        net = torch.load(path, weights_only=False, map_location='cpu').eval()
+        return lambda x: net(x)
+    raise SystemExit(f'error: {path}: expected a .pt2, .onnx or .pt file')
+
+
+def file_table(paths, shape, repeats):
+    """Your own exported files (pruned.pt2 beside a dense export, say), each timed on one
+    random batch of `shape` on the CPU: medians of interleaved runs and each file's time
+    relative to the first's."""
+    x = torch.randn(*shape)
+    fns = {p: load_exported(p) for p in paths}
+    with torch.no_grad():
+        seconds = timed({p: (lambda f=f: f(x)) for p, f in fns.items()}, repeats,
+                        torch.device('cpu'))
+    first = seconds[paths[0]]
+    print(f"{'file':50} {'ms / batch':>10} {'x first':>8}   (batch {tuple(shape)}, "
+          f'{torch.get_num_threads()} threads, median of {repeats})')
+    for p in paths:
+        print(f'{str(p)[-50:]:50} {1000 * seconds[p]:10.2f} {first / seconds[p]:8.2f}')
+    return [dict(file=str(p), seconds=seconds[p], speedup=first / seconds[p]) for p in paths]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--smoke', action='store_true',
@@ -434,6 +477,11 @@ def main():
     ap.add_argument('--budget', type=float, default=290, help='--gpu-check: seconds in all')
     ap.add_argument('--loader', metavar='DIR', help='time the ImageNet input pipeline on the '
                     'JPEGs in DIR/train and DIR/val (docs/photos_as_imagefolder.py) and exit')
+    ap.add_argument('--file', nargs='+', metavar='PATH', help='time your own exported files '
+                    '(.pt2, .onnx, .pt; e.g. a dense export, then pruned.pt2) side by side on '
+                    'the CPU and exit')
+    ap.add_argument('--shape', type=int, nargs='+', default=[1, 3, 32, 32],
+                    help='--file: the input batch shape')
     ap.add_argument('--repeats', type=int, default=11, help='timed rounds per comparison (median)')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
@@ -443,6 +491,12 @@ def main():
         raise SystemExit('error: --repeats and --threads must be >= 1')
     if args.macs:
         return macs_table()
+    if args.file:
+        torch.set_num_threads(args.threads)
+        rows = file_table(args.file, args.shape, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(dict(cpus=os.cpu_count(), rows=rows), indent=1))
+        return rows
     if args.any:
         return any_table()
     if args.gpu_check:

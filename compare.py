@@ -96,6 +96,8 @@ def parse_args(argv):
     if args.select_epochs >= args.epochs and 'select' in args.arms:
         raise UsageError(f'--select-epochs must be fewer than --epochs ({args.epochs})')
     args.milestones = tl.checked_milestones(args.milestones, args.epochs, ((2, 5), (7, 10)))
+    for spec in args.also:
+        also_spec(spec)
     args.gating, args.granularity = 'static', 'channel'
     return args
 
@@ -500,14 +502,21 @@ def _right(out, row, truth):
     return torch.load(folder / 'predictions.pt').long() == truth
 
 
+def also_spec(spec):
+    """--also DIR:ARM -> (DIR, ARM), checked before anything trains."""
+    folder, _, arm = spec.rpartition(':')
+    if not folder or not Path(folder).is_dir() or arm not in ARMS:
+        raise UsageError(f'--also {spec}: expected DIR:ARM, DIR a sweep folder and ARM one of '
+                         f'{", ".join(ARMS)}')
+    return folder, arm
+
+
 def also_rows(specs, args):
     """--also DIR:ARM: the finished rows of ARM in another sweep folder at this sweep's t and
     seeds, named ARM@DIR's name, with where they are."""
     rows = []
     for spec in specs:
-        folder, _, arm = spec.rpartition(':')
-        if not folder or not Path(folder).is_dir():
-            raise UsageError(f'--also {spec}: expected DIR:ARM with DIR a sweep folder')
+        folder, arm = also_spec(spec)
         for t in args.t:
             for seed in range(args.seeds):
                 run_dir = arm_dir(Path(folder), arm, t, seed)

@@ -15,6 +15,7 @@ import importlib.util
 import io
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.fx
@@ -481,6 +482,26 @@ def export_files(model, x, metadata=None):
     torch.export.save(program, buffer, extra_files=metadata)   # process on a full disk
     files['pruned.pt2'] = buffer.getvalue()
     return pruned, files
+
+
+def write_exports(model, x, folder, metadata=None):
+    """export_files written into `folder` (made if absent): pruned.pt, pruned.pt2 and, with
+    onnx installed, pruned.onnx; the legacy ONNX exporter's warnings silenced. -> (the pruned
+    net, {name: path})."""
+    import warnings
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')                 # TracerWarnings, its deprecation note
+        pruned, files = export_files(model, x, metadata)
+    paths = {}
+    for name, obj in files.items():
+        paths[name] = folder / name
+        if isinstance(obj, bytes):
+            paths[name].write_bytes(obj)
+        else:
+            torch.save(obj, paths[name])
+    return pruned, paths
 
 
 # ----------------------------------------------------------------------------- skipping (1.1)

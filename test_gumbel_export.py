@@ -307,6 +307,35 @@ def test_benchmark_smoke_mode_runs(tmp_path):
         ['16x32x32', '32x16x16', '64x8x8']
 
 
+def test_benchmark_times_your_own_exported_files(tmp_path):
+    """Issue 45.8: benchmark.py --file times the files a user deploys (a pruned .pt2 beside
+    its .onnx, any batch shape) side by side, from the command line."""
+    torch.manual_seed(0)
+    gated = gc.resnet_cifar(8, gating='static')
+    with torch.no_grad():
+        for g in gc.gates(gated):
+            g.logits[::2, 0] = 5.0                      # every other channel off
+    _, files = ge.export_files(gated.eval(), torch.randn(2, 3, 32, 32))
+    paths = []
+    for name in [n for n in ('pruned.pt2', 'pruned.onnx') if n in files]:
+        (tmp_path / name).write_bytes(files[name])
+        paths.append(str(tmp_path / name))
+    if 'pruned.onnx' in files:
+        pytest.importorskip('onnxruntime')
+    out = subprocess.run([sys.executable, 'benchmark.py', '--file', *paths, '--shape', '3', '3',
+                          '32', '32', '--repeats', '2', '--threads', '1', '--json',
+                          str(tmp_path / 'f.json')], capture_output=True, text=True,
+                         timeout=300, cwd=__file__.rsplit('/', 1)[0] or '.')
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / 'f.json').read_text())['rows']
+    assert [r['file'] for r in rows] == paths and rows[0]['speedup'] == 1.0
+    assert all(r['seconds'] > 0 for r in rows) and '(3, 3, 32, 32)' in out.stdout
+    bad = subprocess.run([sys.executable, 'benchmark.py', '--file', str(tmp_path / 'no.pt2')],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=__file__.rsplit('/', 1)[0] or '.')
+    assert bad.returncode == 1 and bad.stderr.strip().startswith('error: ')
+
+
 # ------------------------------------------------------------------- early exits (5, Table 5)
 
 def spread_exits(model, x):

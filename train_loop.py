@@ -69,7 +69,7 @@ def add_gate_args(parser):
     a('--gate-init', default='uniform', choices=('uniform', 'magnitude'),
       help='uniform: every gate at --gate-init-p (the paper); magnitude: within each gate '
            "module the logits spread by the rank of the dense filter's L1 norm (static gates "
-           'of the paper\'s ResNets; NOTES.md 21)')
+           'of the paper\'s ResNets; NOTES.md, "Gates on photographs")')
     a('--t-ramp', type=rf.UNIT, default=0.0,
       help='the FLOPs target falls linearly from 1 to t over this share of the fine-tuning '
            '(0: t from the first step, the paper)')
@@ -153,8 +153,9 @@ def gated_convs(model):
 
 
 def init_gates(model, args):
-    """--gate-init magnitude (a deviation, NOTES.md 21): each static gate's logit difference
-    set from the rank r in [0, 1] of its channel's filter L1 norm within the gate module,
+    """--gate-init magnitude (an option; NOTES.md, "Gates on photographs"): each static
+    gate's logit difference set from the rank r in [0, 1] of its channel's filter L1 norm
+    within the gate module,
         w1 - w0 = logit(init_p) + MAGNITUDE_SPREAD (2 r - 1)
     so that the FLOPs loss, which pushes every channel of a module alike, turns off the
     smallest filters first (network slimming's ranking) instead of those the Gumbel noise
