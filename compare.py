@@ -81,6 +81,8 @@ def parser():
     tl.add_evaluation_args(p.group['evaluation'])
     e('--final-test-only', action='store_true', help='test each arm once, its final net after '
       'BN recalibration (faster; otherwise every epoch too, for the curves)')
+    e('--table-only', action='store_true', help='train nothing: the table of the arms finished '
+      'so far (a sweep still running, or arms some seeds lack)')
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
     m('--also', nargs='+', default=[], metavar='DIR:ARM', help='add ARM of another sweep folder '
@@ -404,6 +406,12 @@ def sweep(ctx, arms):
               for arm in (['gates'] if any(a in NEEDS_GATES for a in arms) and 'gates'
                           not in arms else []) + arms]
     pending, waited = list(wanted), False
+    if args.table_only:
+        pending = []
+        for arm, t, seed in wanted:
+            row = finished_row(arm, t, seed, ctx)
+            if row is not None:
+                rows[(arm, t, seed)] = row
     while pending:
         for key in pending:
             arm, t, seed = key
@@ -578,6 +586,8 @@ def main(argv=None):
     data = data.subset(args.train_size)
     if len(data.x_train) < max(args.batch_size, args.dense_batch_size):
         raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch')
+    if args.table_only and not args.init and not (out / 'dense' / 'final.json').exists():
+        raise UsageError(f'--table-only: {out} holds no finished dense start')
     with rf.locked([out], wait=True, name='.dense.lock'):      # trained once: others wait
         dense = dense_start(args, data, out, autocast)
     dense_acc = tl.evaluate(dense, data, autocast)[0]

@@ -155,6 +155,11 @@ def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_
     assert {p: p.stat().st_mtime_ns for p in out.rglob('last.pt')} == stamps
     assert [r['acc'] for r in again['rows'] if r['arm'] == 'l1'] == \
         [r['acc'] for r in result['rows'] if r['arm'] == 'l1']
+    capsys.readouterr()
+    table = compare.main(TINY + ['--out', str(out), '--seeds', '3', '--table-only'])
+    assert '--- arm' not in capsys.readouterr().out                  # seed 2: not trained
+    assert {r['seed'] for r in table['rows']} == {0, 1} and len(table['rows']) == len(
+        result['rows'])
     code = compare.rf.run_cli(compare.main, TINY + ['--out', str(out), '--lr', '0.05',
                                                        '--arms', 'gates'])
     assert 'dense start trained with other settings (lr: 0.1 -> 0.05)' in one_line_error(code)
