@@ -587,6 +587,7 @@ class GatedNet(nn.Module):
         self.layers = nn.ModuleList(layers)         # convs and linears: FLOPs(Z), pruning
         self.norms = nn.ModuleList(norms)           # BNs: pruning
         self._sizes = {}                            # input shape -> (positions, fixed, max)
+        self.floor = 0.0                            # MACs share no gate can remove (gate_any)
 
     def extra_repr(self):
         return f'gates={len(self.gates)}, channels={sum(g.channels for g in self.gates)}'
@@ -880,9 +881,12 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
             reasons[why] = reasons.get(why, 0) + diff[p]
         top = [(w, m) for w, m in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
                if m >= total / 200]                            # those that round to 1% or more
-        warnings.warn(f'gate_any: only {100 * gateable / total:.0f}% of the MACs can be gated; '
-                      'the channels of the rest are fixed by ' + ', '.join(
+        floor = 1 - gateable / total
+        warnings.warn(f'gate_any: only {100 * gateable / total:.0f}% of the MACs can be gated, '
+                      f'so a FLOPs target t below {floor:.2f} cannot be reached: the loss then '
+                      'turns every gate off; the channels of the rest are fixed by ' + ', '.join(
                           f'{w} ({100 * m / total:.0f}%)' for w, m in top), stacklevel=3)
+    gated.floor = (total - gateable) / total if total else 0.0
 
 
 def _ancestors(path):

@@ -515,3 +515,29 @@ def test_pruned_equals_gated_to_float64_rounding_so_the_float32_bound_is_roundin
         logits = gated(x)[0]
         pruned = ge.prune(gated)
         assert (pruned(x) - logits).abs().max() <= 1e-12 * logits.abs().max()
+
+
+def test_a_target_below_what_the_gates_can_remove_is_said():
+    """Issue 45.5: GroupNorm fixes the channels of the convs around it, so here the gates can
+    remove only conv1's output and conv2's input: gate_any says which t cannot be reached,
+    the net records that floor, and the training scripts warn for a t below it."""
+    import contextlib
+    import io
+    import train_loop as tl
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    hw = 8 * 8
+    fixed = 2 * 32 * 32 * 9 * hw + 32 * 10                  # conv3, conv4, the classifier
+    total = 3 * 32 * 9 * hw + 32 * 32 * 9 * hw + fixed
+    with pytest.warns(UserWarning, match=rf't below {fixed / total:.2f} cannot be reached'):
+        gated = ga.gate_any(model, torch.randn(2, 3, 8, 8))
+    assert gated.floor == pytest.approx(fixed / total)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        tl.warn_below_floor(gated, 0.5)
+        tl.warn_below_floor(gated, 0.9)
+    lines = said.getvalue().splitlines()
+    assert len(lines) == 1 and 't = 0.5 is below 0.65' in lines[0]

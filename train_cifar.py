@@ -156,6 +156,7 @@ def gated_from(baseline, args):
     if args.arch in ANY:
         example = torch.zeros(2, 3, 32, 32, device=args.device)
         model = rf.gate_model(baseline, example, init_p=args.gate_init_p)
+        tl.warn_below_floor(model, args.t)
         return tl.sampling(model.to(memory_format=torch.channels_last), args)
     model = tl.sampling(build(args, gated=True), args)
     rf.load_weights(model, baseline.state_dict(), 'the dense baseline', gated=True)

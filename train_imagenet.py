@@ -258,6 +258,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
         model = rf.gate_model(baseline, x2, init_p=args.gate_init_p)
+        tl.warn_below_floor(model, args.t)
     model = tl.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
         raise UsageError(f'--targets must give one rate per gate module ({len(gc.gates(model))}), '

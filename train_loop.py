@@ -174,6 +174,16 @@ def init_gates(model, args):
     return model
 
 
+def warn_below_floor(model, t):
+    """One line when t is below the share of the MACs no gate can remove (a gumbel_any net's
+    floor): the FLOPs loss would then turn every gate off and still miss t."""
+    floor = getattr(model, 'floor', 0.0)
+    if t < floor:
+        print(f'warning: t = {t:g} is below {floor:.2f}, the share of the MACs no gate can '
+              'remove here: every gate will turn off and the net will still run '
+              f'{100 * floor:.0f}% of the MACs', file=sys.stderr)
+
+
 def target(t, ramp, progress):
     """The FLOPs target at `progress` (0 -> 1 through fine-tuning): 1 at the start, falling
     linearly to t at progress `ramp` (--t-ramp; CoFi's warm-up of the target), t after;
