@@ -78,6 +78,8 @@ def parser():
     t('--batch-size', type=rf.COUNT, default=256, help='fine-tuning batch of every arm')
     t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
     t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
+    p.group['evaluation'].description = ('how each arm is evaluated (part of its settings: '
+                                         'compare.py has no --evaluate)')
     tl.add_evaluation_args(p.group['evaluation'])
     e('--final-test-only', action='store_true', help='test each arm once, its final net after '
       'BN recalibration (faster; otherwise every epoch too, for the curves)')
