@@ -279,24 +279,32 @@ def _folded_conv(conv, bn):
 
 @torch.no_grad()
 def fold_bn(net):
-    """A copy of a gate-free net in evaluation mode, each BatchNorm after a conv folded in.
-    For nets pruned or dense, ours or torchvision's: each module's (convK, bnK) pair becomes
-    a biased convK and an Identity, and each (conv, bn) Sequential a conv."""
+    """A copy of a gate-free net in evaluation mode, each BatchNorm that follows a conv in
+    the data flow folded into it (a biased conv; the BN gone). The net is traced with
+    torch.fx (Constant kept whole) and the fold follows the traced graph, so a BN before its
+    conv (a pre-activation block) is left as it is, and a conv-BN-ReLU Sequential folds like
+    our blocks; a BN whose conv feeds anything else stays too. A net torch.fx cannot trace is
+    returned unfolded, with a warning."""
     if gc.gates(net):
         raise ValueError('fold_bn takes a gate-free net: prune the gated net first '
                          '(gumbel_export.prune(model))')
     net = copy.deepcopy(net).eval()
-    if isinstance(net, torch.fx.GraphModule):              # gumbel_any's pruned nets
-        return _fold_graph(net)
-    for m in list(net.modules()):
-        for k in ('', '1', '2', '3'):
-            conv, bn = getattr(m, f'conv{k}', None), getattr(m, f'bn{k}', None)
-            if isinstance(conv, (nn.Conv2d, Constant)) and isinstance(bn, nn.BatchNorm2d):
-                setattr(m, f'conv{k}', _folded_conv(conv, bn))
-                setattr(m, f'bn{k}', nn.Identity())
-        if _conv_bn(m):
-            m[0], m[1] = _folded_conv(m[0], m[1]), nn.Identity()
-    return net
+    if not isinstance(net, torch.fx.GraphModule):
+        try:
+            net = torch.fx.GraphModule(net, _ConstantLeaves().trace(net), type(net).__name__)
+        except Exception as e:                              # data-dependent control flow
+            import warnings
+            warnings.warn(f'fold_bn: torch.fx cannot trace {type(net).__name__} '
+                          f'({type(e).__name__}); its BNs are left unfolded', stacklevel=2)
+            return net
+    return _fold_graph(net)
+
+
+class _ConstantLeaves(torch.fx.Tracer):
+    """torch.fx's tracer, with Constant a module call of its own (it may take a BN's fold)."""
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, Constant) or super().is_leaf_module(m, qualname)
 
 
 def _fold_graph(gm):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch._dynamo
 import torch.nn.functional as F
 import torchvision
@@ -465,3 +466,36 @@ def test_a_pruned_net_in_training_mode_computes_the_gated_nets_training_forward(
     logits, _ = model(x)
     assert logits.abs().max() < 10                          # the premise of EXPORT_ATOL
     assert (pruned(x) - logits).abs().max() <= EXPORT_ATOL
+
+
+def test_fold_bn_follows_the_data_flow_of_any_block():
+    """Issue 43: a pre-activation block (BN before its conv, named bnK beside convK) keeps its
+    output, and a torchvision-style conv-BN-ReLU Sequential is folded (no BN left), both to
+    float32 rounding."""
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            out = self.conv1(torch.relu(self.bn1(x)))
+            return x + self.conv2(torch.relu(self.bn2(out)))
+    torch.manual_seed(0)
+    pre = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), PreAct(), PreAct())
+    cbr = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    # pre-activation: each bn1 reads the block input (no conv's output) and stays; each bn2
+    # reads conv1's output alone, so the data flow folds it into conv1 (under the name of
+    # neither pair: the name-based fold changed the output)
+    for net, bns_left in ((pre, 2), (cbr, 0)):
+        for m in net.modules():                               # statistics that matter
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+        net.eval()
+        folded = ge.fold_bn(net)
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert (folded(x) - net(x)).abs().max() <= 1e-4 * net(x).abs().max()
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == bns_left
