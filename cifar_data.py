@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from run_folder import UsageError
+from cli import UsageError
 
 
 class ArraysOnly(pickle.Unpickler):

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torchvision import transforms
 
-from run_folder import RunError, UsageError
+from cli import RunError, UsageError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)      # torchvision's, on 0..1
 

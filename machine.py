@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-import run_folder as rf
-from run_folder import RunError, UsageError
+import cli
+from cli import RunError, UsageError
 
 # ----------------------------------------------------------------------------- device and precision
 
@@ -62,7 +62,7 @@ def add_machine_args(group):
     a = group.add_argument
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
       help='cuda (under torchrun: cuda:LOCAL_RANK), cuda:N or cpu')
-    a('--threads', type=rf.COUNT, help='CPU threads (default: the CPUs this process may use, '
+    a('--threads', type=cli.COUNT, help='CPU threads (default: the CPUs this process may use, '
       'its affinity and container quota, at most 8)')
     a('--compile', nargs='?', const='default', default='auto', choices=COMPILE_MODES,
       help="torch.compile the training step: auto = reduce-overhead (CUDA graphs) on CUDA, off "

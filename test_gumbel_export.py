@@ -163,6 +163,10 @@ def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
     assert graph['gumbel_channels'] == set()
     assert graph['gumbel_export'] == {'gumbel_channels'}
     assert graph['gumbel_any'] == {'gumbel_channels', 'gumbel_export'}
+    # issue 43: the command line is the bottom of the training side; the data modules and the
+    # machine need no run folder (train_loop still does: fit writes the run folder)
+    assert graph['cli'] == set()
+    assert all(graph[m] <= {'cli'} for m in ('cifar_data', 'imagenet_data', 'machine'))
 
     def below(name, seen):                                  # every module name reaches
         for m in graph[name] - seen:

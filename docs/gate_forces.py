@@ -14,7 +14,6 @@ and, for the decisions after --epochs (p > 0.5), how they agree with the dense n
 L1 norms (the kept share of the L1 top half against the 50% chance gives) and with the CE
 force summed over the steps (Spearman's rho within each gate module, averaged).
 """
-import argparse
 import sys
 from pathlib import Path
 
