@@ -96,6 +96,12 @@ def _is_norm(m):
         c.__name__ == 'FrozenBatchNorm2d' for c in type(m).__mro__)
 
 
+def _per_channel(m):
+    """A module with one parameter per channel of dim 1 that is otherwise elementwise
+    (PReLU(C)): its channels pass through and it is sliced with them, as a BN is."""
+    return isinstance(m, nn.PReLU) and m.num_parameters > 1
+
+
 def _is_layer(m):
     return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
 
@@ -284,7 +290,7 @@ class _Analysis:
             if _is_layer(module):
                 return self.layer(target, node, ge.kind(module), x, value, module.weight,
                                   getattr(module, 'groups', 1))
-            if _is_norm(module):
+            if _is_norm(module) or _per_channel(module):
                 channels = self.ids.per_index(x, 1)
                 if target in self.bns:
                     self.ids.union(self.bns[target], channels)
@@ -449,7 +455,9 @@ class _Analysis:
         for i in parts:
             if i is None:
                 continue
-            whole = isinstance(i, slice) and i == slice(None)
+            whole = isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) \
+                and (i.stop is None or (isinstance(i.stop, int) and dim < x.dim()
+                                        and i.stop >= x.shape[dim]))   # x[:, :C] of C: all
             spans = i.dim() if isinstance(i, torch.Tensor) and i.dtype == torch.bool else 1
             if not whole and any(_varies(x, d) for d in range(dim, min(dim + spans, x.dim()))):
                 self.ids.fix(x, f'a literal channel index in {why}')
@@ -945,7 +953,10 @@ def _prune(gm, layers, norms, keep, x):
         with graph.inserting_before(node):
             node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
         graph.erase_node(node)
-    graph.eliminate_dead_code()
+    # a layer whose output nothing reads (WaveNet's last residual conv) still runs, as in the
+    # gated net, whose FLOPs(Z) counts it: the pruned net computes what was counted
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.op == 'call_module'
+                              and n.target in by_name)
     for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
         layer = by_name[target]                          # once, however often it is called
         gm.set_submodule(target, ge.sliced(gm.get_submodule(target), keep[layer.ins],

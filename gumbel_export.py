@@ -169,15 +169,16 @@ def sliced(layer, keep_in=None, keep_out=None, groups=1):
 
 
 def sliced_norm(bn, keep):
-    """A BatchNorm of any dimension or subclass, or a frozen one, with only the kept channels;
-    Identity when none is kept (a tensor with no channel left)."""
+    """A BatchNorm of any dimension or subclass, a frozen one, or a PReLU(C), with only the
+    kept channels; Identity when none is kept (a tensor with no channel left)."""
     if not keep.any():
         return nn.Identity()                               # a tensor with no channel left
     new = replaced(bn, **{k: getattr(bn, k)[keep] for k in ('weight', 'bias', 'running_mean',
                                                          'running_var')
                        if isinstance(getattr(bn, k, None), torch.Tensor)})
-    if hasattr(new, 'num_features'):
-        new.num_features = int(keep.sum())
+    for size in ('num_features', 'num_parameters'):              # a BN's; PReLU(C)'s
+        if hasattr(new, size):
+            setattr(new, size, int(keep.sum()))
     return new
 
 

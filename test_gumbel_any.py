@@ -541,3 +541,41 @@ def test_a_target_below_what_the_gates_can_remove_is_said():
         tl.warn_below_floor(gated, 0.9)
     lines = said.getvalue().splitlines()
     assert len(lines) == 1 and 't = 0.5 is below 0.65' in lines[0]
+
+
+def test_a_dead_layer_is_counted_and_kept_and_a_full_slice_is_the_whole_dimension():
+    """Issue 42.4 and 42.6: a conv whose output nothing reads runs in the gated net and is
+    counted by FLOPs(Z), so the pruned net runs it too (it was removed: 351,232 counted vs
+    343,040 run on WaveNet); x[:, :C] on C channels (ghostnet's out[:, :self.out_chs]) is
+    the whole dimension and leaves the channels gateable."""
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.unused, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            self.unused(h)                                  # computed, never read
+            return self.head(torch.relu(self.b(h))[:, :8].mean((2, 3)))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gated, pruned = gate_and_check(Dead(), x)
+    assert sum(g.channels for g in gated.gates) == 24       # a's, b's (sliced whole), unused's
+    assert isinstance(pruned.get_submodule('unused'), nn.Module)
+
+
+def test_a_prelu_per_channel_is_sliced_with_its_channels():
+    """Issue 42.3: PReLU(C) (iresnet) passes its channels through and its C slopes are sliced
+    with them (prune failed on the unsliced weight); PReLU() with one slope is elementwise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(),   # (all off: the helper)
+                          nn.Conv2d(8, 8, 3, padding=1), nn.PReLU(8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[3].weight.uniform_(-1, 1)                      # slopes that differ per channel
+    gated, pruned = gate_and_check(model, torch.randn(2, 3, 8, 8))
+    kept = int(gated.gates[1].kept().sum())
+    assert 0 < kept < 8                                      # some channels gone, some kept
+    prelu = pruned.get_submodule('3')
+    assert prelu.weight.numel() == prelu.num_parameters == kept
