@@ -102,6 +102,22 @@ def _per_channel(m):
     return isinstance(m, nn.PReLU) and m.num_parameters > 1
 
 
+_PLAIN_FORWARD = {c.forward for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                      nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)}
+
+
+def _reworks_weight(m):
+    """Why a conv or linear layer computes from more than its stored weight and bias (so a
+    slice of them is not the slice of what it computes), or ''."""
+    if not _is_layer(m):
+        return ''
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return 'a parametrization'
+    if m._forward_pre_hooks or m._forward_hooks:
+        return 'a forward hook (e.g. the old nn.utils.weight_norm)'
+    return '' if type(m).forward in _PLAIN_FORWARD else 'a forward of its own'
+
+
 def _is_layer(m):
     return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
 
@@ -712,7 +728,21 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
     if ignore - set(names):
         raise ValueError(f'ignore names no module of the model: {sorted(ignore - set(names))}; '
                          'names are as model.named_modules() gives them')
-    training, model = model.training, copy.deepcopy(model)
+    reworked = {n: why for n, m in names.items() if n not in ignore
+                and (why := _reworks_weight(m))}
+    if reworked:
+        warnings.warn('gate_any: ' + ', '.join(f'{n} ({type(names[n]).__name__}: {why})'
+                                               for n, why in reworked.items())
+                      + ' computed from more than its weight as stored: kept whole, its '
+                      'channels fixed (slicing its weight would change what it computes)',
+                      stacklevel=2)
+        ignore |= set(reworked)
+    try:
+        training, model = model.training, copy.deepcopy(model)
+    except RuntimeError as e:               # the old nn.utils.weight_norm's computed weight
+        raise ValueError(f'gate_any copies the model and cannot ({str(e).split(".")[0]}): '
+                         'with torch.nn.utils.weight_norm, remove_weight_norm first or use '
+                         'torch.nn.utils.parametrizations.weight_norm') from None
     graphs = {}
     for mode in (False, True):                 # code reading self.training follows the mode
         tracer = _Tracer(ignore)

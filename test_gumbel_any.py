@@ -3,6 +3,7 @@ channel groups are found, FLOPs(Z) is the pruned net's counted MACs exactly, and
 net computes the thresholded gated net."""
 import collections
 import io
+import warnings
 
 import pytest
 import torch
@@ -579,3 +580,50 @@ def test_a_prelu_per_channel_is_sliced_with_its_channels():
     assert 0 < kept < 8                                      # some channels gone, some kept
     prelu = pruned.get_submodule('3')
     assert prelu.weight.numel() == prelu.num_parameters == kept
+
+
+class _StdConv(nn.Conv2d):
+    """Weight standardization: the forward uses the standardized weight, not self.weight."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _GainConv(nn.Conv2d):
+    """ScaledStdConv2d's shape: a per-output-channel gain beside the weight."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize('kind', ['standardized', 'gain', 'parametrized', 'old weight_norm'])
+def test_a_layer_that_reworks_its_weight_is_kept_whole_with_a_warning(kind):
+    """Issue 42.2: a conv whose output is not conv(x, its stored weight) (its own forward, a
+    parametrization, a hook) was sliced like a plain conv: the pruned net silently computed
+    something else, or prune failed. It is kept whole, named in a warning, and the rest of
+    the net still gates and prunes exactly."""
+    torch.manual_seed(0)
+    odd = {'standardized': lambda: _StdConv(8, 8, 3, padding=1),
+           'gain': lambda: _GainConv(8, 8, 3, padding=1),
+           'parametrized': lambda: torch.nn.utils.parametrizations.weight_norm(
+               nn.Conv2d(8, 8, 3, padding=1)),
+           'old weight_norm': lambda: torch.nn.utils.weight_norm(
+               nn.Conv2d(8, 8, 3, padding=1))}[kind]()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), odd, nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(2, 3, 8, 8)
+    if kind == 'old weight_norm':     # its weight, computed with grad, cannot be deep-copied
+        with pytest.raises(ValueError, match='remove_weight_norm first or use torch.nn.utils'
+                                             '.parametrizations.weight_norm'):
+            ga.gate_any(model, x)
+        return                        # (any forward with grad recomputes it so)
+    with pytest.warns(UserWarning, match=r'4 \(.*\) computed from more than its weight'):
+        gated, pruned = gate_and_check(model, x)
+    assert sum(g.channels for g in gated.gates) == 16     # conv0's and conv6's outputs
