@@ -102,20 +102,51 @@ def _per_channel(m):
     return isinstance(m, nn.PReLU) and m.num_parameters > 1
 
 
-_PLAIN_FORWARD = {c.forward for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                                      nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)}
+_PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d, nn.Linear)
 
 
-def _reworks_weight(m):
-    """Why a conv or linear layer computes from more than its stored weight and bias (so a
-    slice of them is not the slice of what it computes), or ''."""
-    if not _is_layer(m):
-        return ''
-    if torch.nn.utils.parametrize.is_parametrized(m):
-        return 'a parametrization'
-    if m._forward_pre_hooks or m._forward_hooks:
-        return 'a forward hook (e.g. the old nn.utils.weight_norm)'
-    return '' if type(m).forward in _PLAIN_FORWARD else 'a forward of its own'
+def _reworked_layers(model, x, ignore):
+    """{name: why} of the conv and linear layers that compute from more than their stored
+    weight and bias, so that slicing those would change what they compute: a
+    parametrization, a forward hook (the old nn.utils.weight_norm), or a forward of their own
+    whose output on x differs from their base class's at the same MACs (weight
+    standardization, a gain; a subclass with MACs beyond its weight's is left to the MAC
+    check, which refuses it; one that only calls F.conv2d / F.linear on its weight passes)."""
+    found, seen, hooks = {}, {}, []
+    for name, m in model.named_modules():
+        if not _is_layer(m) or name in ignore or any(_inside(name, i) for i in ignore):
+            continue
+        if torch.nn.utils.parametrize.is_parametrized(m):
+            found[name] = 'a parametrization'
+        elif m._forward_pre_hooks or m._forward_hooks:
+            found[name] = 'a forward hook (the old nn.utils.weight_norm, say)'
+        elif type(m).forward not in {c.forward for c in _PLAIN}:
+            hooks.append(m.register_forward_hook(
+                lambda m, a, out, name=name: seen.setdefault(name, (a, out))))
+    if hooks:
+        was = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(x[:1])
+        except Exception:
+            pass                                            # said later, where it fails
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+    for name, (args, out) in seen.items():
+        m = model.get_submodule(name)
+        base = next(c for c in type(m).__mro__ if c in _PLAIN)
+        with torch.no_grad(), FlopCounterMode(display=False) as own:
+            m(*args)
+        with torch.no_grad(), FlopCounterMode(display=False) as plain:
+            expected = base.forward(m, *args)
+        if own.get_total_flops() == plain.get_total_flops() and not (
+                isinstance(out, torch.Tensor) and out.shape == expected.shape
+                and torch.allclose(out, expected, rtol=1e-4, atol=1e-6)):
+            found[name] = 'a forward of its own'
+    return found
 
 
 def _is_layer(m):
@@ -728,10 +759,9 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
     if ignore - set(names):
         raise ValueError(f'ignore names no module of the model: {sorted(ignore - set(names))}; '
                          'names are as model.named_modules() gives them')
-    reworked = {n: why for n, m in names.items() if n not in ignore
-                and (why := _reworks_weight(m))}
+    reworked = _reworked_layers(model, example_input, ignore)
     if reworked:
-        warnings.warn('gate_any: ' + ', '.join(f'{n} ({type(names[n]).__name__}: {why})'
+        warnings.warn('gate_any: ' + ', '.join(f'{n} ({type(names[n]).__name__}, {why})'
                                                for n, why in reworked.items())
                       + ' computed from more than its weight as stored: kept whole, its '
                       'channels fixed (slicing its weight would change what it computes)',
@@ -985,8 +1015,8 @@ def _prune(gm, layers, norms, keep, x):
         graph.erase_node(node)
     # a layer whose output nothing reads (WaveNet's last residual conv) still runs, as in the
     # gated net, whose FLOPs(Z) counts it: the pruned net computes what was counted
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op == 'call_module'
-                              and n.target in by_name)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
+        n.op == 'call_module' and n.target in by_name))
     for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
         layer = by_name[target]                          # once, however often it is called
         gm.set_submodule(target, ge.sliced(gm.get_submodule(target), keep[layer.ins],
