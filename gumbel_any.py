@@ -377,7 +377,9 @@ class _Analysis:
             if key in _MOVE or key is torch.cat:
                 return apply()
             if key in _SPLIT:
-                return self.split(id_args, id_kwargs, value, why)
+                size = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
+                literal = key in (torch.split, 'split') and isinstance(size, int)
+                return self.split(id_args, id_kwargs, value, why, literal)
             if key is operator.getitem:
                 return self.getitem(id_args[0], args[1], why)
             if key in _SHAPE_ONLY:
@@ -474,13 +476,16 @@ class _Analysis:
                 self.ids.fix(out, f'a channel count written into {why}')
         return out
 
-    def split(self, id_args, id_kwargs, value, why):
+    def split(self, id_args, id_kwargs, value, why, literal=False):
         """chunk / split into equal parts: the positions the parts pair are merged, so that
-        a pruned net splits its fewer channels at the same places."""
+        a pruned net splits its fewer channels at the same places. A size written into the
+        code (x.split(4, 1), res2net's and cspnet's) stays 4 after pruning: it fixes the
+        channels it splits, as sizes given per part do; one computed from the input's shape
+        (x.split(x.shape[1] // 2, 1)) follows the pruned width, as chunk does."""
         x, size = id_args[0], id_args[1]
         dim = id_kwargs.get('dim', id_args[2] if len(id_args) > 2 else 0) % x.dim()
         parts = [p.shape[dim] for p in value]
-        if isinstance(size, (list, tuple)) or len(set(parts)) > 1:
+        if isinstance(size, (list, tuple)) or len(set(parts)) > 1 or (literal and len(parts) > 1):
             return self.barrier([x], value, f'split sizes written into {why}')
         if len(parts) > 1:
             pairs = x.movedim(dim, 0).reshape(len(parts), parts[0], -1)

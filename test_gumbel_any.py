@@ -627,3 +627,32 @@ def test_a_layer_that_reworks_its_weight_is_kept_whole_with_a_warning(kind):
     with pytest.warns(UserWarning, match=r'4 \(.*\) computed from more than its weight'):
         gated, pruned = gate_and_check(model, x)
     assert sum(g.channels for g in gated.gates) == 16     # conv0's and conv6's outputs
+
+
+def test_a_split_size_written_into_the_code_fixes_the_channels_it_splits():
+    """Issue 42.1: x.split(4, dim=1) with a literal 4 (res2net, cspresnet) was paired like
+    chunk(2), and prune crashed (the pruned width no longer splits into 4s); now those
+    channels are fixed and the rest gates and prunes exactly. A size computed from the
+    input's shape follows the pruned width, as chunk does."""
+    class Literal(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.z = nn.Conv2d(3, 3, 1)          # the first gate module (the helper: all off)
+            s.a, s.b, s.c = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            s.d = nn.Conv2d(8, 8, 1)
+
+        def forward(s, x):
+            p, q = s.a(s.z(x)).split(4, dim=1)
+            return s.d(torch.cat([s.b(p), s.c(q)], 1)).mean((2, 3))
+
+    class Computed(Literal):
+        def forward(s, x):
+            h = s.a(s.z(x))
+            p, q = h.split(h.shape[1] // 2, dim=1)
+            return s.d(torch.cat([s.b(p), s.c(q)], 1)).mean((2, 3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    gated, _ = gate_and_check(Literal(), x)
+    assert not any('a' in src for src in gated.sources)        # a's outputs: fixed
+    gated, _ = gate_and_check(Computed(), x)
+    assert any('a' in src for src in gated.sources)            # a's outputs: paired, gated
