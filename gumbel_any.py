@@ -60,7 +60,10 @@ __all__ = ['gate_any', 'GatedNet', 'any_macs', 'conv_linear_macs']
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                         nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
-                        nn.PReLU, nn.modules.dropout._DropoutNd)
+                        nn.PReLU, nn.modules.dropout._DropoutNd,
+                        nn.modules.padding._ReflectionPadNd,      # pad the spatial dims of
+                        nn.modules.padding._ReplicationPadNd,     # each channel alike
+                        nn.modules.padding._ConstantPadNd)
 _POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
                  nn.Upsample)
@@ -97,9 +100,12 @@ def _is_norm(m):
 
 
 def _per_channel(m):
-    """A module with one parameter per channel of dim 1 that is otherwise elementwise
-    (PReLU(C)): its channels pass through and it is sliced with them, as a BN is."""
-    return isinstance(m, nn.PReLU) and m.num_parameters > 1
+    """A module that treats each channel of dim 1 on its own, with at most one parameter or
+    statistic per channel (PReLU(C), InstanceNorm): its channels pass through and it is
+    sliced with them, as a BN is. (GroupNorm and LayerNorm mix the channels they normalize
+    together: they fix them.)"""
+    return (isinstance(m, nn.PReLU) and m.num_parameters > 1) or isinstance(
+        m, nn.modules.instancenorm._InstanceNorm)
 
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,

@@ -656,3 +656,22 @@ def test_a_split_size_written_into_the_code_fixes_the_channels_it_splits():
     assert not any('a' in src for src in gated.sources)        # a's outputs: fixed
     gated, _ = gate_and_check(Computed(), x)
     assert any('a' in src for src in gated.sources)            # a's outputs: paired, gated
+
+
+@pytest.mark.parametrize('affine', [False, True])
+def test_instance_norm_and_reflection_padding_keep_channels_gateable(affine):
+    """Issue 42.7: InstanceNorm (a CycleGAN generator's) normalizes each channel alone and
+    ReflectionPad2d pads each alike: both pass their channels through (an InstanceNorm's
+    affine parameters and statistics sliced with them); GroupNorm still fixes its channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(),
+                          nn.ReflectionPad2d(1), nn.Conv2d(4, 8, 3),
+                          nn.InstanceNorm2d(8, affine=affine, track_running_stats=affine),
+                          nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if affine:
+        with torch.no_grad():
+            model[4].weight.uniform_(0.5, 2), model[4].bias.uniform_(-1, 1)
+    gated, pruned = gate_and_check(model, torch.randn(2, 3, 8, 8))
+    assert [len(src) for src in gated.sources] and any('3' in src for src in gated.sources)
+    assert not any('7' in src for src in gated.sources)        # into the GroupNorm: fixed
