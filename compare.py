@@ -557,7 +557,7 @@ def warnings_for(table, dense_acc):
 def print_table(table, dense_acc):
     """The table; McNemar's p per seed (each test image once), then pooled over the seeds
     (an image counted once per seed: tighter than it should be)."""
-    print(f"\n{'t':>5} {'arm':16} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
+    print(f"\n{'t':>5} {'arm':22} {'seeds':>5} {'MACs %':>7} {'acc %':>7} {'std':>5} "
           f"{'train %':>7} {'vs gates':>9} {'95% interval':>17} {'McNemar p per seed':>20} "
           f"{'pooled':>8}   (dense start {dense_acc:.2f}%)")
     for e in table:
@@ -569,7 +569,7 @@ def print_table(table, dense_acc):
         pooled = f"{e['mcnemar_p_pooled']:8.2g}" if 'diff' in e else f"{'':8}"
         std = f"{e['acc_std']:5.2f}" if e['acc_std'] is not None else f"{'':5}"
         train = f"{e['train_acc']:7.2f}" if e['train_acc'] is not None else f"{'':7}"
-        print(f"{e['t']:5.2f} {e['arm']:16} {e['seeds']:5} {e['macs_percent']:7.2f} "
+        print(f"{e['t']:5.2f} {e['arm']:22} {e['seeds']:5} {e['macs_percent']:7.2f} "
               f"{e['acc']:7.2f} {std} {train} {vs} {ci:>17} {seeds:>20} {pooled}")
     for line in warnings_for(table, dense_acc):
         print(f'warning: {line}', file=sys.stderr)
