@@ -3,7 +3,6 @@ channel groups are found, FLOPs(Z) is the pruned net's counted MACs exactly, and
 net computes the thresholded gated net."""
 import collections
 import io
-import warnings
 
 import pytest
 import torch
