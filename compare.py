@@ -26,6 +26,7 @@ OUT/compare.json holds every number and OUT/compare.png draws accuracy against M
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import statistics
@@ -385,10 +386,15 @@ def run_arm(arm, t, seed, ctx):
     return row
 
 
+@functools.cache
+def _defaults():
+    return json.loads(rf.to_json(vars(parser().parse_args([]))))
+
+
 def settings_differ(old, new):
     """'key: old -> new, ...' for the settings that differ ('' if none). A key the old run
     did not record (a flag added since) counts as its default."""
-    defaults, new = (json.loads(rf.to_json(d)) for d in (vars(parser().parse_args([])), new))
+    defaults, new = _defaults(), json.loads(rf.to_json(new))
     keys = sorted(set(old) | set(new))
     return ', '.join(f'{k}: {old.get(k, defaults.get(k))!r} -> {new.get(k, defaults.get(k))!r}'
                      for k in keys if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))
@@ -407,13 +413,10 @@ def sweep(ctx, arms):
     wanted = [(arm, t, seed) for t in args.t for seed in range(args.seeds)
               for arm in (['gates'] if any(a in NEEDS_GATES for a in arms) and 'gates'
                           not in arms else []) + arms]
+    if args.table_only:                                     # what is finished, nothing more
+        rows.update({key: row for key in wanted if (row := finished_row(*key, ctx))})
+        return
     pending, waited = list(wanted), False
-    if args.table_only:
-        pending = []
-        for arm, t, seed in wanted:
-            row = finished_row(arm, t, seed, ctx)
-            if row is not None:
-                rows[(arm, t, seed)] = row
     while pending:
         for key in pending:
             arm, t, seed = key
@@ -549,8 +552,9 @@ def warnings_for(table, dense_acc):
                      'train it longer (--dense-epochs)')
     seeds = min((e['seeds'] for e in table if 'diff' in e), default=None)
     if seeds is not None and seeds < 3:
-        lines.append(f'{seeds} paired seed(s): the 95% intervals are {"absent" if seeds < 2 else "wide (t = 12.7)"}; '
-                     'use --seeds 3 or more before reading a difference')
+        width = 'absent' if seeds < 2 else 'wide (t = 12.7)'
+        lines.append(f'{seeds} paired seed(s): the 95% intervals are {width}; use --seeds 3 or '
+                     'more before reading a difference')
     return lines
 
 

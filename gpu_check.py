@@ -82,9 +82,10 @@ def compiled_equals_eager(device, mode, backend, steps=3):
     eager RNG ops, for this check only), eager and compiled; compared where it matters: each
     step's losses (relative, float32 reassociation: 1e-5; bf16 autocast on CUDA: 3e-2), the
     gates' decisions at the end, and the weights other than gate logits, all together,
-    norm-wise against their update (within float32 summation's error bound; the gates' lr of x1000 amplifies the rounding of their gradients, where a gate loss and the
-    CE nearly cancel, so raw logits are not compared, nor one tensor whose gradient is such
-    a cancellation)."""
+    norm-wise against their update (within float32 summation's error bound; the gates' lr
+    of x1000 amplifies the rounding of their gradients, where a gate loss and the CE nearly
+    cancel, so raw logits are not compared, nor one tensor whose gradient is such a
+    cancellation)."""
     import torch._inductor.config as inductor
     tolerance = 3e-2 if device.type == 'cuda' else 1e-5
     worst = {}

@@ -110,6 +110,7 @@ def _per_channel(m):
 
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
           nn.ConvTranspose3d, nn.Linear)
+_PLAIN_FORWARDS = {c.forward for c in _PLAIN}
 
 
 def _reworked_layers(model, x, ignore):
@@ -127,7 +128,7 @@ def _reworked_layers(model, x, ignore):
             found[name] = 'a parametrization'
         elif m._forward_pre_hooks or m._forward_hooks:
             found[name] = 'a forward hook (the old nn.utils.weight_norm, say)'
-        elif type(m).forward not in {c.forward for c in _PLAIN}:
+        elif type(m).forward not in _PLAIN_FORWARDS:
             hooks.append(m.register_forward_hook(
                 lambda m, a, out, name=name: seen.setdefault(name, (a, out))))
     if hooks:
@@ -947,6 +948,7 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
     z = torch.zeros(1, sum(g.channels for g in gated.gates) + 1, dtype=torch.float64)
     z[:, -1] = 1                                               # every gate off
     gateable = total - fixed - float(any_macs(gated.layers, positions, z).sum())
+    gated.floor = 1 - gateable / total if total else 0.0
     if total and gateable < total / 2:
         reasons, fixed_roots = {}, analysis.ids.fixed_roots()
         for layer in gated.layers:
@@ -960,12 +962,10 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
             reasons[why] = reasons.get(why, 0) + diff[p]
         top = [(w, m) for w, m in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
                if m >= total / 200]                            # those that round to 1% or more
-        floor = 1 - gateable / total
         warnings.warn(f'gate_any: only {100 * gateable / total:.0f}% of the MACs can be gated, '
-                      f'so a FLOPs target t below {floor:.2f} cannot be reached: the loss then '
-                      'turns every gate off; the channels of the rest are fixed by ' + ', '.join(
-                          f'{w} ({100 * m / total:.0f}%)' for w, m in top), stacklevel=3)
-    gated.floor = (total - gateable) / total if total else 0.0
+                      f'so a FLOPs target t below {gated.floor:.2f} cannot be reached: the loss '
+                      'then turns every gate off; the channels of the rest are fixed by '
+                      + ', '.join(f'{w} ({100 * m / total:.0f}%)' for w, m in top), stacklevel=3)
 
 
 def _ancestors(path):

@@ -147,9 +147,10 @@ class Divergence:
         if wait or self.bad.device.type != 'cuda':
             step = int(self.bad)
         else:
+            step = -1
             if self.landed is not None:
                 self.landed.synchronize()                   # at once, unless the GPU lags
-            step = int(self.host) if self.landed is not None else -1
+                step = int(self.host)
             self.host.copy_(self.bad, non_blocking=True)
             self.landed = torch.cuda.Event()
             self.landed.record()

@@ -203,8 +203,7 @@ def checkpoint(model, opt, sched, epoch, best, args, metrics, gen=None, scaler=N
                 scheduler=sched.state_dict(), epoch=epoch, best_acc=best, args=vars(args),
                 metrics=metrics,
                 rng=dict(torch=torch.get_rng_state(), cuda=cuda, ranks=ranks,
-                         data=None if gen is None else gen.get_state(),
-                         data_device=None if gen is None else gen.device.type),
+                         data=None if gen is None else gen.get_state()),
                 scaler=None if scaler is None else scaler.state_dict())
 
 
@@ -220,10 +219,9 @@ def _cpu(obj):
 def resume(run_dir, model, opt, sched, gen=None, scaler=None):
     """Restore what checkpoint() saved in run_dir/last.pt; returns (epoch, best, metrics)."""
     ckpt = load_checkpoint(run_dir / 'last.pt')
-    if gen is not None:              # a generator's state is its device's (CUDA's 16 bytes)
-        saved = ckpt['rng'].get('data_device') or (
-            'cpu' if ckpt['rng']['data'].numel() == torch.Generator().get_state().numel()
-            else 'cuda')
+    if gen is not None:              # a generator's state is its device's: CUDA's is 16 bytes
+        cpu = ckpt['rng']['data'].numel() == torch.Generator().get_state().numel()
+        saved = 'cpu' if cpu else 'cuda'
         if saved != gen.device.type:
             raise UsageError(f'{run_dir} was trained with its data on {saved}, this run has it '
                              f'on {gen.device.type}: resume it on a {saved} device (--device '

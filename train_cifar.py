@@ -164,8 +164,7 @@ def gated_from(baseline, args):
 
 
 def run_phase(phase, model, data, args, run_dir, autocast):
-    """Train `model` for one phase ('dense' or 'gated') with checkpoints in run_dir; returns the
-    trained model and the phase's last metrics row."""
+    """One phase ('dense' or 'gated') in run_dir -> (the trained model, its last metrics row)."""
     first = phase == 'dense'                            # He et al.'s recipe for the baseline
     epochs = args.dense_epochs if first else args.epochs
     batch_size = args.dense_batch_size if first else args.batch_size

@@ -259,13 +259,15 @@ class TrainStep:
             self.scaler.step(self.opt)
             self.scaler.update()
 
+    def eager(self, xb, yb, progress):
+        out = self.losses(xb, yb, progress)
+        self.backward(out[0])
+        self.opt_step()
+        return out
+
     def __call__(self, xb, yb, progress):
-        if self.compiled and self.compiled.mode:
-            out = self.compiled(xb, yb, progress)
-        else:
-            out = self.losses(xb, yb, progress)
-            self.backward(out[0])
-            self.opt_step()
+        compiled = self.compiled and self.compiled.mode
+        out = (self.compiled if compiled else self.eager)(xb, yb, progress)
         loss, ce, gl, correct, stats = out
         gl = torch.zeros_like(ce) if gl is None else gl
         return loss.detach(), ce.detach(), gl.detach(), correct, \
@@ -331,10 +333,7 @@ class CompiledStep:
             self._eagerly(e)
             torch._foreach_copy_(self.buffers, self.saved)  # BN statistics as before
             machine.set_rng_state(rng)                      # the same noise, the same batch
-            out = step.losses(xb, yb, progress)
-            step.backward(out[0])
-            step.opt_step()
-            return out
+            return step.eager(xb, yb, progress)
         try:
             self.opt_step()
         except (KeyboardInterrupt, RunError, UsageError):

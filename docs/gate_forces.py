@@ -89,9 +89,10 @@ def main(argv=None):
             (ce + gl).backward()
             opt.step()
         kept = [g.kept() for g, _ in pairs]
+        polar = torch.cat([gc.polarized(gc.gate_probability(w)) for w in logits])
         print(f'epoch {epoch + 1}: {sum(int(k.sum()) for k in kept)} of '
               f'{sum(len(k) for k in kept)} channels kept, polarized '
-              f'{float(torch.cat([gc.polarized(gc.gate_probability(w)) for w in logits]).double().mean()):.3f}')
+              f'{polar.double().mean().item():.3f}')
     print(f"\n{'stage':>5} {'|CE force|':>11} {'|FLOPs force|':>13} {'ce snr':>7} "
           f"{'kept %':>7} {'L1 top half kept %':>19} {'rho(keep, L1)':>14} {'rho(keep, CE)':>14}")
     per_stage = {}
