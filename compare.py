@@ -76,6 +76,9 @@ def parser():
       'plain fine-tuning (default a third of --epochs)')
     t('--select-frozen', action='store_true', help='arm select: the weights frozen while the '
       'gates choose (Gate Decorator), trained only after')
+    t('--distill', type=rf.UNIT, default=0.0, help='every arm learns from the dense start too '
+      '(knowledge distillation, T = 4): (1 - this) CE + this x the teacher\'s term (0: off, '
+      'the paper)')
     t('--batch-size', type=rf.COUNT, default=256, help='fine-tuning batch of every arm')
     t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
     t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
@@ -236,10 +239,11 @@ def dense_start(args, data, out, autocast):
 
 
 def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='arm',
-              part=None, gen=None):
+              part=None, gen=None, distill=None):
     """Epochs part = (first, end) of the post-dense budget (default all of it) with the
-    fine-tuning recipe every arm shares (its lr milestones at the same epochs), the data in
-    seed's order (gen: carried on from an earlier part), then BN recalibrated."""
+    fine-tuning recipe every arm shares (its lr milestones at the same epochs; `distill`, the
+    dense start's distillation term under --distill), the data in seed's order (gen: carried
+    on from an earlier part), then BN recalibrated."""
     first, end = part or (0, args.epochs)
     tl.fit_images(net, data, args, epochs=end - first, batch_size=args.batch_size,
                   weight_decay=args.weight_decay,
@@ -247,7 +251,7 @@ def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='a
                   gen=gen or data.generator(seed + 1), gate_loss=gate_loss,
                   autocast=autocast, run_dir=run_dir, phase=phase,
                   mode=machine.compile_mode(args.compile, args.device),
-                  test_each_epoch=not args.final_test_only)
+                  test_each_epoch=not args.final_test_only, distill=distill)
     return recalibrated(net, data, args, seed, autocast)
 
 
@@ -265,7 +269,7 @@ def recalibrated(net, data, args, seed, autocast):
 
 
 def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, gen=None,
-              frozen=False):
+              frozen=False, distill=None):
     """The paper's gates (static or dynamic) trained with the weights from the dense start
     (frozen: the gates alone, the weights' lr 0)."""
     torch.manual_seed(seed)
@@ -276,7 +280,7 @@ def gated_arm(dense, data, args, t, seed, gating, run_dir, autocast, part=None, 
     rf.load_weights(model, dense.state_dict(), 'the dense start', gated=True)
     tl.init_gates(model, run)
     return fine_tune(model, data, run, seed, run_dir, autocast, gate_loss=tl.gate_loss(run),
-                     phase=gating, part=part, gen=gen)
+                     phase=gating, part=part, gen=gen, distill=distill)
 
 
 def keeps_of(gated):
@@ -338,19 +342,20 @@ def run_arm(arm, t, seed, ctx):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     extra = {}
+    teach = dict(distill=tl.distillation(dense, args.distill) if args.distill else None)
     if arm in ('gates', 'dynamic'):
         net = gated_arm(dense, data, args, t, seed, 'static' if arm == 'gates' else 'dynamic',
-                        run_dir, autocast)
+                        run_dir, autocast, **teach)
         if arm == 'gates':
             extra['keeps'] = [k.tolist() for k in keeps_of(net)]
             net = ge.prune(net)
     elif arm == 'select':
         order, cut = data.generator(seed + 1), args.select_epochs
         gated = gated_arm(dense, data, args, t, seed, 'static', run_dir / 'select', autocast,
-                          part=(0, cut), gen=order, frozen=args.select_frozen)
+                          part=(0, cut), gen=order, frozen=args.select_frozen, **teach)
         extra['keeps'] = [k.tolist() for k in keeps_of(gated)]
         net = fine_tune(ge.prune(gated).train(), data, args, seed, run_dir / 'finetune',
-                        autocast, part=(cut, args.epochs), gen=order)   # one schedule, one order
+                        autocast, part=(cut, args.epochs), gen=order, **teach)  # one schedule
     elif arm == 'scratch':
         net = reinit(pruned_with(template, keeps)).train()
         total = args.dense_epochs + args.epochs
@@ -360,7 +365,7 @@ def run_arm(arm, t, seed, ctx):
                       gen=data.generator(seed + 1), gate_loss=None,
                       autocast=autocast, run_dir=run_dir, phase='scratch',
                       mode=machine.compile_mode(args.compile, args.device),
-                      test_each_epoch=not args.final_test_only)
+                      test_each_epoch=not args.final_test_only, **teach)
         net = recalibrated(net, data, args, seed, autocast)
     else:
         if arm == 'global':
@@ -373,7 +378,7 @@ def run_arm(arm, t, seed, ctx):
             else:                                                   # l1
                 keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
             net = pruned_with(template, keeps)
-        net = fine_tune(net.train(), data, args, seed, run_dir, autocast)
+        net = fine_tune(net.train(), data, args, seed, run_dir, autocast, **teach)
     acc, _, macs_percent, _, predictions = tl.evaluate(net, data, autocast)
     predictions = predictions.cpu()
     macs = ge.counted_macs(net, x) if arm != 'dynamic' else macs_percent / 100 * ctx['dense_macs']
@@ -603,7 +608,7 @@ def main(argv=None):
             'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
             'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
             'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp',
-            'select_frozen')
+            'gate_anneal', 'select_frozen', 'distill')
     ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
                dense_macs=ge.counted_macs(dense.eval(), x),
                settings={k: getattr(args, k) for k in keys})

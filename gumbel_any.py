@@ -56,7 +56,7 @@ except ImportError:
     import gumbel_channels as gc
     import gumbel_export as ge
 
-__all__ = ['gate_any', 'GatedNet', 'any_macs', 'conv_linear_macs']
+__all__ = ['gate_any', 'GatedNet', 'any_macs', 'decision_macs', 'conv_linear_macs']
 
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                         nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
@@ -749,6 +749,24 @@ def any_macs(layers, positions, zfull):
     return total
 
 
+def decision_macs(layers, positions, columns):
+    """The MACs per sample that turning off each gate channel alone (every other one on)
+    removes: any_macs(all on) - any_macs(all on but column j), for j < columns, from the
+    per-layer counts of the channels each column decides. -> (columns,) float64."""
+    removed = torch.zeros(columns, dtype=torch.float64)
+    for layer in layers:
+        ins, outs = layer.ins.cpu(), layer.outs.cpu()
+        if layer.groups == 1:
+            a = torch.bincount(ins, minlength=columns)[:columns].double()
+            b = torch.bincount(outs, minlength=columns)[:columns].double()
+            pairs = len(ins) * len(outs) - (len(ins) - a) * (len(outs) - b)
+        else:
+            a, b = len(ins) // layer.groups, len(outs) // layer.groups
+            pairs = a * b * torch.bincount(outs[::b], minlength=columns)[:columns].double()
+        removed += positions[layer.name] * layer.kernel * pairs
+    return removed
+
+
 def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
              uncovered='raise'):
     """The paper's static gates (3.2) on every prunable channel group of any torch.fx-traceable
@@ -914,10 +932,15 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
     counted = conv_linear_macs(model, x)
     per_site, _ = gated.site_positions(x)
     by_name = {layer.name: layer for layer in gated.layers}
+    names = {}                          # a module registered twice (TCN: conv1, net.0) runs
+    for p, m in model.named_modules(remove_duplicate=False):    # inside both parents
+        names.setdefault(id(m), []).append(p)
+    modules = dict(model.named_modules())
     ours = {}
     for node, n in per_site.items():
         name, path = gated.sites[node]
-        for p in _ancestors(path):                     # the modules that ran (not ModuleLists)
+        paths = names.get(id(modules[path]), [path]) if path in modules else [path]
+        for p in {a for q in paths for a in _ancestors(q)}:     # the modules that ran
             if p == path or p in counted:
                 ours[p] = ours.get(p, 0) + n * by_name[name].dense_macs()
     diff = {p: counted.get(p, 0) - ours.get(p, 0) for p in set(counted) | set(ours)}
@@ -949,6 +972,15 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
     z[:, -1] = 1                                               # every gate off
     gateable = total - fixed - float(any_macs(gated.layers, positions, z).sum())
     gated.floor = 1 - gateable / total if total else 0.0
+    columns = sum(g.channels for g in gated.gates)
+    largest = float(decision_macs(gated.layers, positions, columns).max()) if columns else 0.0
+    if total and gateable and largest >= gateable / 2:
+        warnings.warn(f'gate_any: one gate decides {100 * largest / gateable:.0f}% of the MACs '
+                      f'the gates can remove ({columns} gate channel(s) in all): the channel '
+                      'analysis tied the channels of many layers into one group (grouped convs '
+                      'and a channel shuffle, as in ShuffleNet v1, tie every channel to every '
+                      'other), so the gates can only keep or remove that group whole; one group '
+                      'covering the net is as good as none', stacklevel=3)
     if total and gateable < total / 2:
         reasons, fixed_roots = {}, analysis.ids.fixed_roots()
         for layer in gated.layers:

@@ -135,6 +135,55 @@ def test_a_frozen_search_trains_the_gates_alone_then_the_weights(sweep, tmp_path
     assert not torch.equal(tuned['fc.weight'], dense['fc.weight'])
 
 
+def test_distillation_is_hintons_term_and_leaves_the_teacher_as_it_was():
+    """--distill (issue 40): T^2 KL(softmax(teacher / T) || softmax(student / T)), 0 when the
+    student is the teacher; the term runs on a copy, so the dense start the arms are built
+    from keeps its gradients and mode."""
+    net = compare.gc.resnet_cifar(8).train()
+    term = compare.tl.distillation(net, 0.5)
+    x = torch.randn(4, 3, 32, 32)
+    assert term.weight == 0.5
+    assert all(p.requires_grad for p in net.parameters()) and net.training
+    net.eval()
+    assert term(x, net(x)).item() == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(4, 10)
+    teacher = net(x)
+    t = compare.tl.KD_TEMPERATURE
+    q = torch.softmax(teacher / t, 1)
+    by_hand = t * t * (q * (q.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
+    assert term(x, student).item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_distillation_reaches_every_arm_at_every_step(monkeypatch, tmp_path):
+    """--distill w: each arm's every training step (gates, a pruned arm, both parts of
+    select) mixes the teacher's term in, (1 - w) CE + w KD; without it no term is built."""
+    calls, current = [], [None]
+    real_arm, real_distillation = compare.run_arm, compare.tl.distillation
+
+    def arm(name, *a):
+        current[0] = name
+        return real_arm(name, *a)
+
+    def distillation(teacher, weight):
+        term = real_distillation(teacher, weight)
+
+        def counted(x, logits):
+            calls.append(current[0])
+            return term(x, logits)
+        counted.weight = weight
+        return counted
+    monkeypatch.setattr(compare, 'run_arm', arm)
+    monkeypatch.setattr(compare.tl, 'distillation', distillation)
+    base = TINY + ['--arms', 'gates', 'uniform', 'select', '--seeds', '1']
+    compare.main(base + ['--out', str(tmp_path / 'plain')])
+    assert calls == []
+    compare.main(base + ['--out', str(tmp_path / 'kd'), '--distill', '0.5',
+                         '--init', str(tmp_path / 'plain' / 'dense' / 'last.pt')])
+    steps = 3 * 320 // 32                                        # 3 epochs of 10 batches
+    assert {a: calls.count(a) for a in set(calls)} == dict(gates=steps, uniform=steps,
+                                                          select=steps)
+
+
 def test_the_table_says_when_not_to_trust_it(sweep):
     """Issue 45.9: a dense start below every arm (not converged) and fewer than three
     paired seeds are said; a converged start with three seeds says nothing."""

@@ -3,6 +3,7 @@ channel groups are found, FLOPs(Z) is the pruned net's counted MACs exactly, and
 net computes the thresholded gated net."""
 import collections
 import io
+import warnings
 
 import pytest
 import torch
@@ -563,6 +564,80 @@ def test_a_dead_layer_is_counted_and_kept_and_a_full_slice_is_the_whole_dimensio
     gated, pruned = gate_and_check(Dead(), x)
     assert sum(g.channels for g in gated.gates) == 24       # a's, b's (sliced whole), unused's
     assert isinstance(pruned.get_submodule('unused'), nn.Module)
+
+
+class _TemporalBlock(nn.Module):
+    """locuslab's TCN block: conv1 and conv2 registered as themselves and again in `net`."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1 = nn.Conv1d(cin, cout, 3, padding=1)
+        self.conv2 = nn.Conv1d(cout, cout, 3, padding=1)
+        self.net = nn.Sequential(self.conv1, nn.ReLU(), self.conv2, nn.ReLU())
+        self.downsample = nn.Conv1d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        res = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.net(x) + res)
+
+
+def test_a_module_registered_twice_is_counted_under_both_names():
+    """Issue 42.5: a conv registered twice (locuslab TCN: self.conv1 and self.net[0]) runs
+    inside both parents; its MACs count there, so nothing is refused as unseen, and it gates
+    and prunes exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_TemporalBlock(3, 16), _TemporalBlock(16, 16))
+    model.append(nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')                      # no uncovered='fixed' needed
+        gated, pruned = gate_and_check(model, torch.randn(2, 3, 20))
+    assert gated.floor < 0.5
+
+
+def _channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNet v1's unit: grouped 1x1 convs around a channel shuffle and a depthwise conv."""
+
+    def __init__(self, c, groups=4):
+        super().__init__()
+        self.groups = groups
+        self.a, self.bn1 = nn.Conv2d(c, c, 1, groups=groups), nn.BatchNorm2d(c)
+        self.dw, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c)
+        self.b, self.bn3 = nn.Conv2d(c, c, 1, groups=groups), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = _channel_shuffle(torch.relu(self.bn1(self.a(x))), self.groups)
+        return torch.relu(x + self.bn3(self.b(self.bn2(self.dw(h)))))
+
+
+def test_one_group_covering_the_net_is_said():
+    """Issue 42.8: grouped 1x1 convs and a channel shuffle tie every channel into one decision;
+    gate_any says so (it still gates and prunes exactly). decision_macs, which finds it, is
+    any_macs(all on) - any_macs(all on but one column), column by column."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          _ShuffleUnit(32), _ShuffleUnit(32), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10))
+    with pytest.warns(UserWarning, match='one group covering the net'):
+        gated = ga.gate_any(model, torch.randn(2, 3, 16, 16))
+    assert sum(g.channels for g in gated.gates) == 1
+    for model, x in ((model, torch.randn(2, 3, 16, 16)),
+                     (nn.Sequential(_TemporalBlock(3, 8), _TemporalBlock(8, 6),
+                                    nn.Conv1d(6, 6, 3, groups=2)), torch.randn(2, 3, 12))):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')                   # the shuffle net's, seen above
+            gated = ga.gate_any(model, x)
+        positions = gated.sizes(x)[0]
+        n = sum(g.channels for g in gated.gates)
+        z = torch.ones(n + 1, n + 1, dtype=torch.float64)
+        z[torch.arange(n), torch.arange(n)] = 0                # row j: column j off
+        macs = ga.any_macs(gated.layers, positions, z)
+        assert ga.decision_macs(gated.layers, positions, n).tolist() == \
+            (macs[-1] - macs[:-1]).tolist()
 
 
 def test_a_prelu_per_channel_is_sliced_with_its_channels():

@@ -529,6 +529,30 @@ def test_the_target_ramp_takes_the_flops_target_from_one_to_t():
         tl.gate_loss(args)
 
 
+def test_the_gate_anneal_takes_the_gates_lr_down_and_leaves_the_weights_lr(cifar, dense_ckpt,
+                                                                            tmp_path):
+    """Issue 40 (--gate-anneal S): the gates' lr stays until epoch round(S x epochs), then falls
+    by 1 / (epochs - that + 1) an epoch (0 only past the last epoch); the weights' schedule is
+    unchanged; the run's optimizer (its checkpoint, saved after the last epoch) carries it."""
+    model = gc.resnet_cifar(8, gating='static')
+    args = train_cifar.parse_args(['--device', 'cpu', '--gate-anneal', '0.4', '--lr', '0.1'])
+    opt, sched = tl.optimizer(model, args, 5e-4, [6, 8], epochs=10)
+    mult = tl.gate_lr_mult(args, 'static')
+    seen = []
+    for _ in range(10):
+        seen.append([g['lr'] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    want_gates = [1.0] * 4 + [1 - (e - 3) / 7 for e in range(4, 10)]
+    assert [g for _, g in seen] == pytest.approx([0.1 * mult * f for f in want_gates])
+    assert [w for w, _ in seen] == pytest.approx([0.1] * 6 + [0.01] * 2 + [0.001] * 2)
+    assert run(cifar, tmp_path, '--init', str(dense_ckpt), '--epochs', '2',
+               '--gate-anneal', '0.5') == 0
+    ckpt = torch.load(next(tmp_path.glob('resnet8-static-*')) / 'last.pt', weights_only=True)
+    lrs = [float(g['lr']) for g in ckpt['optimizer']['param_groups']]
+    assert lrs[0] > 0 and lrs[1] == 0.0     # after the last epoch the anneal's end; else x mult
+
+
 def test_a_finished_run_is_never_rewritten(cifar, dense_ckpt, tmp_path, one_line_error, capsys):
     """Re-evaluating with other settings or training a finished baseline with other settings:
     refused in one line; --gating none on a finished baseline reuses it, as train_imagenet.py

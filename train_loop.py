@@ -12,6 +12,7 @@ fit() itself takes any batches (train_imagenet.py's loaders). Two modules a firs
 skip: machine.py (the device, precision, threads, the compile mode, RNG states) and
 run_folder.py (checkpoints, resume, errors).
 """
+import copy
 import math
 import sys
 import time
@@ -73,6 +74,9 @@ def add_gate_args(parser):
     a('--t-ramp', type=rf.UNIT, default=0.0,
       help='the FLOPs target falls linearly from 1 to t over this share of the fine-tuning '
            '(0: t from the first step, the paper)')
+    a('--gate-anneal', type=rf.UNIT, default=0.0,
+      help="the gates' lr falls linearly toward 0 from this share of the fine-tuning on, once "
+           'the gates have polarized (0: constant, the recipe)')
     a('--milestones', type=rf.COUNT, nargs='+',
       help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
 
@@ -112,10 +116,11 @@ def sampling(model, args):
                            per_batch=args.gate_sample == 'batch')
 
 
-def optimizer(model, args, weight_decay, milestones, warmup=False):
+def optimizer(model, args, weight_decay, milestones, warmup=False, epochs=None):
     """SGD (momentum 0.9) over gc.param_groups and its LambdaLR: the weights' lr / 10 at each
     milestone (epochs; warmup: lr / 10 in epoch 0), the gates' lr constant unless
-    --gate-lr-decay (NOTES.md 18). -> (opt, sched)."""
+    --gate-lr-decay (NOTES.md 18) or --gate-anneal S (from epoch round(S x epochs) on, one
+    step of 1 / (epochs - that + 1) down per epoch: never 0). -> (opt, sched)."""
     groups = gc.param_groups(model, args.lr, weight_decay, args.gate_decay,
                              gate_lr_mult(args, gate_kind(model)))
     if getattr(args, 'freeze_weights', False):          # the gates alone (compare's select)
@@ -124,7 +129,14 @@ def optimizer(model, args, weight_decay, milestones, warmup=False):
 
     def weights_lr(e):
         return (0.1 if warmup and e == 0 else 1) * 0.1 ** sum(e >= m for m in milestones)
-    gates_lr = weights_lr if args.gate_lr_decay else (lambda e: 1.0)
+    anneal = getattr(args, 'gate_anneal', 0.0)
+    first = round(anneal * epochs) if anneal and epochs else None
+
+    def gates_lr(e):
+        decay = weights_lr(e) if args.gate_lr_decay else 1.0
+        if first is None or e < first:
+            return decay
+        return decay * (1 - (e - first + 1) / (epochs - first + 1))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, [weights_lr, gates_lr][:len(groups)])
 
 
@@ -215,6 +227,28 @@ def gate_loss(args):
     return loss
 
 
+KD_TEMPERATURE = 4.0      # Hinton, Vinyals and Dean (2015)'s softened outputs
+
+
+def distillation(teacher, weight, temperature=KD_TEMPERATURE):
+    """Knowledge distillation from a dense net (an option of compare.py, for every arm
+    alike; not the paper's): the step's task loss becomes
+        (1 - weight) CE(student, y) + weight T^2 KL(softmax(teacher / T) || softmax(student / T))
+    with T = temperature (T^2 keeps the gradient's scale as T changes). The teacher runs in
+    evaluation mode without gradients, a copy of its own (the caller's net is left as it is).
+    -> term(x, student_logits), its .weight the weight."""
+    teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+
+    def term(xb, logits):
+        with torch.no_grad():
+            target = gc.split_output(teacher(xb))[0]
+        return temperature ** 2 * F.kl_div(F.log_softmax(logits.float() / temperature, 1),
+                                           F.log_softmax(target.float() / temperature, 1),
+                                           reduction='batchmean', log_target=True)
+    term.weight = weight
+    return term
+
+
 # ----------------------------------------------------------------------------- the step
 
 class TrainStep:
@@ -222,7 +256,8 @@ class TrainStep:
     (x, y, progress).
         loss = CE(the output each image takes) [+ each exit classifier's CE, 5]
                + gate_loss(info, progress)
-    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built. `net`
+    Fresh Gumbel noise at every call (3.2); `gate_loss` is what gate_loss(args) built; with
+    `distill` (what distillation() built) the CE is mixed with the teacher's term. `net`
     is what the forward calls (a DDP wrapper of `model`); `scaler` (fp16) scales the loss and
     keeps the optimizer step eager. With a compile `mode` the step runs through
     CompiledStep (below: how, and what happens when compiling fails). Returns (loss, ce,
@@ -230,9 +265,10 @@ class TrainStep:
     (CUDA graph outputs are reused)."""
 
     def __init__(self, model, opt, gate_loss, autocast, mode=None, scaler=None, net=None,
-                 backend=None):
+                 backend=None, distill=None):
         self.model, self.net, self.opt = model, net or model, opt
         self.gate_loss, self.autocast, self.scaler = gate_loss, autocast, scaler
+        self.distill = distill
         self.compiled = CompiledStep(self, mode, backend) if mode else None
 
     def losses(self, xb, yb, progress):
@@ -243,10 +279,14 @@ class TrainStep:
             ce = F.cross_entropy(logits, yb)
             for exit_logits in (info.exit_logits or [])[:-1] if info is not None else []:
                 ce = ce + F.cross_entropy(exit_logits, yb)
+            task = ce
+            if self.distill is not None:
+                w = self.distill.weight
+                task = (1 - w) * ce + w * self.distill(xb, logits)
             if info is None:
-                return ce, ce, None, (logits.argmax(1) == yb).sum(), None
+                return task, ce, None, (logits.argmax(1) == yb).sum(), None
             gl = self.gate_loss(info, progress)
-        return ce + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
+        return task + gl, ce, gl, (logits.argmax(1) == yb).sum(), gate_stats(info)
 
     def backward(self, loss):
         self.opt.zero_grad(set_to_none=True)
@@ -457,7 +497,8 @@ def print_row(epoch, lr, m, test_acc, test_macs, images_per_s):
 
 def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, milestones,
         gate_loss, autocast, mode=None, warmup=False, run_dir=None, gen=None, scaler=None,
-        net=None, log=print, writes=True, phase=None, after_epoch=None, test_column='test%'):
+        net=None, log=print, writes=True, phase=None, after_epoch=None, test_column='test%',
+        distill=None):
     """Train `model` for `epochs` (4.1): SGD over gc.param_groups (optimizer(): the lr and the
     gate recipe from args), the weights' lr / 10 at each milestone, loss = CE [+ gate_loss(
     info, progress) for a gated net] through TrainStep (compiled with `mode`).
@@ -467,9 +508,10 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
         after_epoch(epoch) -> more items for the epoch's row (ImageNet: unreadable images)
     With run_dir (and writes: rank 0 under torchrun): args.json, then per epoch a checkpoint
     and a metrics line (run_folder), and a resume from run_dir/last.pt when it is there.
-    `net` is what the forward calls (a DDP wrapper). -> the last epoch's row."""
+    `net` is what the forward calls (a DDP wrapper); `distill`: distillation(). -> the last
+    epoch's row."""
     opt, sched = optimizer(model, args, weight_decay=weight_decay, milestones=milestones,
-                           warmup=warmup)
+                           warmup=warmup, epochs=epochs)
     start, best, last = 0, -1.0, None
     if run_dir is not None and (run_dir / 'last.pt').exists():
         start, best, last = rf.resume(run_dir, model, opt, sched, gen=gen, scaler=scaler)
@@ -478,7 +520,8 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
     if run_dir is not None and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         rf.save_atomic(rf.to_json(vars(args), indent=1), run_dir / 'args.json')
-    step = TrainStep(model, opt, gate_loss, autocast, mode=mode, scaler=scaler, net=net)
+    step = TrainStep(model, opt, gate_loss, autocast, mode=mode, scaler=scaler, net=net,
+                     distill=distill)
     log(ROW.format(*HEADER[:5], test_column, *HEADER[6:]))
     saved = f'last checkpoint: epoch {start} in {run_dir}' if start else 'nothing saved yet'
     epoch = start
