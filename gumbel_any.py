@@ -111,26 +111,36 @@ def _per_channel(m):
 _PLAIN = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
           nn.ConvTranspose3d, nn.Linear)
 _PLAIN_FORWARDS = {c.forward for c in _PLAIN}
+_WeightNorm = importlib.import_module('torch.nn.utils.weight_norm').WeightNorm  # the old one
 
 
 def _reworked_layers(model, x, ignore):
     """{name: why} of the conv and linear layers that compute from more than their stored
     weight and bias, so that slicing those would change what they compute: a
-    parametrization, a forward hook (the old nn.utils.weight_norm), or a forward of their own
+    parametrization, a forward hook, or a forward of their own
     whose output on x differs from their base class's at the same MACs (weight
     standardization, a gain; a subclass with MACs beyond its weight's is left to the MAC
-    check, which refuses it; one that only calls F.conv2d / F.linear on its weight passes)."""
+    check, which refuses it; one that only calls F.conv2d / F.linear on its weight passes).
+    The old nn.utils.weight_norm is refused (ValueError)."""
     found, seen, hooks = {}, {}, []
+
+    def record(name, args, out):                # returns None: a hook's value replaces out
+        seen.setdefault(name, (args, out))
     for name, m in model.named_modules():
         if not _is_layer(m) or name in ignore or any(_inside(name, i) for i in ignore):
             continue
+        if any(isinstance(h, _WeightNorm) for h in m._forward_pre_hooks.values()):
+            # its weight is computed with grad, and such a tensor has no deepcopy
+            raise ValueError(f'gate_any cannot copy {name} ({type(m).__name__}): with '
+                             'torch.nn.utils.weight_norm, remove_weight_norm first or use '
+                             'torch.nn.utils.parametrizations.weight_norm')
         if torch.nn.utils.parametrize.is_parametrized(m):
             found[name] = 'a parametrization'
         elif m._forward_pre_hooks or m._forward_hooks:
-            found[name] = 'a forward hook (the old nn.utils.weight_norm, say)'
+            found[name] = 'a forward hook'
         elif type(m).forward not in _PLAIN_FORWARDS:
             hooks.append(m.register_forward_hook(
-                lambda m, a, out, name=name: seen.setdefault(name, (a, out))))
+                lambda m, a, out, name=name: record(name, a, out)))
     if hooks:
         was = model.training
         try:
@@ -797,12 +807,7 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
                       'channels fixed (slicing its weight would change what it computes)',
                       stacklevel=2)
         ignore |= set(reworked)
-    try:
-        training, model = model.training, copy.deepcopy(model)
-    except RuntimeError as e:               # the old nn.utils.weight_norm's computed weight
-        raise ValueError(f'gate_any copies the model and cannot ({str(e).split(".")[0]}): '
-                         'with torch.nn.utils.weight_norm, remove_weight_norm first or use '
-                         'torch.nn.utils.parametrizations.weight_norm') from None
+    training, model = model.training, copy.deepcopy(model)
     graphs = {}
     for mode in (False, True):                 # code reading self.training follows the mode
         tracer = _Tracer(ignore)

@@ -676,12 +676,23 @@ class _GainConv(nn.Conv2d):
         return F.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
 
 
+class _OwnForwardConv(nn.Conv2d):
+    """A forward of its own that computes what Conv2d's does (timm's Conv2dSame, say)."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
 @pytest.mark.parametrize('kind', ['standardized', 'gain', 'parametrized', 'old weight_norm'])
 def test_a_layer_that_reworks_its_weight_is_kept_whole_with_a_warning(kind):
     """Issue 42.2: a conv whose output is not conv(x, its stored weight) (its own forward, a
     parametrization, a hook) was sliced like a plain conv: the pruned net silently computed
     something else, or prune failed. It is kept whole, named in a warning, and the rest of
-    the net still gates and prunes exactly."""
+    the net still gates and prunes exactly. A layer before it with a forward of its own that
+    computes the same (checked first, as it runs first) is not named, and does not hide the
+    one after it (its check's hook once replaced its output, and nothing later was seen). The
+    old weight_norm is refused whatever runs before it (its weight, computed with grad, has no
+    deepcopy: the gated net's copies would fail later)."""
     torch.manual_seed(0)
     odd = {'standardized': lambda: _StdConv(8, 8, 3, padding=1),
            'gain': lambda: _GainConv(8, 8, 3, padding=1),
@@ -689,15 +700,15 @@ def test_a_layer_that_reworks_its_weight_is_kept_whole_with_a_warning(kind):
                nn.Conv2d(8, 8, 3, padding=1)),
            'old weight_norm': lambda: torch.nn.utils.weight_norm(
                nn.Conv2d(8, 8, 3, padding=1))}[kind]()
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                          nn.ReLU(), odd, nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+    model = nn.Sequential(_OwnForwardConv(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), odd, nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     x = torch.randn(2, 3, 8, 8)
     if kind == 'old weight_norm':     # its weight, computed with grad, cannot be deep-copied
         with pytest.raises(ValueError, match='remove_weight_norm first or use torch.nn.utils'
                                              '.parametrizations.weight_norm'):
             ga.gate_any(model, x)
-        return                        # (any forward with grad recomputes it so)
+        return                        # (a forward with grad recomputes it so, every time)
     with pytest.warns(UserWarning, match=r'4 \(.*\) computed from more than its weight'):
         gated, pruned = gate_and_check(model, x)
     assert sum(g.channels for g in gated.gates) == 16     # conv0's and conv6's outputs
@@ -749,3 +760,32 @@ def test_instance_norm_and_reflection_padding_keep_channels_gateable(affine):
     gated, pruned = gate_and_check(model, torch.randn(2, 3, 8, 8))
     assert [len(src) for src in gated.sources] and any('3' in src for src in gated.sources)
     assert not any('7' in src for src in gated.sources)        # into the GroupNorm: fixed
+
+
+TIMM_EXACT = ['resnet18d', 'regnetx_002', 'mobilenetv3_small_050', 'ghostnet_100',
+              'cspresnet50', 'convnext_atto']
+
+
+@pytest.mark.parametrize('name', TIMM_EXACT)
+def test_timm_models_gate_and_prune_exactly(name):
+    """Issue 42 (optional: with timm installed, as .ci/run does): models people bring from
+    timm, each a rule of the analysis (a deep stem and average-pool shortcut, SE, a slice to
+    out_chs, a literal split and cross-stage partial concatenation, LayerNorm2d) gate and
+    prune exactly."""
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='gate_any: only')    # convnext: 12% fixed
+        gate_and_check(model, torch.randn(2, 3, 64, 64))
+
+
+def test_timms_scaled_weight_standardization_is_kept_whole_and_said():
+    """nf_resnet26's ScaledStdConv2d standardizes its weight over its inputs: every one is
+    named and kept whole, so nothing is left to prune, which prune says."""
+    timm = pytest.importorskip('timm')
+    model = timm.create_model('nf_resnet26', pretrained=False, num_classes=10).eval()
+    with pytest.warns(UserWarning, match=r'stages\.3\.1\.conv3 \(ScaledStdConv2d'):
+        gated = ga.gate_any(model, torch.randn(2, 3, 64, 64))
+    with pytest.raises(ValueError, match='no gates'):
+        ge.prune(gated)
