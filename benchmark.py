@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import channel_groups
 import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
@@ -344,10 +345,10 @@ def any_table(size=224):
             out, info = gated(x)
             pruned = ge.prune(gated)
             diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(
-                gumbel_any._tensors(pruned(x)), gumbel_any._tensors(out)))
+                channel_groups.tensors(pruned(x)), channel_groups.tensors(out)))
         print(f'{label:26} {len(gated.gates):5} {sum(g.channels for g in gated.gates):8} '
               f'{info.max_macs:15,} {info.macs[0].item():15,.0f} '
-              f"{gumbel_any.conv_linear_macs(pruned, x[:1])['']:15,} {diff:8.1e} "
+              f"{ge.counted_macs(pruned, x[:1]):15,} {diff:8.1e} "
               f'{time.perf_counter() - t0:7.1f}', flush=True)
 
 

@@ -5,7 +5,7 @@
     SkipNet(model)         dynamic gates -> batch-1 inference that runs only the on channels
     early_exit(model, x)   DenseNet exits -> a batch split, images that leave skip later blocks
     exit_report(model, b)  Table 5: exits taken, accuracies, MACs spent and wall time
-    counted_macs(model, x) MACs as torch.utils.flop_counter counts them
+    counted_macs(model, x) conv and linear MACs as torch.utils.flop_counter counts them
 
 Each computes what threshold inference computes in the masked network, and spends the
 MACs that its GateInfo.macs counts (both are tested).
@@ -35,16 +35,43 @@ __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'kind',
 
 # ----------------------------------------------------------------------------- shared pieces
 
-def counted_macs(model, x):
-    """MACs of one forward pass of `model` on x, as torch.utils.flop_counter counts them.
-    Conv, mm, addmm, and here mv and addmv (2 FLOPs per MAC): the independent check of
-    GateInfo.macs and of what each export spends."""
+def counted_macs(model, *inputs, by_module=False):
+    """The conv and linear MACs of model(*inputs) as torch.utils.flop_counter counts them
+    (convolution, mm, addmm, and here mv and addmv; 2 FLOPs per MAC): the independent check
+    of GateInfo.macs, gumbel_any's FLOPs(Z) and what each export spends. by_module: {module
+    path: MACs} for every module that ran (its calls summed; '': the whole model; paths as
+    model.named_modules() names them). Attention's bmm and scaled dot products are not
+    counted. Runs with autograd on: without it nn.MultiheadAttention takes a fused path that
+    the counter does not see."""
     from torch.utils.flop_counter import FlopCounterMode
     mv = {torch.ops.aten.mv: lambda mat, vec, **_: 2 * mat[0] * mat[1],   # not in its table
           torch.ops.aten.addmv: lambda bias, mat, vec, *_, **__: 2 * mat[0] * mat[1]}
-    with FlopCounterMode(display=False, custom_mapping=mv) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
+    ops = {torch.ops.aten.convolution, torch.ops.aten._convolution, torch.ops.aten.mm,
+           torch.ops.aten.addmm, torch.ops.aten.mv, torch.ops.aten.addmv}
+    counter = FlopCounterMode(display=False, custom_mapping=mv)
+
+    def total():
+        return sum(f for op, f in counter.get_flop_counts().get('Global', {}).items()
+                   if op in ops) // 2
+    macs, started, hooks = {}, [], []
+
+    def enter(module, args):
+        started.append(total())
+
+    def leave(module, args, out, name):                # every module that ran, 0 or more
+        macs[name] = macs.get(name, 0) + total() - started.pop()
+    if by_module and isinstance(model, nn.Module):
+        for name, m in model.named_modules():
+            hooks += [m.register_forward_pre_hook(enter),
+                      m.register_forward_hook(lambda m, a, o, name=name: leave(m, a, o, name))]
+    try:
+        with counter, torch.enable_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    macs[''] = total()
+    return macs if by_module else macs['']
 
 
 ADDED_MARGIN = 4.0   # round_gates: an added channel's w1 - w0 sits this far above logit(tau)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import channel_groups as cg
 import gumbel_any as ga
 import gumbel_channels as gc
 import gumbel_export as ge
@@ -131,6 +132,51 @@ def test_a_users_own_cnn_gates_with_coupled_channels_and_exports():
     assert torch.equal(torch.load(buffer, weights_only=False)(x), pruned(x))
 
 
+def test_channel_groups_are_the_gates_and_every_fixed_channel_says_why():
+    """Issue 42: the analysis on its own. channel_groups names the groups gate_any gates (the
+    layers whose outputs a residual add ties, each inner conv alone) and, for the channels
+    no gate may remove, the op that fixed them; it prints as a table."""
+    class Sliced(nn.Module):                            # a literal index fixes conv c
+        def __init__(self):
+            super().__init__()
+            self.cnn, self.c = UserCNN(), nn.Conv2d(3, 6, 1)
+
+        def forward(self, x):
+            return self.cnn(x) + self.c(x)[:, [5, 0, 1, 2, 3, 4]].mean((1, 2, 3))[:, None]
+    model, x = Sliced().eval(), torch.randn(2, 3, 8, 8)
+    found = cg.channel_groups(model, x)
+    gated = ga.gate_any(model, x)
+    assert found.groups == [(s, g.channels) for s, g in zip(gated.sources, gated.gates)]
+    assert (['cnn.body.0.conv_a'], 24) in found.groups
+    assert (['cnn.body.0.conv_b', 'cnn.body.0.skip.0', 'cnn.stem.0'], 16) not in found.groups
+    assert (['cnn.body.0.conv_b', 'cnn.body.0.skip.0'], 24) in found.groups    # one residual
+    assert ('c', 6, 'a literal channel index in getitem() in the top module') in found.fixed
+    assert ('cnn.head', 10, "the network's output") in found.fixed
+    text = str(found)
+    assert 'a literal channel index' in text and 'cnn.body.0.conv_a' in text
+
+
+def test_a_fixed_channel_names_its_own_cause_not_the_network_input():
+    """What an op beyond the analysis outputs, and a parameter broadcast onto channels, were
+    one id with the network input's reason, so the channels they fixed were said to be fixed
+    by "the network input" (timm's resnest14d: 55%). Each now carries its own reason."""
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(3, 8, 1) for _ in range(3))
+            self.gamma = nn.Parameter(torch.rand(8))
+            self.head, self.head2 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            attention = torch.softmax(self.b(x), 1)               # across channels: unknown
+            y, z = self.a(x) * attention, self.gamma.view(1, -1, 1, 1) * self.c(x)
+            return (self.head(y) + self.head2(z)).mean((2, 3))
+    fixed = {layer: why for layer, _, why in cg.channel_groups(Odd(), torch.randn(1, 3, 4, 4)).fixed}
+    assert fixed['b'] == 'softmax() in the top module'
+    assert fixed['a'] == 'the output of softmax() in the top module'
+    assert fixed['c'] == 'a parameter or buffer read across channels (gamma)'
+
+
 def test_flops_of_any_cnn_are_differentiable_and_the_paper_losses_apply():
     gated = ga.gate_any(UserCNN(), torch.randn(2, 3, 16, 16)).train()
     logits, info = gated(torch.randn(4, 3, 16, 16))
@@ -187,7 +233,7 @@ def gate_and_check(model, x, **kw):
 
 
 def leaves(out):
-    return ga._tensors(out)
+    return cg.tensors(out)
 
 
 class Audio1d(nn.Module):
@@ -482,14 +528,14 @@ def test_errors_are_one_sentence_that_says_what_to_do():
     # issue 45.6: a model that runs but whose trace the analysis cannot: said as that, with
     # the op, not as an input of the wrong size; one that cannot run on it: said as that
     plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
-    broken = ga._Analysis.rule
+    broken = cg._Analysis.rule
 
     def failing(self, node, *a):
         if node.op == 'call_module' and node.target == '1':
             raise RuntimeError('an op the analysis cannot follow')
         return broken(self, node, *a)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ga._Analysis, 'rule', failing)
+        m.setattr(cg._Analysis, 'rule', failing)
         with pytest.raises(ValueError, match=r'runs on example_input .* channel analysis of its '
                                              r'torch\.fx trace failed at 1 \(ReLU\).*ignore='):
             ga.gate_any(plain, x)
