@@ -1,7 +1,6 @@
-"""The channel analysis of any torch.fx-traceable CNN, on its own (what Torch-Pruning calls
-the dependency graph): which channels must be kept or removed together, and which cannot be
-removed and why. gumbel_any puts one gate channel on each group; a user can print the groups
-before gating anything.
+"""The channel analysis of any torch.fx-traceable CNN (Torch-Pruning's dependency graph): which
+channels must be kept or removed together, which cannot be removed and why. gumbel_any
+gates each group; print them before gating anything:
 
     print(channel_groups(model, example_input))     # the groups, and every fixed channel's reason
 
@@ -21,6 +20,7 @@ are merged (union-find):
 Each remaining group of ids is one gate channel, one Bernoulli decision; the channels whose
 ids come from the same set of layers share one StaticGate module.
 """
+import collections
 import copy
 import importlib
 import math
@@ -33,11 +33,6 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
-
-try:                                                    # beside gumbel_export, or in a package
-    from . import gumbel_export as ge
-except ImportError:
-    import gumbel_export as ge
 
 __all__ = ['channel_groups', 'ChannelGroups', 'analyze']
 
@@ -99,12 +94,11 @@ _WeightNorm = importlib.import_module('torch.nn.utils.weight_norm').WeightNorm  
 
 def _reworked_layers(model, x, ignore):
     """{name: why} of the conv and linear layers that compute from more than their stored
-    weight and bias, so that slicing those would change what they compute: a
-    parametrization, a forward hook, or a forward of their own
-    whose output on x differs from their base class's at the same MACs (weight
-    standardization, a gain; a subclass with MACs beyond its weight's is left to the MAC
-    check, which refuses it; one that only calls F.conv2d / F.linear on its weight passes).
-    The old nn.utils.weight_norm is refused (ValueError)."""
+    weight and bias, so that slicing those would change what they compute: a parametrization,
+    a forward hook, or a forward of their own whose output on x differs from their base
+    class's at the same MACs (weight standardization, a gain; a subclass with MACs beyond its
+    weight's is left to the MAC check; one that only calls F.conv2d / F.linear on its weight
+    passes). The old nn.utils.weight_norm is refused (ValueError)."""
     found, seen, hooks = {}, {}, []
 
     def record(name, args, out):                # returns None: a hook's value replaces out
@@ -187,11 +181,8 @@ class _Ids:
     def new(self, n, why=None, source=None):
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
-        for i in range(start, start + n):
-            if why:
-                self.why[i] = why
-            if source:
-                self.source[i] = source
+        self.why.update(dict.fromkeys(range(start, start + n), why) if why else {})
+        self.source.update(dict.fromkeys(range(start, start + n), source) if source else {})
         return torch.arange(start, start + n)
 
     def find(self, i):
@@ -343,7 +334,9 @@ class _Analysis:
             if target in self.ignore:
                 return self.barrier(id_args, value, f'ignore={target!r}')
             if _is_layer(module):
-                return self.layer(target, node, ge.kind(module), x, value, module.weight,
+                kind = 'linear' if isinstance(module, nn.Linear) else \
+                    'transposed' if module.transposed else 'conv'
+                return self.layer(target, node, kind, x, value, module.weight,
                                   getattr(module, 'groups', 1))
             if _is_norm(module) or _per_channel(module):
                 channels = self.ids.per_index(x, 1)
@@ -562,16 +555,6 @@ def gate_groups(ids):
     return modules
 
 
-def _trace_refusal(module, e):
-    where = f'torch.fx cannot trace {module}' if module else 'torch.fx cannot trace the model'
-    first = (str(e).splitlines() or [''])[0][:160]
-    leaf = f"ignore=['{module.split(' ')[0]}']" if module and module[0] != 't' \
-        else "ignore=['name']"
-    return (f'{where} ({type(e).__name__}: {first}). Decorate the function that branches on a '
-            f'tensor with torch.fx.wrap, or pass {leaf} to keep that module whole (its '
-            'channels stay ungated, its MACs a fixed cost)')
-
-
 def inside(q, p):
     """Whether module path q lies in p (or is p)."""
     return p == '' or q == p or q.startswith(p + '.')
@@ -579,20 +562,12 @@ def inside(q, p):
 
 # ----------------------------------------------------------------------------- the analysis, whole
 
-class Analyzed(NamedTuple):
-    """analyze()'s: the model's copy (evaluation mode), its torch.fx graphs by mode (True:
-    training), whether their code is the same, the _Analysis, the modules kept whole."""
-    model: nn.Module
-    graphs: dict
-    same: bool
-    analysis: '_Analysis'
-    ignore: set
-
-
 def analyze(model, example_input, ignore=()):
     """Trace `model` in both modes and run the channel analysis on example_input[:1]; layers
     that compute from more than their weight are kept whole with a warning. Every failure is a
-    ValueError that says what to do. `model` is left as it was. -> Analyzed."""
+    ValueError that says what to do. `model` is left as it was. -> (its copy in evaluation
+    mode, its torch.fx graphs {training: graph}, whether their code is the same, the
+    _Analysis, the modules kept whole)."""
     ignore = set([ignore] if isinstance(ignore, str) else ignore or ())
     names = dict(model.named_modules())
     if ignore - set(names):
@@ -600,11 +575,10 @@ def analyze(model, example_input, ignore=()):
                          'names are as model.named_modules() gives them')
     reworked = _reworked_layers(model, example_input, ignore)
     if reworked:
-        warnings.warn('gate_any: ' + ', '.join(f'{n} ({type(names[n]).__name__}, {why})'
-                                               for n, why in reworked.items())
-                      + ' computed from more than its weight as stored: kept whole, its '
-                      'channels fixed (slicing its weight would change what it computes)',
-                      stacklevel=3)
+        listed = ', '.join(f'{n} ({type(names[n]).__name__}, {why})' for n, why in reworked.items())
+        warnings.warn(f'gate_any: {listed} computed from more than its weight as stored: kept '
+                      'whole, its channels fixed (slicing its weight would change what it '
+                      'computes)', stacklevel=3)
         ignore |= set(reworked)
     model = copy.deepcopy(model)
     graphs = {}
@@ -613,7 +587,13 @@ def analyze(model, example_input, ignore=()):
         try:
             graphs[mode] = tracer.trace(model.train(mode))
         except Exception as e:
-            raise ValueError(_trace_refusal(tracer.failed, e)) from None
+            module, first = tracer.failed, (str(e).splitlines() or [''])[0][:160]
+            leaf = f"ignore=['{module.split(' ')[0]}']" if module and module[0] != 't' \
+                else "ignore=['name']"
+            raise ValueError(f'torch.fx cannot trace {module or "the model"} ({type(e).__name__}: '
+                             f'{first}). Decorate the function that branches on a tensor with '
+                             f'torch.fx.wrap, or pass {leaf} to keep that module whole (its '
+                             'channels stay ungated, its MACs a fixed cost)') from None
     same = graphs[True].python_code('self').src == graphs[False].python_code('self').src
     x = example_input[:1]
     analysis = _Analysis(model.eval(), ignore)
@@ -641,19 +621,17 @@ def analyze(model, example_input, ignore=()):
         raise ValueError(f'the model runs other layers in training than in evaluation '
                          f'({", ".join(extra[:4])}): gate_any needs the same layers in both '
                          '(build it without its auxiliary heads, e.g. aux_logits=False)')
-    return Analyzed(model, graphs, same, analysis, ignore)
+    return model, graphs, same, analysis, ignore
 
 
 class ChannelGroups(NamedTuple):
-    """channel_groups' answer. groups: one per gate module gate_any would build, (the layers
-    whose output channels it holds, its independent channel decisions); fixed: one per layer
-    with fixed output channels and reason, (layer, channels, why). Prints as a table."""
+    """groups: per gate module gate_any would build, (the layers writing it, its channel
+    decisions); fixed: (layer, its output channels fixed, why) per reason. Prints as a table."""
     groups: list
     fixed: list
 
     def __str__(self):
-        lines = [f'{len(self.groups)} channel groups, '
-                 f'{sum(n for _, n in self.groups)} independent channel decisions:']
+        lines = [f'{len(self.groups)} groups, {sum(n for _, n in self.groups)} channel decisions:']
         lines += [f'  {n:5d}  {", ".join(layers)}' for layers, n in self.groups]
         lines += [f'{sum(n for _, n, _ in self.fixed)} output channels fixed:']
         lines += [f'  {n:5d}  {layer}: {why}' for layer, n, why in self.fixed]
@@ -661,16 +639,12 @@ class ChannelGroups(NamedTuple):
 
 
 def channel_groups(model, example_input, ignore=()):
-    """The channel groups of any torch.fx-traceable CNN (the module docstring says how they are
-    found) and, for every layer output channel that no gate may remove, the op that fixed it.
-    ignore: modules kept whole, as in gumbel_any.gate_any. -> ChannelGroups."""
-    found = analyze(model, example_input, ignore).analysis
+    """The channel groups of any torch.fx-traceable CNN (the module docstring says how) and
+    the op that fixed each output channel no gate may remove. -> ChannelGroups."""
+    found = analyze(model, example_input, ignore)[3]
     ids, fixed_roots = found.ids, found.ids.fixed_roots()
     groups = [(list(layers), len(roots)) for layers, roots in gate_groups(ids).items()]
-    fixed = {}
-    for name, seen in found.layers.items():
-        for i in seen['outs'].tolist():                         # each output channel
-            why = fixed_roots.get(ids.find(i))
-            if why is not None:
-                fixed[name, why] = fixed.get((name, why), 0) + 1
+    fixed = collections.Counter((name, fixed_roots[ids.find(i)])    # each output channel
+                                for name, seen in found.layers.items()
+                                for i in seen['outs'].tolist() if ids.find(i) in fixed_roots)
     return ChannelGroups(groups, [(layer, n, why) for (layer, why), n in fixed.items()])

@@ -412,8 +412,8 @@ def _module_of_call(gm, node):
         new = nn.Linear(w.shape[1], w.shape[0], bias is not None)
     else:
         dim = {**cg.CONV_FNS, **cg.TRANSPOSED_FNS}[node.target]
-        kw = {k: call[k] for k in (cg.CONV_ARGS if node.target in cg.CONV_FNS else cg.TRANSPOSED_ARGS)
-              if k in call}
+        names = cg.CONV_ARGS if node.target in cg.CONV_FNS else cg.TRANSPOSED_ARGS
+        kw = {k: call[k] for k in names if k in call}
         groups = kw.get('groups', 1)
         if node.target in cg.CONV_FNS:
             new = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1](
