@@ -82,13 +82,17 @@ def parser():
     t('--batch-size', type=rf.COUNT, default=256, help='fine-tuning batch of every arm')
     t('--lr', type=rf.POSITIVE, default=0.1, help='SGD lr of every phase (momentum 0.9)')
     t('--weight-decay', type=rf.NON_NEGATIVE, default=5e-4, help='fine-tuning weight decay')
-    p.group['evaluation'].description = ('how each arm is evaluated (part of its settings: '
-                                         'compare.py has no --evaluate)')
+    p.group['evaluation'].description = ('how each arm is evaluated (--evaluate changes them '
+                                         'for finished arms without retraining)')
     tl.add_evaluation_args(p.group['evaluation'])
     e('--final-test-only', action='store_true', help='test each arm once, its final net after '
       'BN recalibration (faster; otherwise every epoch too, for the curves)')
     e('--table-only', action='store_true', help='train nothing: the table of the arms finished '
       'so far (a sweep still running, or arms some seeds lack)')
+    e('--evaluate', action='store_true', help='train nothing: the finished arms evaluated again '
+      'at this --tau / --recal-batches from their last checkpoints (taken before BN '
+      'recalibration); their rows, predictions and compare.json are written beside the '
+      'trained ones, named by those settings')
     m('--data-dir', default='data', help='holds the data set')
     m('--out', default='runs/compare', help='the sweep folder')
     m('--also', nargs='+', default=[], metavar='DIR:ARM', help='add ARM of another sweep folder '
@@ -106,6 +110,9 @@ def parse_args(argv):
     args.milestones = tl.checked_milestones(args.milestones, args.epochs, ((2, 5), (7, 10)))
     for spec in args.also:
         also_spec(spec)
+    if args.evaluate and (args.also or args.table_only):
+        raise UsageError('--evaluate re-evaluates this folder\'s arms alone: leave out --also '
+                         'and --table-only')
     args.gating, args.granularity = 'static', 'channel'
     return args
 
@@ -305,13 +312,19 @@ def arm_dir(out, arm, t, seed):
     return out / f't{t:g}' / f's{seed}' / arm
 
 
-def finished_row(arm, t, seed, ctx):
-    """The row of a finished arm (its settings checked against this sweep's), or None."""
+EVALUATION = ('tau', 'recal_batches')       # what --evaluate changes after training
+
+
+def finished_row(arm, t, seed, ctx, ignoring=()):
+    """The row of a finished arm (its settings checked against this sweep's, but for those
+    `ignoring` names), or None."""
     run_dir = arm_dir(ctx['out'], arm, t, seed)
     if not (run_dir / 'final.json').exists():
         return None
     row = json.loads((run_dir / 'final.json').read_text())
-    differ = settings_differ(json.loads(row['settings']), arm_settings(arm, t, seed, ctx))
+    old, new = json.loads(row['settings']), arm_settings(arm, t, seed, ctx)
+    differ = settings_differ({k: v for k, v in old.items() if k not in ignoring},
+                             {k: v for k, v in new.items() if k not in ignoring})
     if differ:
         raise UsageError(f'{run_dir} holds a finished arm with other settings ({differ}): '
                          'pass the same ones to reuse it, or another --out')
@@ -330,7 +343,6 @@ def run_arm(arm, t, seed, ctx):
     ctx['rows']). -> its row."""
     args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
     run_dir = arm_dir(ctx['out'], arm, t, seed)
-    settings = arm_settings(arm, t, seed, ctx)
     print(f'--- arm {arm}, t = {t:g}, seed {seed}: {run_dir}', flush=True)
     x = data.prepare(data.x_test[:1])
     need = arm in NEEDS_GATES
@@ -379,16 +391,61 @@ def run_arm(arm, t, seed, ctx):
                 keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
             net = pruned_with(template, keeps)
         net = fine_tune(net.train(), data, args, seed, run_dir, autocast, **teach)
-    acc, _, macs_percent, _, predictions = tl.evaluate(net, data, autocast)
-    predictions = predictions.cpu()
+    return finish(net, arm, t, seed, ctx, extra)
+
+
+def finish(net, arm, t, seed, ctx, extra, suffix=''):
+    """An arm's final net tested: its row (accuracy, counted MACs, settings) in
+    final{suffix}.json and its test predictions in predictions{suffix}.pt. -> the row."""
+    run_dir, x = arm_dir(ctx['out'], arm, t, seed), ctx['data'].prepare(ctx['data'].x_test[:1])
+    acc, _, macs_percent, _, predictions = tl.evaluate(net, ctx['data'], ctx['autocast'])
     macs = ge.counted_macs(net, x) if arm != 'dynamic' else macs_percent / 100 * ctx['dense_macs']
     row = dict(arm=arm, t=t, seed=seed, acc=acc, macs=macs,
-               macs_percent=100 * macs / ctx['dense_macs'], settings=rf.to_json(settings),
-               train_acc=_last_train_acc(run_dir), **extra)
-    rf.save_atomic(predictions.to(torch.int16), run_dir / 'predictions.pt')
-    rf.save_atomic(rf.to_json(row, indent=1), run_dir / 'final.json')
+               macs_percent=100 * macs / ctx['dense_macs'],
+               settings=rf.to_json(arm_settings(arm, t, seed, ctx)),
+               train_acc=_last_train_acc(run_dir), predictions=f'predictions{suffix}.pt', **extra)
+    rf.save_atomic(predictions.cpu().to(torch.int16), run_dir / row['predictions'])
+    rf.save_atomic(rf.to_json(row, indent=1), run_dir / f'final{suffix}.json')
     print(f'arm {arm}, t = {t:g}, seed {seed}: {acc:.2f}% at {row["macs_percent"]:.2f}% MACs')
     return row
+
+
+def evaluation_suffix(args):
+    return f'-tau{args.tau:g}-recal{args.recal_batches}'
+
+
+def reevaluated(arm, t, seed, ctx):
+    """--evaluate: a finished arm's net rebuilt from its last checkpoint (the fine-tuned
+    weights before BN recalibration; a pruned arm's widths read from it), recalibrated and
+    tested at this --tau / --recal-batches; the gates arm re-pruned at this tau (the other
+    arms have no gates: tau does not change them). Nothing is retrained. -> its row (read,
+    when this evaluation was done before)."""
+    args, data = ctx['args'], ctx['data']
+    run_dir, suffix = arm_dir(ctx['out'], arm, t, seed), evaluation_suffix(args)
+    if (run_dir / f'final{suffix}.json').exists():
+        return json.loads((run_dir / f'final{suffix}.json').read_text())
+    depth, classes = DEPTHS[args.arch], len(data.classes)
+    gated = arm in ('gates', 'dynamic')
+    path = (run_dir / 'finetune' if arm == 'select' else run_dir) / 'last.pt'
+    state = rf.load_checkpoint(path)['model']
+    if gated:
+        net = gc.resnet_cifar(depth, num_classes=classes, init_p=args.gate_init_p,
+                              gating='static' if arm == 'gates' else 'dynamic')
+    else:                                       # the widths it was trained at, any channels
+        template = gc.resnet_cifar(depth, num_classes=classes, gating='static')
+        names = {id(m): n for n, m in template.named_modules()}
+        widths = [len(state.get(f'{names[id(conv)]}.weight', ())) for _, conv in
+                  tl.gated_convs(template)]
+        net = pruned_with(template, [torch.arange(len(g.logits)) < n for (g, _), n in
+                                     zip(tl.gated_convs(template), widths)])
+    net = net.to(args.device, memory_format=torch.channels_last)
+    rf.load_weights(net, state, path, gated=False)
+    net = recalibrated(net, data, args, seed, ctx['autocast'])
+    extra = {}
+    if arm == 'gates':
+        extra['keeps'] = [k.tolist() for k in keeps_of(net)]
+        net = ge.prune(net)
+    return finish(net, arm, t, seed, ctx, extra, suffix)
 
 
 @functools.cache
@@ -420,6 +477,14 @@ def sweep(ctx, arms):
                           not in arms else []) + arms]
     if args.table_only:                                     # what is finished, nothing more
         rows.update({key: row for key in wanted if (row := finished_row(*key, ctx))})
+        return
+    if args.evaluate:                                       # the finished ones, again
+        done = [key for key in wanted if finished_row(*key, ctx, ignoring=EVALUATION)]
+        left = [f'{arm} (t = {t:g}, seed {seed})' for arm, t, seed in wanted if
+                (arm, t, seed) not in done]
+        if left:
+            print(f'--evaluate: not finished, left out: {", ".join(left)}', flush=True)
+        rows.update({key: reevaluated(*key, ctx) for key in done})
         return
     pending, waited = list(wanted), False
     while pending:
@@ -517,7 +582,7 @@ def _mean(values):
 
 def _right(out, row, truth):
     folder = Path(row['dir']) if 'dir' in row else arm_dir(out, row['arm'], row['t'], row['seed'])
-    return torch.load(folder / 'predictions.pt').long() == truth
+    return torch.load(folder / row.get('predictions', 'predictions.pt')).long() == truth
 
 
 def also_spec(spec):
@@ -597,8 +662,9 @@ def main(argv=None):
     data = data.subset(args.train_size)
     if len(data.x_train) < max(args.batch_size, args.dense_batch_size):
         raise UsageError(f'the training set has {len(data.x_train)} images, fewer than one batch')
-    if args.table_only and not args.init and not (out / 'dense' / 'final.json').exists():
-        raise UsageError(f'--table-only: {out} holds no finished dense start')
+    quiet = '--table-only' if args.table_only else '--evaluate' if args.evaluate else None
+    if quiet and not args.init and not (out / 'dense' / 'final.json').exists():
+        raise UsageError(f'{quiet}: {out} holds no finished dense start')
     with rf.locked([out], wait=True, name='.dense.lock'):      # trained once: others wait
         dense = dense_start(args, data, out, autocast)
     dense_acc = tl.evaluate(dense, data, autocast)[0]
@@ -622,13 +688,14 @@ def main(argv=None):
                   train_images=len(data.x_train), test_images=len(data.x_test),
                   rows=[{k: v for k, v in r.items() if k not in ('keeps', 'settings')}
                         for r in rows], summary=table)
-    rf.save_atomic(rf.to_json(result, indent=1), out / 'compare.json')
+    name = f'compare{evaluation_suffix(args) if args.evaluate else ""}'
+    rf.save_atomic(rf.to_json(result, indent=1), out / f'{name}.json')
     try:
         import figures
-        figures.comparison(result, out / 'compare.png')
-        print(f'written: {out / "compare.json"}, {out / "compare.png"}')
+        figures.comparison(result, out / f'{name}.png')
+        print(f'written: {out / f"{name}.json"}, {out / f"{name}.png"}')
     except ImportError:
-        print(f'written: {out / "compare.json"} (pip install matplotlib for compare.png)')
+        print(f'written: {out / f"{name}.json"} (pip install matplotlib for {name}.png)')
     return result
 
 

@@ -195,6 +195,42 @@ def test_the_table_says_when_not_to_trust_it(sweep):
     assert compare.warnings_for(three, dense_acc=max(e['acc'] for e in table) + 1) == []
 
 
+def test_a_finished_sweep_is_evaluated_again_without_training(sweep, capsys):
+    """Issue 45.4: --evaluate rebuilds each finished arm from its last checkpoint (before BN
+    recalibration), so at the settings it was trained with it reproduces every row and
+    prediction exactly; at another --tau the gates are pruned again (a lower tau keeps more,
+    so no fewer MACs) and the gate-free arms keep their MACs; at other --recal-batches the
+    BN statistics are estimated again. Nothing is trained, the trained rows are kept, an
+    unfinished arm is named."""
+    out, result = sweep
+    arms = sorted({r['arm'] for r in result['rows']})
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob('*') if p.name in ('last.pt',
+                                                                          'final.json')}
+    capsys.readouterr()
+    same = compare.main(TINY + ['--out', str(out), '--arms', *arms, '--evaluate'])
+    assert '--- arm' not in capsys.readouterr().out
+    key = lambda r: (r['arm'], r['seed'])                                   # noqa: E731
+    trained = {key(r): r for r in result['rows']}
+    assert {key(r) for r in same['rows']} == set(trained)
+    truth = cifar_data.stripes(1_000, seed=4321)[1]
+    for row in same['rows']:
+        assert row['acc'] == trained[key(row)]['acc'], key(row)
+        assert row['macs_percent'] == pytest.approx(trained[key(row)]['macs_percent'])
+        assert torch.equal(compare._right(out, row, truth), compare._right(out, trained[key(row)],
+                                                                           truth))
+    assert (out / 'compare-tau0.5-recal2.json').exists()
+    lower = compare.main(TINY + ['--out', str(out), '--arms', 'gates', 'l1', '--seeds', '3',
+                                 '--evaluate', '--tau', '0.2', '--recal-batches', '3'])
+    assert 'not finished, left out: gates (t = 0.5, seed 2), l1 (t = 0.5, seed 2)' in \
+        capsys.readouterr().out
+    for row in lower['rows']:
+        before = trained[key(row)]['macs_percent']
+        assert row['macs_percent'] >= before - 1e-9 if row['arm'] == 'gates' else \
+            row['macs_percent'] == pytest.approx(before)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / 't0.5' / 's0' / 'l1' / 'final-tau0.2-recal3.json').exists()
+
+
 def test_finished_arms_are_reused_and_other_settings_refused(sweep, capsys, one_line_error):
     out, result = sweep
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob('last.pt')}
