@@ -36,30 +36,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ['channel_groups', 'ChannelGroups', 'analyze']
 
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
+ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
                         nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity,
                         nn.PReLU, nn.modules.dropout._DropoutNd,
                         nn.modules.padding._ReflectionPadNd,      # pad the spatial dims of
                         nn.modules.padding._ReplicationPadNd,     # each channel alike
                         nn.modules.padding._ConstantPadNd)
-_POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
                  nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
                  nn.Upsample)
-_UNARY = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid,
+UNARY = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid,
           torch.sigmoid, torch.tanh, F.leaky_relu, F.mish, F.elu, F.dropout, F.dropout1d,
           F.dropout2d, F.dropout3d, F.alpha_dropout, torch.dropout, 'relu', 'relu_', 'sigmoid',
           'sigmoid_', 'tanh', 'contiguous', 'clone', 'float', 'to', 'type_as'}
-_BINARY = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+BINARY = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
            operator.truediv, torch.add, torch.mul, torch.sub, torch.div, 'add', 'add_', 'mul',
            'mul_', 'sub', 'div', 'div_'}
-_POOL = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+POOL = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
          F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d,
          F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.interpolate}
-_REDUCE = {torch.mean, torch.sum, torch.amax, 'mean', 'sum', 'amax'}
-_RESHAPE = {torch.flatten, torch.reshape, 'flatten', 'view', 'reshape'}
-_MOVE = {torch.permute, torch.transpose, 'permute', 'transpose', torch.squeeze, 'squeeze',
+REDUCE = {torch.mean, torch.sum, torch.amax, 'mean', 'sum', 'amax'}
+RESHAPE = {torch.flatten, torch.reshape, 'flatten', 'view', 'reshape'}
+MOVE = {torch.permute, torch.transpose, 'permute', 'transpose', torch.squeeze, 'squeeze',
          torch.unsqueeze, 'unsqueeze'}
-_SPLIT = {torch.chunk, 'chunk', torch.split, 'split'}
+SPLIT = {torch.chunk, 'chunk', torch.split, 'split'}
 _SHAPE_ONLY = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.rand_like,    # read
                torch.randn_like, torch.full_like, 'new_empty', 'new_zeros', 'new_ones',  # no
                'new_full'}                                                               # value
@@ -70,14 +70,14 @@ CONV_ARGS = ('stride', 'padding', 'dilation', 'groups')
 TRANSPOSED_ARGS = ('stride', 'padding', 'output_padding', 'groups', 'dilation')
 
 
-def _is_norm(m):
+def is_norm(m):
     """A BatchNorm of any dimension or subclass, or a BN with frozen statistics (torchvision's
     FrozenBatchNorm2d): a per-channel affine map in evaluation mode."""
     return isinstance(m, nn.modules.batchnorm._BatchNorm) or any(
         c.__name__ == 'FrozenBatchNorm2d' for c in type(m).__mro__)
 
 
-def _per_channel(m):
+def per_channel(m):
     """A module that treats each channel of dim 1 on its own, with at most one parameter or
     statistic per channel (PReLU(C), InstanceNorm): its channels pass through and it is
     sliced with them, as a BN is. (GroupNorm and LayerNorm mix the channels they normalize
@@ -159,7 +159,7 @@ class _Tracer(fx.Tracer):
         self.failed = None
 
     def is_leaf_module(self, m, qualname):
-        return _is_layer(m) or _is_norm(m) or type(m).__name__ == 'StochasticDepth' \
+        return _is_layer(m) or is_norm(m) or type(m).__name__ == 'StochasticDepth' \
             or qualname in self.ignore or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -338,16 +338,16 @@ class _Analysis:
                     'transposed' if module.transposed else 'conv'
                 return self.layer(target, node, kind, x, value, module.weight,
                                   getattr(module, 'groups', 1))
-            if _is_norm(module) or _per_channel(module):
+            if is_norm(module) or per_channel(module):
                 channels = self.ids.per_index(x, 1)
                 if target in self.bns:
                     self.ids.union(self.bns[target], channels)
                 self.bns[target] = channels
                 return x
-            if isinstance(module, _ELEMENTWISE_MODULES) or type(module).__name__ == \
+            if isinstance(module, ELEMENTWISE_MODULES) or type(module).__name__ == \
                     'StochasticDepth':
                 return x
-            if isinstance(module, _POOL_MODULES):
+            if isinstance(module, POOL_MODULES):
                 return self.pool(x, value)
             if isinstance(module, nn.Flatten):
                 return self.reshape(node, x.flatten(module.start_dim, module.end_dim), why)
@@ -363,21 +363,21 @@ class _Analysis:
                 layer = self.call_layer(node, id_args, value)
                 if layer is not None:
                     return layer
-            if key in _UNARY:
+            if key in UNARY:
                 return id_args[0]
-            if key in _BINARY:
+            if key in BINARY:
                 return self.elementwise(*id_args[:2])
-            if key in _POOL:
+            if key in POOL:
                 return self.pool(id_args[0], value)
             if key is F.pad and len(args[1]) <= 2 * (args[0].dim() - 2):   # spatial padding
                 return self.pool(id_args[0], value)
-            if key in _REDUCE:
+            if key in REDUCE:
                 return self.reduce(id_args[0], args, kwargs, value, why)
-            if key in _RESHAPE:                 # ids may be expanded views: reshape, not view
+            if key in RESHAPE:                 # ids may be expanded views: reshape, not view
                 return self.reshape(node, apply('reshape' if key == 'view' else None), why)
-            if key in _MOVE or key is torch.cat:
+            if key in MOVE or key is torch.cat:
                 return apply()
-            if key in _SPLIT:
+            if key in SPLIT:
                 size = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
                 literal = key in (torch.split, 'split') and isinstance(size, int)
                 return self.split(id_args, id_kwargs, value, why, literal)

@@ -13,7 +13,9 @@ linear layer, modules or F.conv*d / F.linear calls on module parameters, the onl
 channels: an off channel reaches no mixing op, so the masked network computes what the network
 without that channel computes (NOTES.md 21). FLOPs(Z) counts the conv and linear MACs of that
 network exactly, per sample: n_in * n_out (per group for grouped convs) times kernel and
-positions, summed over every call of a layer. Work gate_any does not see (inside a module
+positions, summed over every call of a layer; a layer whose output only feeds layers whose
+outputs are all off (constants that read only a shape) is skipped and not counted. Work
+gate_any does not see (inside a module
 named in `ignore`, or with uncovered='fixed' an op it does not know) is a fixed cost. Attention's
 batched products (bmm, scaled dot product) are not conv or linear MACs and are not counted.
 
@@ -24,6 +26,7 @@ that fixed the channels.
 """
 import copy
 import importlib
+import operator
 import warnings
 
 import torch
@@ -73,6 +76,7 @@ class _Layer(nn.Module):
         self.groups = groups
         self.register_buffer('ins', ins, persistent=False)
         self.register_buffer('outs', outs, persistent=False)
+        self.consumers = None       # the layers its output only feeds (_consumers), or None
 
     def dense_macs(self):
         """MACs per output position (per input position for a transposed conv), all on."""
@@ -188,16 +192,77 @@ class GatedNet(nn.Module):
 def any_macs(layers, positions, zfull):
     """FLOPs(Z) (3.4) of a GatedNet's conv and linear layers, per sample: for each, positions
     x kernel x n_in x n_out, n the channels on (a grouped conv's group is one decision: a x b
-    MACs per position for each group on). zfull (B, channels + 1) float64. -> (B,) float64."""
-    total = 0
+    MACs per position for each group on), times whether its output still feeds a layer that
+    computes (_alive). zfull (B, channels + 1) float64. -> (B,) float64."""
+    total, alive = 0, _alive(layers, zfull)
     for layer in layers:
         if layer.groups == 1:
             pairs = zfull[:, layer.ins].sum(1) * zfull[:, layer.outs].sum(1)
         else:
             a, b = len(layer.ins) // layer.groups, len(layer.outs) // layer.groups
             pairs = a * b * zfull[:, layer.outs[::b]].sum(1)
-        total = total + positions[layer.name] * layer.kernel * pairs
+        total = total + positions[layer.name] * layer.kernel * pairs * alive[layer.name]
     return total
+
+
+def _alive(layers, zfull):
+    """{layer name: (B,) 1 where its output still matters, else 0}. A layer whose output only
+    feeds other layers (through channel-wise ops: _consumers) matters where one of them has
+    an output channel on and matters itself; one whose outputs are all off computes a
+    constant (gumbel_export.Constant) that reads only its input's shape, so the work before
+    it is skipped in the pruned net and not counted (issue 45.5: a U-Net's decoder)."""
+    by_name, alive = {layer.name: layer for layer in layers}, {}
+
+    def of(layer, visiting):
+        if layer.consumers is None or layer.name in visiting:       # a cycle: one module
+            return 1                                                # called again later
+        if layer.name not in alive:
+            on = [zfull[:, by_name[d].outs].amax(1) * of(by_name[d], visiting | {layer.name})
+                  for d in layer.consumers if d in by_name]
+            alive[layer.name] = torch.stack(on).amax(0) if on else 1
+        return alive[layer.name]
+    return {layer.name: of(layer, frozenset()) for layer in layers}
+
+
+def _consumers(gm, graph, layers):
+    """Sets each layer's .consumers: the layers its output reaches through channel-wise ops
+    (BN, activations, masks, pools, adds, reshapes, concatenations), or None where it also
+    reaches anything else (the network's output, any other op) or no layer at all (it is then
+    counted and kept, as it runs in the gated net)."""
+    by_name, found = {layer.name: layer for layer in layers}, {}
+    for node in graph.nodes:
+        name = _layer_called(node, by_name)
+        if name is None:
+            continue
+        reached, stack, seen, other = set(), list(node.users), set(), False
+        while stack and not other:
+            user = stack.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            if _layer_called(user, by_name):
+                reached.add(_layer_called(user, by_name))
+            elif _channelwise(gm, user):
+                stack.extend(user.users)
+            else:
+                other = True
+        before = found.get(name, set())                        # a layer called at two sites
+        found[name] = None if other or before is None else before | reached
+    for layer in layers:
+        layer.consumers = sorted(found[layer.name]) if found.get(layer.name) else None
+
+
+def _channelwise(gm, node):
+    """Whether node is an op the channel analysis knows whose output's shape is a function of
+    its inputs' shapes alone (so that a value only its shape is read of needs no work)."""
+    if node.op == 'call_module':
+        m = gm.get_submodule(node.target)
+        return isinstance(m, (_Mask, nn.Flatten) + cg.ELEMENTWISE_MODULES + cg.POOL_MODULES) \
+            or cg.is_norm(m) or cg.per_channel(m)
+    key = node.target if node.op == 'call_function' else str(node.target)
+    return node.op in ('call_function', 'call_method') and (
+        key in cg.UNARY | cg.BINARY | cg.POOL | cg.RESHAPE | cg.MOVE | cg.SPLIT or
+        key in (torch.cat, operator.getitem, F.pad))
 
 
 def decision_macs(layers, positions, columns):
@@ -262,6 +327,7 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
     else:
         _insert_masks(net, net.graph, layers, 'gate_mask')
     net.train(training)
+    _consumers(net, (eval_net or net).graph, layers)
     gated = GatedNet(net, eval_net, dict(analysis.sites), gates, sources, layers, norms,
                      tuple(example_input.shape[1:])).train(training)
     _check_count(gated, model.eval(), x, ignore, uncovered, analysis)
@@ -449,10 +515,14 @@ def _prune(gm, layers, norms, keep, x):
     # gated net, whose FLOPs(Z) counts it: the pruned net computes what was counted
     graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
         n.op == 'call_module' and n.target in by_name))
+    alive = _alive(layers, keep[None].double())
     for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
         layer = by_name[target]                          # once, however often it is called
-        gm.set_submodule(target, ge.sliced(gm.get_submodule(target), keep[layer.ins],
-                                            keep[layer.outs], layer.groups))
+        sliced = ge.sliced(gm.get_submodule(target), keep[layer.ins], keep[layer.outs],
+                           layer.groups)
+        if not isinstance(sliced, ge.Constant) and not float(alive[layer.name]):
+            sliced = ge.Constant(sliced, None, int(keep[layer.outs].sum()))  # feeds constants
+        gm.set_submodule(target, sliced)
     for norm in norms:
         gm.set_submodule(norm.name, ge.sliced_norm(gm.get_submodule(norm.name),
                                                    keep[norm.ins]))

@@ -498,10 +498,11 @@ def test_a_literal_channel_permutation_fixes_the_channels_it_indexes():
             y = self.b(F.relu(self.a(x))[:, [7, 6, 5, 4, 3, 2, 1, 0]])
             return self.head(F.relu(y).mean((2, 3)))
 
-    with pytest.warns(UserWarning, match=r'fixed by a literal channel index in getitem\(\) in '
-                                         r'the top module \(82%\)'):
-        gated, _ = gate_and_check(Permuted(), torch.randn(2, 3, 4, 4))
+    gated, _ = gate_and_check(Permuted(), torch.randn(2, 3, 4, 4))
     assert gated.sources == [['b']]                                   # a's channels fixed
+    assert cg.channel_groups(Permuted(), torch.randn(1, 3, 4, 4)).fixed[0] == (
+        'a', 8, 'a literal channel index in getitem() in the top module')
+    assert gated.floor < 0.5        # a only feeds b: with b's outputs all off, a is skipped
 
 
 class Branchy(nn.Module):
@@ -588,6 +589,44 @@ def test_a_target_below_what_the_gates_can_remove_is_said():
         tl.warn_below_floor(gated, 0.9)
     lines = said.getvalue().splitlines()
     assert len(lines) == 1 and 't = 0.5 is below 0.65' in lines[0]
+
+
+def test_what_only_feeds_a_constant_is_neither_computed_nor_counted():
+    """Issue 45.5: a conv whose outputs are all off computes a constant, reading only its
+    input's shape; the layers that only feed it (here b, through BN, ReLU and an add with c)
+    are skipped: FLOPs(Z) leaves them out and the pruned net runs them as constants, still
+    equal to the gated net. A layer that also feeds the output (a) still runs."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(3 if k == 0 else 8, 8, 3, padding=1)
+                                      for k in range(3))
+            self.bn = nn.BatchNorm2d(8)
+            self.d, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            u = torch.relu(self.bn(self.b(h))) + self.c(h)
+            return self.head(torch.cat([h, self.d(u)], 1)).mean((2, 3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gated = ga.gate_any(randomized(Decoder()), x)
+    by = {tuple(s): g for s, g in zip(gated.sources, gated.gates)}
+    with torch.no_grad():
+        for sources, g in by.items():
+            on = -4.0 if sources == ('d',) else 4.0                 # d's outputs all off
+            g.logits.copy_(torch.tensor([[-on / 2, on / 2]]).repeat(g.channels, 1))
+    gated.eval()
+    logits, info = gated(x)
+    pruned = ge.prune(gated)
+    hw = 8 * 8
+    assert info.macs[0].item() == 9 * hw * 3 * 8 + hw * 8 * 4          # a, and head on h
+    assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item()
+    assert (pruned(x) - logits).abs().max() <= 1e-5 * logits.abs().max()
+    consumers = {layer.name: layer.consumers for layer in gated.layers}
+    assert consumers['b'] == consumers['c'] == ['d'] and consumers['a'] == ['b', 'c', 'head']
+    assert consumers['head'] is None                                   # the network's output
+    assert isinstance(pruned.get_submodule('b'), ge.Constant)
 
 
 def test_a_dead_layer_is_counted_and_kept_and_a_full_slice_is_the_whole_dimension():
