@@ -171,7 +171,8 @@ def test_a_fixed_channel_names_its_own_cause_not_the_network_input():
             attention = torch.softmax(self.b(x), 1)               # across channels: unknown
             y, z = self.a(x) * attention, self.gamma.view(1, -1, 1, 1) * self.c(x)
             return (self.head(y) + self.head2(z)).mean((2, 3))
-    fixed = {layer: why for layer, _, why in cg.channel_groups(Odd(), torch.randn(1, 3, 4, 4)).fixed}
+    found = cg.channel_groups(Odd(), torch.randn(1, 3, 4, 4))
+    fixed = {layer: why for layer, _, why in found.fixed}
     assert fixed['b'] == 'softmax() in the top module'
     assert fixed['a'] == 'the output of softmax() in the top module'
     assert fixed['c'] == 'a parameter or buffer read across channels (gamma)'
@@ -786,7 +787,8 @@ def test_a_layer_that_reworks_its_weight_is_kept_whole_with_a_warning(kind):
            'old weight_norm': lambda: torch.nn.utils.weight_norm(
                nn.Conv2d(8, 8, 3, padding=1))}[kind]()
     model = nn.Sequential(_OwnForwardConv(3, 8, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), odd, nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), odd, nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     x = torch.randn(2, 3, 8, 8)
     if kind == 'old weight_norm':     # its weight, computed with grad, cannot be deep-copied
