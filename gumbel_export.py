@@ -444,7 +444,7 @@ def deploy(net, example_input, backend='inductor'):
         return _Deployed(folded)
     # A traced copy has code of its own, so a compiled-code cache of its own: nets of one class
     # would share one and, past dynamo's recompile limit, silently run eager. max_autotune:
-    # on CPU it made the pruned nets 1-10% faster (NOTES.md, "Speed").
+    # on CPU it made the pruned nets 1-10% faster (docs/deployment.md, "Speed").
     try:
         traced = torch.fx.GraphModule(folded, _LeafConstants().trace(folded))
     except Exception:                                   # Python control flow on values

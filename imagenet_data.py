@@ -1,7 +1,7 @@
 """ImageNet for train_imagenet.py: ImageFolder train/ and val/ (or FakeData with
 --synthetic) read by DataLoader workers that decode, crop and flip only, and yield uint8
 (N, 3, H, W); on_device converts and normalizes on the training device: a worker then
-delivers about 20% more images, and a quarter of the bytes (NOTES.md: the GPU path)."""
+delivers about 20% more images, and a quarter of the bytes (docs/deployment.md: the GPU path)."""
 import functools
 from pathlib import Path
 

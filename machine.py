@@ -66,7 +66,7 @@ def add_machine_args(group):
       'its affinity and container quota, at most 8)')
     a('--compile', nargs='?', const='default', default='auto', choices=COMPILE_MODES,
       help="torch.compile the training step: auto = reduce-overhead (CUDA graphs) on CUDA, off "
-           "on the CPU; off runs it eagerly (NOTES.md: the GPU path)")
+           "on the CPU; off runs it eagerly (docs/deployment.md: the GPU path)")
 
 
 def usable_cpus():

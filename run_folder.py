@@ -499,7 +499,7 @@ def missed_t(row, points=3):
     return abs(row['macs_percent'] - 100 * row['t']) > points
 
 
-def warn_if_missed(row, last=None, points=3, why='NOTES.md: polarization'):
+def warn_if_missed(row, last=None, points=3, why='docs/reproducing.md: polarization'):
     """One line on stderr when the delivered net's MACs miss 100 t by more than `points`, and
     a note when they moved by more than 1 point from the last epoch row's thrMACs%."""
     before = (last or {}).get('test_macs')

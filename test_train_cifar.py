@@ -371,7 +371,7 @@ def test_default_recipe_polarizes_the_gates_and_delivers_t(tmp_path, t=0.3):
     """Issue 11: on a learnable task, the default recipe (only epochs and sizes scaled down)
     hands over a net at t's MACs (within 3 points), with >= 90% of its gates polarized,
     whose pruned export is the thresholded net, at the dense accuracy (one t, the farther
-    from the gates' start at p = 0.98; the digits tables in NOTES.md give the others)."""
+    from the gates' start at p = 0.98; the digits tables in docs/reproducing.md give the others)."""
     write_stripes(tmp_path / 'data' / 'cifar-10-batches-py', n_train=1024, n_test=512)
     argv = ('--arch resnet8 --dense-epochs 2 --epochs 6 --batch-size 32 --dense-batch-size 64 '
             '--recal-batches 8 --device cpu').split()

@@ -54,7 +54,7 @@ def parser():
       help='ResNets: channel (filter, default) or layer gates (4.4, Table 4)')
     tl.add_gate_args(p)
     s('--t', type=rf.RATE, nargs='+', help='target rate(s), one run each (default 0.5; '
-      f'DenseNets with early exits: {EXIT_T}, NOTES.md "Early exits")')
+      f'DenseNets with early exits: {EXIT_T}, docs/reproducing.md "Early exits")')
     s('--seed', type=int, default=0, help='seeds the weights, gates, data order and noise')
     t('--epochs', type=rf.COUNT, default=100, help='gated fine-tuning epochs (4.1)')
     t('--batch-size', type=rf.COUNT, default=256, help='gated fine-tuning batch (4.1)')
@@ -72,7 +72,7 @@ def parser():
       help='more evaluations (3.3)')
     e('--runs', type=rf.COUNT, default=8, help='stochastic runs for --also sample / ensemble')
     e('--round-to', type=rf.WHOLE, default=0, help="keep each gate's channel count a multiple "
-      'of this before export (16: AVX-512 float32; 0: off; NOTES.md: speed)')
+      'of this before export (16: AVX-512 float32; 0: off; docs/deployment.md: speed)')
     m('--evaluate', nargs='?', const=True, default=False, metavar='RUN_DIR',
       help='re-evaluate a finished run (RUN_DIR, or those this command names) with '
            '--tau/--recal-batches/--also/--round-to; every other setting comes from the '
@@ -116,7 +116,7 @@ def parse_args(argv):
     return args
 
 
-EXIT_T = 0.88     # what the paper's Table 5 split costs DenseNet-BC-100 (NOTES.md, Early exits)
+EXIT_T = 0.88     # what the paper's Table 5 split costs DenseNet-BC-100 (docs/reproducing.md, Early exits)
 
 
 def exit_costs(depth, hw=(32, 32)):

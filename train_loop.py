@@ -70,7 +70,7 @@ def add_gate_args(parser):
     a('--gate-init', default='uniform', choices=('uniform', 'magnitude'),
       help='uniform: every gate at --gate-init-p (the paper); magnitude: within each gate '
            "module the logits spread by the rank of the dense filter's L1 norm (static gates "
-           'of the paper\'s ResNets; NOTES.md, "Gates on photographs")')
+           'of the paper\'s ResNets; docs/comparison.md, "Gates on photographs")')
     a('--t-ramp', type=rf.UNIT, default=0.0,
       help='the FLOPs target falls linearly from 1 to t over this share of the fine-tuning '
            '(0: t from the first step, the paper)')
@@ -165,7 +165,7 @@ def gated_convs(model):
 
 
 def init_gates(model, args):
-    """--gate-init magnitude (an option; NOTES.md, "Gates on photographs"): each static
+    """--gate-init magnitude (an option; docs/comparison.md, "Gates on photographs"): each static
     gate's logit difference set from the rank r in [0, 1] of its channel's filter L1 norm
     within the gate module,
         w1 - w0 = logit(init_p) + MAGNITUDE_SPREAD (2 r - 1)
@@ -273,7 +273,7 @@ class TrainStep:
 
     def losses(self, xb, yb, progress):
         # Nothing is detached in here: torch 2.14's inductor dropped the loss's grad_fn when
-        # the graph also returned a detached alias of it (NOTES.md: the GPU path).
+        # the graph also returned a detached alias of it (docs/deployment.md: the GPU path).
         with self.autocast():
             logits, info = gc.split_output(self.net(xb))
             ce = F.cross_entropy(logits, yb)
