@@ -40,6 +40,7 @@ import channel_groups
 import gumbel_any
 import gumbel_channels as gc
 import gumbel_export as ge
+import gumbel_skip as gs
 
 
 def timed(fns, repeats, device):
@@ -222,7 +223,7 @@ def skip_rows(label, model, dense, bound, size, n, repeats, fmt, tag, autocast):
     device = next(dense.parameters()).device
     model, dense = model.eval().to(memory_format=fmt), dense.to(memory_format=fmt)
     bound = ge.fold_bn(bound).to(memory_format=fmt)
-    skip = ge.SkipNet(model)
+    skip = gs.SkipNet(model)
     images = torch.randn(n, 3, size, size, device=device).to(memory_format=fmt)
     with torch.inference_mode():
         _, info = model(images)

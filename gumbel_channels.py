@@ -765,7 +765,7 @@ class DenseNetExits(nn.Module):
     at init_leave_p. Every image runs to the end (training, masked evaluation); the output
     each image takes, with GateInfo (exit_logits set), is
         Z1 l1 + (1 - Z1) (Z2 l2 + (1 - Z2) l3)
-    gumbel_export.early_exit really skips the blocks after an exit."""
+    gumbel_skip.early_exit really skips the blocks after an exit."""
 
     def __init__(self, depth=100, growth_rate=12, num_classes=10, exits=True,
                  init_leave_p=1 - INIT_P):

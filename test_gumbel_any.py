@@ -15,6 +15,7 @@ import channel_groups as cg
 import gumbel_any as ga
 import gumbel_channels as gc
 import gumbel_export as ge
+import gumbel_skip as gs
 
 FAMILIES = {
     'resnet': ['resnet18', 'resnet50', 'resnext50_32x4d', 'wide_resnet50_2'],
@@ -544,7 +545,7 @@ def test_errors_are_one_sentence_that_says_what_to_do():
     with pytest.raises(ValueError, match=r'cannot run on example_input \(2, 5, 6, 6\)'):
         ga.gate_any(plain, torch.randn(2, 5, 6, 6))
     with pytest.raises(ValueError, match=r'prune\(model\)'):
-        ge.SkipNet(gated)
+        gs.SkipNet(gated)
     with pytest.raises(ValueError, match=r'prune the gated net first'):
         ge.fold_bn(gated)
 

@@ -16,6 +16,7 @@ import torchvision
 
 import gumbel_channels as gc
 import gumbel_export as ge
+import gumbel_skip as gs
 
 
 # ------------------------------------------------------------------- export: real speed
@@ -130,11 +131,13 @@ def test_the_modules_import_each_other_inside_a_package(tmp_path):
     (tmp_path / 'myproj' / '__init__.py').write_text('')
     (vendor / '__init__.py').write_text('')
     here = Path(__file__).parent
-    for name in ('gumbel_channels.py', 'gumbel_export.py', 'channel_groups.py', 'gumbel_any.py'):
+    for name in ('gumbel_channels.py', 'gumbel_export.py', 'gumbel_skip.py', 'channel_groups.py',
+                 'gumbel_any.py'):
         (vendor / name).write_text((here / name).read_text())
-    code = ('from myproj.vendor import gumbel_any, gumbel_export; '
+    code = ('from myproj.vendor import gumbel_any, gumbel_export, gumbel_skip; '
             'assert gumbel_export.gc.__name__ == "myproj.vendor.gumbel_channels"; '
-            'assert gumbel_any.cg.__name__ == "myproj.vendor.channel_groups"')
+            'assert gumbel_any.cg.__name__ == "myproj.vendor.channel_groups"; '
+            'assert gumbel_skip.ge is gumbel_export')
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-1000:]
@@ -165,6 +168,7 @@ def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
     assert TOP <= set(graph) and not set().union(*graph.values()) & TOP
     assert graph['gumbel_channels'] == set()
     assert graph['gumbel_export'] == {'gumbel_channels'}
+    assert graph['gumbel_skip'] == {'gumbel_channels', 'gumbel_export'}      # issue 43
     assert graph['channel_groups'] == set()
     assert graph['gumbel_any'] == {'gumbel_channels', 'gumbel_export', 'channel_groups'}
     # issue 43: the command line is the bottom of the training side; the data modules and the
@@ -207,7 +211,7 @@ def test_skipnet_computes_the_masked_forward_with_the_counted_macs(arch, granula
     logits, and its FlopCounterMode / 2 is that input's info.macs less the hidden x C MACs
     each lean gate saves (one logit difference per channel instead of two)."""
     model, x, logits, info = configured(arch, 'dynamic', granularity, 3)
-    skip = ge.SkipNet(model)
+    skip = gs.SkipNet(model)
     saved = sum(g.fc1.out_features * g.channels for g in gc.gates(model))
     for i in range(len(x)):
         assert (skip(x[i:i + 1]) - logits[i]).abs().max() <= EXPORT_ATOL
@@ -368,14 +372,14 @@ def test_early_exit_split_equals_the_masked_computation_and_its_macs():
     x = torch.randn(12, 3, 32, 32)
     model = spread_exits(gc.densenet_cifar(depth=40), x)
     logits, info = model(x)
-    split, taken = ge.early_exit(model, x)
+    split, taken = gs.early_exit(model, x)
     assert set(taken.tolist()) == {0, 1, 2}
     assert (split - logits).abs().max() <= EXPORT_ATOL
-    assert ge.counted_macs(lambda t: ge.early_exit(model, t), x) == info.macs.sum().item()
+    assert ge.counted_macs(lambda t: gs.early_exit(model, t), x) == info.macs.sum().item()
     assert ge.counted_macs(gc.densenet_cifar(depth=40, exits=False).eval(), x[:1]) == info.max_macs
     for k in range(3):                                       # image by image, exit by exit
         i = (taken == k).nonzero()[0, 0]
-        assert ge.counted_macs(lambda t: ge.early_exit(model, t), x[i:i + 1]) == info.macs[i].item()
+        assert ge.counted_macs(lambda t: gs.early_exit(model, t), x[i:i + 1]) == info.macs[i].item()
 
 
 class FixedExit(torch.nn.Module):
@@ -410,7 +414,7 @@ def test_exit_report_on_a_constructed_case():
             (pred[2][5] + 1) % 10,
         ]
     )  # right, wrong | right | right, right, wrong
-    report = ge.exit_report(model, [(x, y)])
+    report = gs.exit_report(model, [(x, y)])
     shares = [e['share'] for e in report['exits']]
     assert shares == pytest.approx([2 / 6, 1 / 6, 3 / 6])
     assert [e['acc_taken'] for e in report['exits']] == pytest.approx([1 / 2, 1, 2 / 3])
@@ -421,8 +425,8 @@ def test_exit_report_on_a_constructed_case():
 @pytest.mark.parametrize('call,name', [
     (lambda: ge.prune(gc.resnet20()), 'model'),
     (lambda: ge.prune(gc.resnet20(gating='dynamic')), 'model'),
-    (lambda: ge.SkipNet(gc.resnet20()), 'model'),
-    (lambda: ge.SkipNet(gc.resnet20(gating='dynamic'))(torch.zeros(2, 3, 32, 32)), 'x'),
+    (lambda: gs.SkipNet(gc.resnet20()), 'model'),
+    (lambda: gs.SkipNet(gc.resnet20(gating='dynamic'))(torch.zeros(2, 3, 32, 32)), 'x'),
     (lambda: ge.deploy(gc.resnet20(gating='static'), torch.zeros(2, 3, 32, 32)), 'net'),
     (lambda: ge.deploy(gc.resnet20(), torch.zeros(2, 3, 32, 32), 'tvm'), 'backend'),
 ])
@@ -442,7 +446,7 @@ def test_skipnet_decides_exactly_at_tau_as_the_masked_net():
     x = torch.randn(1, 3, 32, 32)
     logits, info = model(x)
     assert all((z == 0).all() for z in info.z)
-    assert torch.allclose(ge.SkipNet(model)(x), logits, atol=1e-5)
+    assert torch.allclose(gs.SkipNet(model)(x), logits, atol=1e-5)
 
 
 def test_bn_folding_keeps_eps_at_small_running_variances():

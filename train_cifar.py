@@ -23,6 +23,7 @@ import cifar_data
 import figures
 import gumbel_channels as gc
 import gumbel_export as ge
+import gumbel_skip as gs
 import machine
 import run_folder as rf
 import train_loop as tl
@@ -364,7 +365,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
                       run_dir, rf.evaluation_tag(args))
     if isinstance(model, gc.DenseNetExits):                    # Table 5: where images leave
         with autocast():
-            row['table5'] = ge.exit_report(model, data.test_batches(size=500))
+            row['table5'] = gs.exit_report(model, data.test_batches(size=500))
         print_exit_report(row['table5'])
     static = args.gating == 'static'                            # 4. the pruned network
     with rf.stage('export' if static else 'export of final.pt (dynamic gates: no pruned net)'):
@@ -383,7 +384,7 @@ def exit_names(n):
 
 
 def print_exit_report(report):
-    """Table 5 from gumbel_export.exit_report, one line per exit, named as the paper does."""
+    """Table 5 from gumbel_skip.exit_report, one line per exit, named as the paper does."""
     for e, name in zip(report['exits'], exit_names(len(report['exits']))):
         print(f"{name}: {100 * e['share']:5.2f}% of images leave, accuracy "
               f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
