@@ -13,6 +13,7 @@ import torch
 
 import cifar_data
 import compare
+import paired_table
 
 TINY = ['--synthetic', '--arch', 'resnet8', '--dense-epochs', '1', '--epochs', '3',
         '--final-test-only', '--select-epochs', '1', '--seeds', '2', '--train-size', '320',
@@ -22,15 +23,15 @@ PRUNED = ('uniform', 'random', 'l1', 'scratch')          # matched to the gates'
 
 
 def test_mcnemar_and_the_paired_interval_match_hand_computed_cases():
-    assert compare.mcnemar_p(5, 0) == pytest.approx(2 / 32)                     # 2 P(X = 0)
-    assert compare.mcnemar_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # n = 12
-    assert compare.mcnemar_p(3, 3) == 1.0 and compare.mcnemar_p(0, 0) == 1.0
+    assert paired_table.mcnemar_p(5, 0) == pytest.approx(2 / 32)                     # 2 P(X = 0)
+    assert paired_table.mcnemar_p(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)  # n = 12
+    assert paired_table.mcnemar_p(3, 3) == 1.0 and paired_table.mcnemar_p(0, 0) == 1.0
     a = torch.tensor([True, True, False, False, True])
     b = torch.tensor([True, False, True, False, False])
-    assert compare.discordant(a, b) == (2, 1)
-    mean, half = compare.t_interval([1.0, 2.0, 3.0])                 # sd 1, t(2) = 4.303
+    assert paired_table.discordant(a, b) == (2, 1)
+    mean, half = paired_table.t_interval([1.0, 2.0, 3.0])                 # sd 1, t(2) = 4.303
     assert mean == 2.0 and half == pytest.approx(4.303 / math.sqrt(3))
-    assert compare.t_interval([0.5]) == (0.5, None)
+    assert paired_table.t_interval([0.5]) == (0.5, None)
 
 
 @pytest.fixture(scope='module')
@@ -84,11 +85,11 @@ def test_the_summary_pairs_seeds_and_tests_predictions(sweep):
             assert 100 * (mine == truth).float().mean().item() == pytest.approx(accs[seed])
             bs = int(((theirs == truth) & (mine != truth)).sum())
             cs = int(((theirs != truth) & (mine == truth)).sum())
-            per_seed.append(compare.mcnemar_p(bs, cs))
+            per_seed.append(paired_table.mcnemar_p(bs, cs))
             b, c = b + bs, c + cs
         assert (entry['mcnemar_b'], entry['mcnemar_c']) == (b, c)
         assert entry['mcnemar_p_seeds'] == per_seed            # each image once per test
-        assert entry['mcnemar_p_pooled'] == compare.mcnemar_p(b, c)
+        assert entry['mcnemar_p_pooled'] == paired_table.mcnemar_p(b, c)
     assert json.loads((out / 'compare.json').read_text())['summary'] == json.loads(
         json.dumps(result['summary']))
 
@@ -113,7 +114,7 @@ def test_a_variant_from_another_folder_is_paired_by_seed(sweep, tmp_path):
     base = torch.load(out / 't0.5' / 's0' / 'gates' / 'predictions.pt').long()
     b = int(((base == truth) & (theirs != truth)).sum())
     c = int(((base != truth) & (theirs == truth)).sum())
-    assert entry['mcnemar_p_seeds'][0] == compare.mcnemar_p(b, c)
+    assert entry['mcnemar_p_seeds'][0] == paired_table.mcnemar_p(b, c)
 
 
 def test_a_frozen_search_trains_the_gates_alone_then_the_weights(sweep, tmp_path):
@@ -189,10 +190,10 @@ def test_the_table_says_when_not_to_trust_it(sweep):
     paired seeds are said; a converged start with three seeds says nothing."""
     _, result = sweep
     table = result['summary']
-    low = compare.warnings_for(table, dense_acc=min(e['acc'] for e in table) - 1)
+    low = paired_table.warnings_for(table, dense_acc=min(e['acc'] for e in table) - 1)
     assert any('not converged' in w for w in low) and any('2 paired seed' in w for w in low)
     three = [dict(e, seeds=3) for e in table]
-    assert compare.warnings_for(three, dense_acc=max(e['acc'] for e in table) + 1) == []
+    assert paired_table.warnings_for(three, dense_acc=max(e['acc'] for e in table) + 1) == []
 
 
 def test_a_finished_sweep_is_evaluated_again_without_training(sweep, capsys):

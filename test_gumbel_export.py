@@ -169,6 +169,7 @@ def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
     assert graph['gumbel_channels'] == set()
     assert graph['gumbel_export'] == {'gumbel_channels'}
     assert graph['gumbel_skip'] == {'gumbel_channels', 'gumbel_export'}      # issue 43
+    assert graph['paired_table'] == set()
     assert graph['channel_groups'] == set()
     assert graph['gumbel_any'] == {'gumbel_channels', 'gumbel_export', 'channel_groups'}
     # issue 43: the command line is the bottom of the training side; the data modules and the
