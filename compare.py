@@ -20,9 +20,8 @@ the gates' MACs, counted by one counter (FlopCounterMode) on the physically prun
 All prune the same channels: each residual block's inner ones (the gates' search space).
 Seeds are paired: seed s gives every arm the same data order. Each arm per t and seed is a
 run folder of its own (OUT/t0.5/s0/uniform) that is reused when finished, so a sweep can be
-stopped and continued. The table gives per arm the mean and std over seeds, the paired
-difference to the gates with its 95% interval, and McNemar's test on the test predictions;
-OUT/compare.json holds every number and OUT/compare.png draws accuracy against MACs.
+stopped and continued. The table (paired_table.py): the paired difference of each arm to
+the gates, its 95% interval and McNemar's test; OUT/compare.json and OUT/compare.png.
 """
 import argparse
 import copy
@@ -31,6 +30,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -105,8 +105,7 @@ def parse_args(argv):
     for spec in args.also:
         also_spec(spec)
     if args.evaluate and (args.also or args.table_only):
-        raise UsageError('--evaluate re-evaluates this folder\'s arms alone: leave out --also '
-                         'and --table-only')
+        raise UsageError('--evaluate takes this folder alone: no --also, no --table-only')
     args.gating, args.granularity = 'static', 'channel'
     return args
 
@@ -187,10 +186,9 @@ def tp_global(dense, x, target):
 # ----------------------------------------------------------------------------- training
 
 def preflight(args, data):
-    """Before anything trains: every gated arm's net built at each t and its gate loss
-    computed once on two test images, so that a recipe the arms cannot run (--targets that
-    do not match the gate modules, say) is one line now, not a traceback after the dense
-    start."""
+    """Before anything trains: each gated arm's net built at each t and its gate loss computed
+    on two test images, so that a recipe the arms cannot run (--targets that do not match the
+    gate modules, say) is one line now, not a traceback after the dense start."""
     x = data.prepare(data.x_test[:2])
     kinds = {'dynamic' if a == 'dynamic' else 'static' for a in args.arms if a != 'global'}
     for gating in sorted(kinds):
@@ -332,59 +330,101 @@ def arm_settings(arm, t, seed, ctx):
     return settings
 
 
+class Job(NamedTuple):
+    """An arm function's input: t, seed, folder, the sweep's context, the dense start as a
+    static-gated template, the gates' row and keeps (NEEDS_GATES), the --distill term."""
+    t: float
+    seed: int
+    run_dir: Path
+    ctx: dict
+    template: torch.nn.Module
+    gates_row: dict
+    keeps: list
+    distill: object
+
+
+def arm_gates(job, gating='static'):
+    """(a), (g): the paper's gates trained with the weights; static ones then pruned."""
+    ctx = job.ctx
+    net = gated_arm(ctx['dense'], ctx['data'], ctx['args'], job.t, job.seed, gating,
+                    job.run_dir, ctx['autocast'], distill=job.distill)
+    if gating == 'dynamic':
+        return net, {}
+    return ge.prune(net), dict(keeps=[k.tolist() for k in keeps_of(net)])
+
+
+def arm_select(job):
+    """(h): the gates choose for --select-epochs, then the pruned net is fine-tuned (plainly,
+    one schedule and one data order)."""
+    args, data, autocast = job.ctx['args'], job.ctx['data'], job.ctx['autocast']
+    order, cut = data.generator(job.seed + 1), args.select_epochs
+    gated = gated_arm(job.ctx['dense'], data, args, job.t, job.seed, 'static',
+                      job.run_dir / 'select', autocast, part=(0, cut), gen=order,
+                      frozen=args.select_frozen, distill=job.distill)
+    net = fine_tune(ge.prune(gated).train(), data, args, job.seed, job.run_dir / 'finetune',
+                    autocast, part=(cut, args.epochs), gen=order, distill=job.distill)
+    return net, dict(keeps=[k.tolist() for k in keeps_of(gated)])
+
+
+def arm_scratch(job):
+    """(f): the gates' widths trained from scratch for --dense-epochs + --epochs."""
+    args, data, autocast = job.ctx['args'], job.ctx['data'], job.ctx['autocast']
+    net = reinit(pruned_with(job.template, job.keeps)).train()
+    total = args.dense_epochs + args.epochs
+    tl.fit_images(net, data, args, epochs=total, batch_size=args.dense_batch_size,
+                  weight_decay=args.dense_weight_decay,
+                  milestones=tl.milestones_at(total, (1, 2), (3, 4)),
+                  gen=data.generator(job.seed + 1), gate_loss=None, autocast=autocast,
+                  run_dir=job.run_dir, phase='scratch',
+                  mode=machine.compile_mode(args.compile, args.device),
+                  test_each_epoch=not args.final_test_only, distill=job.distill)
+    return recalibrated(net, data, args, job.seed, autocast), {}
+
+
+def pruned_arm(choose):
+    """(b) to (e): a net pruned once, then fine-tuned; choose(job) -> the pruned net."""
+    def arm(job):
+        args, data = job.ctx['args'], job.ctx['data']
+        return fine_tune(choose(job).train(), data, args, job.seed, job.run_dir,
+                         job.ctx['autocast'], distill=job.distill), {}
+    return arm
+
+
+def random_keeps(job):
+    gen = torch.Generator().manual_seed(job.seed)
+    return [top(torch.rand(len(k), generator=gen), int(k.sum())) for k in job.keeps]
+
+
+ARM_FUNCTIONS = {
+    'gates': arm_gates,
+    'uniform': pruned_arm(lambda job: pruned_with(job.template, uniform_keeps(
+        job.template, job.gates_row['macs']))),
+    'global': pruned_arm(lambda job: tp_global(job.ctx['dense'], job.ctx['data'].prepare(
+        job.ctx['data'].x_test[:1]), job.gates_row['macs'])[1]),
+    'random': pruned_arm(lambda job: pruned_with(job.template, random_keeps(job))),
+    'l1': pruned_arm(lambda job: pruned_with(job.template, [
+        top(s, int(k.sum())) for s, k in zip(l1_scores(job.template), job.keeps)])),
+    'scratch': arm_scratch,
+    'dynamic': functools.partial(arm_gates, gating='dynamic'),
+    'select': arm_select,
+}
+
+
 def run_arm(arm, t, seed, ctx):
-    """Train one arm at (t, seed) in its folder (the gates' row, where it needs it, is in
-    ctx['rows']). -> its row."""
-    args, data, dense, autocast = ctx['args'], ctx['data'], ctx['dense'], ctx['autocast']
+    """Train one arm at (t, seed) in its folder through ARM_FUNCTIONS (the gates' row, where
+    it needs it, is in ctx['rows']). -> its row."""
+    args, data, dense = ctx['args'], ctx['data'], ctx['dense']
     run_dir = arm_dir(ctx['out'], arm, t, seed)
     print(f'--- arm {arm}, t = {t:g}, seed {seed}: {run_dir}', flush=True)
-    x = data.prepare(data.x_test[:1])
-    need = arm in NEEDS_GATES
-    gates_row = ctx['rows'][('gates', t, seed)] if need else None      # finished before
-    keeps = [torch.tensor(k, dtype=torch.bool) for k in gates_row['keeps']] if need else None
+    gates_row = ctx['rows'][('gates', t, seed)] if arm in NEEDS_GATES else None
+    keeps = gates_row and [torch.tensor(k, dtype=torch.bool) for k in gates_row['keeps']]
     template = gc.resnet_cifar(DEPTHS[args.arch], num_classes=len(data.classes),
                                gating='static').to(args.device)
     rf.load_weights(template, dense.state_dict(), 'the dense start', gated=True)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    extra = {}
-    teach = dict(distill=tl.distillation(dense, args.distill) if args.distill else None)
-    if arm in ('gates', 'dynamic'):
-        net = gated_arm(dense, data, args, t, seed, 'static' if arm == 'gates' else 'dynamic',
-                        run_dir, autocast, **teach)
-        if arm == 'gates':
-            extra['keeps'] = [k.tolist() for k in keeps_of(net)]
-            net = ge.prune(net)
-    elif arm == 'select':
-        order, cut = data.generator(seed + 1), args.select_epochs
-        gated = gated_arm(dense, data, args, t, seed, 'static', run_dir / 'select', autocast,
-                          part=(0, cut), gen=order, frozen=args.select_frozen, **teach)
-        extra['keeps'] = [k.tolist() for k in keeps_of(gated)]
-        net = fine_tune(ge.prune(gated).train(), data, args, seed, run_dir / 'finetune',
-                        autocast, part=(cut, args.epochs), gen=order, **teach)  # one schedule
-    elif arm == 'scratch':
-        net = reinit(pruned_with(template, keeps)).train()
-        total = args.dense_epochs + args.epochs
-        tl.fit_images(net, data, args, epochs=total, batch_size=args.dense_batch_size,
-                      weight_decay=args.dense_weight_decay,
-                      milestones=tl.milestones_at(total, (1, 2), (3, 4)),
-                      gen=data.generator(seed + 1), gate_loss=None,
-                      autocast=autocast, run_dir=run_dir, phase='scratch',
-                      mode=machine.compile_mode(args.compile, args.device),
-                      test_each_epoch=not args.final_test_only, **teach)
-        net = recalibrated(net, data, args, seed, autocast)
-    else:
-        if arm == 'global':
-            net = tp_global(dense, x, gates_row['macs'])[1]
-        else:
-            if arm == 'uniform':
-                keeps = uniform_keeps(template, gates_row['macs'])
-            elif arm == 'random':
-                keeps = [top(torch.rand(len(k), generator=gen), int(k.sum())) for k in keeps]
-            else:                                                   # l1
-                keeps = [top(s, int(k.sum())) for s, k in zip(l1_scores(template), keeps)]
-            net = pruned_with(template, keeps)
-        net = fine_tune(net.train(), data, args, seed, run_dir, autocast, **teach)
+    distill = tl.distillation(dense, args.distill) if args.distill else None
+    net, extra = ARM_FUNCTIONS[arm](Job(t, seed, run_dir, ctx, template, gates_row, keeps,
+                                        distill))
     return finish(net, arm, t, seed, ctx, extra)
 
 
@@ -409,11 +449,9 @@ def evaluation_suffix(args):
 
 
 def reevaluated(arm, t, seed, ctx):
-    """--evaluate: a finished arm's net rebuilt from its last checkpoint (the fine-tuned
-    weights before BN recalibration; a pruned arm's widths read from it), recalibrated and
-    tested at this --tau / --recal-batches; the gates arm re-pruned at this tau (the other
-    arms have no gates: tau does not change them). Nothing is retrained. -> its row (read,
-    when this evaluation was done before)."""
+    """--evaluate: a finished arm rebuilt from its last checkpoint (weights before BN
+    recalibration; a pruned arm's widths read from them), recalibrated and tested at this
+    --tau / --recal-batches, the gates re-pruned at this tau; nothing retrained. -> its row."""
     args, data = ctx['args'], ctx['data']
     run_dir, suffix = arm_dir(ctx['out'], arm, t, seed), evaluation_suffix(args)
     if (run_dir / f'final{suffix}.json').exists():
@@ -440,6 +478,18 @@ def reevaluated(arm, t, seed, ctx):
         extra['keeps'] = [k.tolist() for k in keeps_of(net)]
         net = ge.prune(net)
     return finish(net, arm, t, seed, ctx, extra, suffix)
+
+
+# what a sweep runs and how it reports, not what an arm is: never part of its settings
+NOT_SETTINGS = ('t', 'seeds', 'arms', 'final_test_only', 'table_only', 'evaluate')
+
+
+@functools.cache
+def setting_names():
+    """An arm's settings: every flag of the parser's structure, training and evaluation
+    groups but NOT_SETTINGS (a flag added to those groups is a setting at once)."""
+    return tuple(k for k in parser().dests('structure', 'training', 'evaluation')
+                 if k not in NOT_SETTINGS)
 
 
 @functools.cache
@@ -566,15 +616,9 @@ def main(argv=None):
         dense = dense_start(args, data, out, autocast)
     dense_acc = tl.evaluate(dense, data, autocast)[0]
     x = data.prepare(data.x_test[:1])
-    keys = ('arch', 'dataset', 'synthetic', 'train_size', 'init', 'dense_epochs', 'epochs',
-            'select_epochs', 'batch_size', 'dense_batch_size', 'lr', 'weight_decay',
-            'dense_weight_decay', 'milestones', 'recal_batches', 'tau', 'loss',
-            'loss_weight', 'gate_lr_mult', 'gate_lr_decay', 'gate_decay', 'gate_init_p',
-            'soft_gates', 'temperature', 'gate_sample', 'polarize', 'gate_init', 't_ramp',
-            'gate_anneal', 'select_frozen', 'distill')
     ctx = dict(args=args, data=data, dense=dense, autocast=autocast, out=out, rows={},
                dense_macs=ge.counted_macs(dense.eval(), x),
-               settings={k: getattr(args, k) for k in keys})
+               settings={k: getattr(args, k) for k in setting_names()})
     arms = [a for a in ARMS if a in args.arms]
     sweep(ctx, arms)
     rows = [r for (arm, _, _), r in ctx['rows'].items() if arm in arms]
