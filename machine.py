@@ -1,7 +1,7 @@
 """Where and how a run runs, safe to skip on a first reading: the one device rule, the
 precision (autocast, GradScaler), CPU threads, the compile mode of the training step, each
-process's seed and RNG state, and the watch for a non-finite loss that does not make the host
-wait for the GPU. The training loop that uses them is train_loop.py.
+process's seed and RNG state. The training loop that uses them (and watches for a
+non-finite loss) is train_loop.py.
 """
 import os
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import cli
-from cli import RunError, UsageError
+from cli import UsageError
 
 # ----------------------------------------------------------------------------- device and precision
 
@@ -125,36 +125,3 @@ def set_rng_state(state):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
-
-
-class Divergence:
-    """The first step whose loss is not finite, watched without making the host wait for the
-    GPU at every step: the step number stays on the device; check() reads the copy its
-    previous call started, waiting for that copy if it has not landed yet (so the host runs
-    at most two check spans ahead of the GPU and a bad loss is seen within them), or reads
-    it at once (wait=True, at the end of an epoch). A bad loss stops the run (RunError)
-    naming the step."""
-
-    def __init__(self, device):
-        self.bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.host = torch.full((), -1, dtype=torch.long, pin_memory=device.type == 'cuda')
-        self.landed = None                                  # the CUDA event after a copy
-
-    def see(self, i, loss):
-        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(loss), i, self.bad)
-
-    def check(self, epoch, wait=False):
-        if wait or self.bad.device.type != 'cuda':
-            step = int(self.bad)
-        else:
-            step = -1
-            if self.landed is not None:
-                self.landed.synchronize()                   # at once, unless the GPU lags
-                step = int(self.host)
-            self.host.copy_(self.bad, non_blocking=True)
-            self.landed = torch.cuda.Event()
-            self.landed.record()
-        if step >= 0:
-            raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
-                           'diverged (try a lower --lr); the last good checkpoint is kept and '
-                           'nothing is exported')

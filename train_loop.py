@@ -425,6 +425,39 @@ def progress(epoch, step, epochs, steps):
 
 # ----------------------------------------------------------------------------- the epoch
 
+class Divergence:
+    """The first step whose loss is not finite, watched without making the host wait for the
+    GPU at every step: the step number stays on the device; check() reads the copy its
+    previous call started, waiting for that copy if it has not landed yet (so the host runs
+    at most two check spans ahead of the GPU and a bad loss is seen within them), or reads
+    it at once (wait=True, at the end of an epoch). A bad loss stops the run (RunError)
+    naming the step."""
+
+    def __init__(self, device):
+        self.bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.host = torch.full((), -1, dtype=torch.long, pin_memory=device.type == 'cuda')
+        self.landed = None                                  # the CUDA event after a copy
+
+    def see(self, i, loss):
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(loss), i, self.bad)
+
+    def check(self, epoch, wait=False):
+        if wait or self.bad.device.type != 'cuda':
+            step = int(self.bad)
+        else:
+            step = -1
+            if self.landed is not None:
+                self.landed.synchronize()                   # at once, unless the GPU lags
+                step = int(self.host)
+            self.host.copy_(self.bad, non_blocking=True)
+            self.landed = torch.cuda.Event()
+            self.landed.record()
+        if step >= 0:
+            raise RunError(f'the loss is not finite at epoch {epoch}, step {step + 1}: training '
+                           'diverged (try a lower --lr); the last good checkpoint is kept and '
+                           'nothing is exported')
+
+
 CHECK_EVERY = 20          # steps between checks for a non-finite loss (each check syncs)
 
 
@@ -440,7 +473,7 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
     device = next(step.model.parameters()).device
     t0, n, stats, gated, first = time.perf_counter(), 0, 0, 0, None
     sums = torch.zeros(3, device=device)                    # CE, gate loss, correct: no sync
-    bad = machine.Divergence(device)
+    bad = Divergence(device)
     ramp = torch.tensor([progress(i) for i in range(max(steps, 1))], device=device)
     shown = t0
     for i, (xb, yb) in enumerate(batches):
