@@ -1,4 +1,5 @@
-"""One test per claim of the paper (section numbers refer to the paper, Herrmann, Bowen and Zabih, ECCV 2020).
+"""One test per claim of the paper (section numbers refer to Herrmann, Bowen and Zabih,
+ECCV 2020).
 
 Statistical tests use 5-sigma bounds: a correct implementation fails one with probability
 below 6e-7 per comparison. Float comparisons state where their tolerance comes from.
