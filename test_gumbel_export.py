@@ -176,6 +176,9 @@ def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
     # machine need no run folder (train_loop still does: fit writes the run folder)
     assert graph['cli'] == set()
     assert all(graph[m] <= {'cli'} for m in ('cifar_data', 'imagenet_data', 'machine'))
+    # run folders know runs, not models: the models and their exports are script_models'
+    assert graph['run_folder'] <= {'cli'} and 'torchvision' not in local_imports(
+        files['run_folder'], {'torchvision'})
 
     def below(name, seen):                                  # every module name reaches
         for m in graph[name] - seen:

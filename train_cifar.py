@@ -26,6 +26,7 @@ import gumbel_export as ge
 import gumbel_skip as gs
 import machine
 import run_folder as rf
+import script_models as sm
 import train_loop as tl
 from run_folder import UsageError
 
@@ -135,7 +136,7 @@ def build(args, gated):
     """The CIFAR network of --arch: dense, or with its gates (ResNets, any torchvision
     classifier) or exits (DenseNets)."""
     if args.arch in ANY:
-        model = rf.torchvision_model(args.arch, num_classes=classes(args)).to(args.device)
+        model = sm.torchvision_model(args.arch, num_classes=classes(args)).to(args.device)
         return gated_from(model, args) if gated else model.to(memory_format=torch.channels_last)
     depth = DEPTHS[args.arch]
     if args.arch.startswith('densenet'):
@@ -156,7 +157,7 @@ def gated_from(baseline, args):
     """The gated network that fine-tuning starts from: the dense weights, new gates."""
     if args.arch in ANY:
         example = torch.zeros(2, 3, 32, 32, device=args.device)
-        model = rf.gate_model(baseline, example, init_p=args.gate_init_p)
+        model = sm.gate_model(baseline, example, init_p=args.gate_init_p)
         tl.warn_below_floor(model, args.t)
         return tl.sampling(model.to(memory_format=torch.channels_last), args)
     model = tl.sampling(build(args, gated=True), args)
@@ -228,7 +229,7 @@ def main(argv=None):
     dirs = [out / run_name(run, 'gated') for run in runs]
     dirs += [dense_dir] * (not runs or not dense_done)
     if args.arch in ANY:                           # before any folder: it runs, it gates
-        rf.check_model(build(args, gated=False), torch.zeros(2, 3, 32, 32, device=device),
+        sm.check_model(build(args, gated=False), torch.zeros(2, 3, 32, 32, device=device),
                        runs, f'--arch {args.arch}')
     if device.type == 'cpu':
         print('warning: training on the CPU; a GPU is much faster', file=sys.stderr)
@@ -369,7 +370,7 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
         print_exit_report(row['table5'])
     static = args.gating == 'static'                            # 4. the pruned network
     with rf.stage('export' if static else 'export of final.pt (dynamic gates: no pruned net)'):
-        pruned = rf.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
+        pruned = sm.save_exports(model, baseline, data.prepare(data.x_test[:2]), run_dir, row,
                                  rf.evaluation_tag(args))
         if pruned is not None:
             row['pruned_acc'] = tl.evaluate(pruned.to(data.x_test.device), data, autocast)[0]

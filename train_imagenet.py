@@ -31,6 +31,7 @@ import gumbel_export as ge
 import imagenet_data
 import machine
 import run_folder as rf
+import script_models as sm
 import train_loop as tl
 from run_folder import UsageError
 
@@ -174,7 +175,7 @@ def dense_network(args, classes, device):
         enum = torchvision.models.get_model_weights(args.arch)
         weights = getattr(enum, 'IMAGENET1K_V1', enum.DEFAULT)
     try:
-        dense = rf.torchvision_model(args.arch, weights=weights, num_classes=classes)
+        dense = sm.torchvision_model(args.arch, weights=weights, num_classes=classes)
     except Exception as e:                                  # offline, or a broken cache
         raise UsageError(f'cannot load the pretrained {args.arch} weights ({type(e).__name__}: '
                          f'{str(e)[:100]}): put them in the torch hub cache, or drop '
@@ -216,7 +217,7 @@ def main(argv=None):
     log(f'run folder: {run_dir}')
     if not is_resnet(args.arch) and not args.evaluate:   # before any folder: it runs, gates
         example = torch.zeros(2, 3, args.crop_size, args.crop_size, device=device)
-        rf.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
+        sm.check_model(dense_network(argparse.Namespace(**{**vars(args), 'pretrained': False,
                                                          'init': None}), 10, device),
                        example, args.gating != 'none',
                        f'--arch {args.arch} at --crop-size {args.crop_size}')
@@ -257,7 +258,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
     if is_resnet(args.arch):
         model = gc.gate_resnet(baseline, args.gating, args.granularity, args.gate_init_p)
     else:
-        model = rf.gate_model(baseline, x2, init_p=args.gate_init_p)
+        model = sm.gate_model(baseline, x2, init_p=args.gate_init_p)
         tl.warn_below_floor(model, args.t)
     model = tl.sampling(model, args)
     if args.targets and len(args.targets) != len(gc.gates(model)):
@@ -308,7 +309,7 @@ def pipeline(args, run_dir, device, autocast, rank, world, distributed, log):
                           run_dir, rf.evaluation_tag(args))
         with rf.stage('export' if args.gating == 'static' else
                       'export of final.pt (dynamic gates: no pruned net)'):
-            rf.save_exports(model, baseline, x2, run_dir, row, rf.evaluation_tag(args))
+            sm.save_exports(model, baseline, x2, run_dir, row, rf.evaluation_tag(args))
         rf.warn_if_missed(row, last, why='--synthetic has random labels: no channel is '
                               'worth more than another' if args.synthetic else 'NOTES.md 20')
         rf.finish(row, run_dir, rf.evaluation_tag(args))
