@@ -130,3 +130,12 @@ NON_NEGATIVE = checked(float, lambda v: v >= 0 and math.isfinite(v), '>= 0')
 OPEN_UNIT = checked(float, lambda v: 0 < v < 1, 'in (0, 1)')
 UNIT = checked(float, lambda v: 0 <= v <= 1, 'in [0, 1]')
 RATE = checked(float, lambda v: 0 < v <= 1, 'in (0, 1]')
+
+
+PROGRESS_SECONDS = 20     # seconds between status lines (an epoch, BN recalibration)
+
+
+def clock(seconds):
+    """h:mm:ss."""
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

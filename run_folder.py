@@ -13,12 +13,16 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import cli
+import machine
+
 # the command line's errors, parser and types, re-exported for the scripts (rf.UsageError)
 from cli import (COUNT, NON_NEGATIVE, OPEN_UNIT, POSITIVE, RATE, UNIT, WHOLE,  # noqa: F401
-                 HelpFormatter, Interrupted, Parser, RunError, UsageError, checked,
+                 clock, HelpFormatter, Interrupted, Parser, RunError, UsageError, checked,
                  out_of_memory, run_cli)
 
 def run_name(args, keys, *fixed):
@@ -212,6 +216,41 @@ def record_epoch(run_dir, ckpt, metrics, improved):
         f.write(to_json(metrics) + '\n')
 
 
+class RunFolder:
+    """The folder fit() trains in, handed to it whole: args.json when training starts, per
+    epoch a checkpoint and then its metrics line, a resume from its last.pt. writes=False (a
+    torchrun process but rank 0) reads and never writes; under torchrun every process's RNG
+    states go into rank 0's checkpoint, so each resumes its own."""
+
+    def __init__(self, path, writes=True):
+        self.path, self.writes = Path(path), writes
+
+    def __str__(self):
+        return str(self.path)
+
+    def resume(self, model, opt, sched, gen=None, scaler=None):
+        """(epoch, best, last metrics) restored from last.pt, or None where there is none."""
+        if not (self.path / 'last.pt').exists():
+            return None
+        return resume(self.path, model, opt, sched, gen=gen, scaler=scaler)
+
+    def begin(self, args):
+        if self.writes:
+            self.path.mkdir(parents=True, exist_ok=True)
+            save_atomic(to_json(vars(args), indent=1), self.path / 'args.json')
+
+    def save_epoch(self, model, opt, sched, *, epoch, best, args, metrics, improved, gen=None,
+                   scaler=None):
+        ranks = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()      # every process's
+            torch.distributed.all_gather_object(ranks, machine.rng_state())  # for resume
+        if self.writes:
+            ckpt = checkpoint(model, opt, sched, epoch=epoch, best=best, args=args,
+                              metrics=metrics, gen=gen, scaler=scaler, ranks=ranks)
+            record_epoch(self.path, ckpt, metrics, improved=improved)
+
+
 # ----------------------------------------------------------------------------- the run rules
 
 def decide(run_dir, args, *, epochs_key, structure, settings, evaluation=(), dense=False):
@@ -339,15 +378,6 @@ def _diff(saved, args, keys):
 
 # ----------------------------------------------------------------------------- the end of training
 
-PROGRESS_SECONDS = 20     # seconds between status lines (an epoch, BN recalibration)
-
-
-def clock(seconds):
-    """h:mm:ss."""
-    seconds = int(seconds)
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
 @contextlib.contextmanager
 def stage(label, log=print):
     """'label ...' before a long step of the pipeline after training, and its time after; Ctrl-C
@@ -369,7 +399,7 @@ def stage(label, log=print):
 def recal_batches(batches, asked, available, log=print):
     """BN recalibration's batches (4.1): `asked` (--recal-batches) of `batches`, but never
     more than the `available` training batches (one pass); a status line every
-    PROGRESS_SECONDS. -> (label for stage(), the batches)."""
+    cli.PROGRESS_SECONDS. -> (label for stage(), the batches)."""
     n = min(asked, available)
     label = f'BN recalibration over {n} batches' + (
         f' (all the training batches; --recal-batches {asked} asked for more)'
@@ -378,7 +408,7 @@ def recal_batches(batches, asked, available, log=print):
     def shown():
         t0 = shown_at = time.perf_counter()
         for i, batch in enumerate(itertools.islice(batches, n)):
-            if time.perf_counter() - shown_at > PROGRESS_SECONDS:
+            if time.perf_counter() - shown_at > cli.PROGRESS_SECONDS:
                 shown_at = time.perf_counter()
                 log(f'  BN recalibration: batch {i}/{n}, ETA '
                     f'{clock((shown_at - t0) * (n - i) / max(i, 1))}', flush=True)

@@ -172,12 +172,13 @@ def test_the_import_graph_has_no_circle_and_no_script_below_a_module():
     assert graph['paired_table'] == set()
     assert graph['channel_groups'] == set()
     assert graph['gumbel_any'] == {'gumbel_channels', 'gumbel_export', 'channel_groups'}
-    # issue 43: the command line is the bottom of the training side; the data modules and the
-    # machine need no run folder (train_loop still does: fit writes the run folder)
+    # issue 43: the command line is the bottom of the training side; the data modules, the
+    # machine and the training loop need no run folder (fit is handed one: run_folder.RunFolder)
     assert graph['cli'] == set()
     assert all(graph[m] <= {'cli'} for m in ('cifar_data', 'imagenet_data', 'machine'))
+    assert 'run_folder' not in graph['train_loop']
     # run folders know runs, not models: the models and their exports are script_models'
-    assert graph['run_folder'] <= {'cli'} and 'torchvision' not in local_imports(
+    assert graph['run_folder'] <= {'cli', 'machine'} and 'torchvision' not in local_imports(
         files['run_folder'], {'torchvision'})
 
     def below(name, seen):                                  # every module name reaches

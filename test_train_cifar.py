@@ -893,7 +893,7 @@ def test_lr_milestones_do_not_recompile_the_step():
 def test_the_status_line_survives_a_slow_first_batch(monkeypatch):
     """A first batch slower than PROGRESS_SECONDS: the ETA divides by the steps done (at
     least one), never by zero; the same for BN recalibration's line."""
-    monkeypatch.setattr(rf, 'PROGRESS_SECONDS', 0)
+    monkeypatch.setattr(rf.cli, 'PROGRESS_SECONDS', 0)          # one knob for every line
     _, step = gated_step_setup()
     lines = []
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))] * 3

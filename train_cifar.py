@@ -179,7 +179,7 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
         gen=data.generator(args.seed + (0 if first else 1)),      # lr 0.01 at 0
         gate_loss=tl.gate_loss(args), autocast=autocast,
-        mode=machine.compile_mode(args.compile, args.device), run_dir=run_dir, phase=phase)
+        mode=machine.compile_mode(args.compile, args.device), folder=rf.RunFolder(run_dir), phase=phase)
     return model, last
 
 

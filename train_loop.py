@@ -8,9 +8,10 @@ plain fine-tuning of a pruned net).
                       milestones=[40, 70], gen=data.generator(seed),
                       autocast=machine.autocast_for(dev), gate_loss=gate_loss(args))
 
-fit() itself takes any batches (train_imagenet.py's loaders). Two modules a first reading may
-skip: machine.py (the device, precision, threads, the compile mode, RNG states) and
-run_folder.py (checkpoints, resume, errors).
+fit() itself takes any batches (train_imagenet.py's loaders), and keeps its run in the
+folder it is handed (folder=run_folder.RunFolder(path): checkpoints, resume). Two modules a
+first reading may skip: machine.py (the device, precision, threads, the compile mode, RNG
+states) and run_folder.py (what a run folder keeps and the rules for reusing one).
 """
 import copy
 import math
@@ -21,10 +22,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+import cli
 import gumbel_channels as gc
 import machine
-import run_folder as rf
-from run_folder import RunError, UsageError
+from cli import RunError, UsageError
 
 # ----------------------------------------------------------------------------- the gate recipe
 
@@ -51,46 +52,46 @@ def add_gate_args(parser):
     s('--loss', default='flops', choices=('flops', 'batch', 'per-gate'),
       help='flops (3.4), batch (Eq. 1) or per-gate (AIG, 2.1)')
     s('--soft-gates', action='store_true', help='soft Gumbel-softmax, not straight-through (3.2)')
-    a('--targets', type=rf.UNIT, nargs='+',
+    a('--targets', type=cli.UNIT, nargs='+',
       help='per-gate loss: a rate per gate module (default t)')
-    a('--loss-weight', type=rf.NON_NEGATIVE, default=RECIPE['loss_weight'],
+    a('--loss-weight', type=cli.NON_NEGATIVE, default=RECIPE['loss_weight'],
       help='gate loss weight (the paper: 1; NOTES.md 18)')
-    a('--gate-lr-mult', type=rf.POSITIVE, default=RECIPE['gate_lr_mult'],
+    a('--gate-lr-mult', type=cli.POSITIVE, default=RECIPE['gate_lr_mult'],
       help=f"gate lr / lr (default: {GATE_LR_MULT['static']:g} for static gates, "
            f"{GATE_LR_MULT['dynamic']:g} for dynamic ones, {GATE_LR_MULT['exit']:g} for "
            "DenseNet exits; the paper: 1; NOTES.md 18)")
     a('--gate-lr-decay', action='store_true', default=RECIPE['gate_lr_decay'],
       help='the gate lr follows --milestones too (the paper); by default it stays constant so '
            'the gates can finish polarizing')
-    a('--gate-decay', type=rf.NON_NEGATIVE, default=20.0,
+    a('--gate-decay', type=cli.NON_NEGATIVE, default=20.0,
       help='gate decay: weight decay * this / |G| (3.2)')
-    a('--gate-init-p', type=rf.OPEN_UNIT, default=gc.INIT_P,
+    a('--gate-init-p', type=cli.OPEN_UNIT, default=gc.INIT_P,
       help='initial on-probability of the gates (DenseNet exits: 1 - this is the p of leaving)')
-    a('--temperature', type=rf.POSITIVE, default=1.0,
+    a('--temperature', type=cli.POSITIVE, default=1.0,
       help='Gumbel-softmax temperature (3.2: fixed at 1)')
     a('--gate-sample', default='image', choices=('image', 'batch'),
       help='static gates draw once per image or once per batch')
-    a('--polarize', type=rf.NON_NEGATIVE, default=RECIPE['polarize'], help='weight per gate of '
+    a('--polarize', type=cli.NON_NEGATIVE, default=RECIPE['polarize'], help='weight per gate of '
       'the polarization term (summed over gates), rising from 0 over fine-tuning (the paper: 0; '
       'NOTES.md 20)')
     a('--gate-init', default='uniform', choices=('uniform', 'magnitude'),
       help='uniform: every gate at --gate-init-p (the paper); magnitude: within each gate '
            "module the logits spread by the rank of the dense filter's L1 norm (static gates "
            'of the paper\'s ResNets; docs/comparison.md, "Gates on photographs")')
-    a('--t-ramp', type=rf.UNIT, default=0.0,
+    a('--t-ramp', type=cli.UNIT, default=0.0,
       help='the FLOPs target falls linearly from 1 to t over this share of the fine-tuning '
            '(0: t from the first step, the paper)')
-    a('--gate-anneal', type=rf.UNIT, default=0.0,
+    a('--gate-anneal', type=cli.UNIT, default=0.0,
       help="the gates' lr falls linearly toward 0 from this share of the fine-tuning on, once "
            'the gates have polarized (0: constant, the recipe)')
-    a('--milestones', type=rf.COUNT, nargs='+',
+    a('--milestones', type=cli.COUNT, nargs='+',
       help='lr / 10 at these epochs (default: at fixed shares of --epochs)')
 
 
 def add_evaluation_args(group):
     """The evaluation flags both scripts take (a parser's evaluation group)."""
-    group.add_argument('--tau', type=rf.OPEN_UNIT, default=0.5, help='inference threshold (3.3)')
-    group.add_argument('--recal-batches', type=rf.COUNT, default=200,
+    group.add_argument('--tau', type=cli.OPEN_UNIT, default=0.5, help='inference threshold (3.3)')
+    group.add_argument('--recal-batches', type=cli.COUNT, default=200,
                        help='BN recalibration batches (4.1)')
 
 
@@ -374,7 +375,7 @@ class CompiledStep:
         except (KeyboardInterrupt, RunError, UsageError):
             raise
         except Exception as e:                              # compiling, or a compiled call
-            if rf.out_of_memory(e):
+            if cli.out_of_memory(e):
                 raise
             self._eagerly(e)
             torch._foreach_copy_(self.buffers, self.saved)  # BN statistics as before
@@ -385,7 +386,7 @@ class CompiledStep:
         except (KeyboardInterrupt, RunError, UsageError):
             raise
         except Exception as e:
-            if rf.out_of_memory(e):
+            if cli.out_of_memory(e):
                 raise
             self._eagerly(e)
             step.opt_step()                                 # the same gradients
@@ -470,7 +471,7 @@ CHECK_EVERY = 20          # steps between checks for a non-finite loss (each che
 def train_epoch(step, batches, progress, epoch, steps, log=print):
     """One epoch of `steps` batches through `step` (a TrainStep). `progress(i)` is the share
     of training done at step i. A status line (step, loss, img/s, ETA) goes to `log` every
-    rf.PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within
+    cli.PROGRESS_SECONDS. A loss that is not finite stops the run (RunError) within
     CHECK_EVERY steps (two such spans on CUDA, whose host never waits for it), naming the step
     where it began; nothing of this epoch is saved. Under torchrun the statistics are averaged
     over all processes.
@@ -485,10 +486,10 @@ def train_epoch(step, batches, progress, epoch, steps, log=print):
     for i, (xb, yb) in enumerate(batches):
         if i % CHECK_EVERY == 0:
             bad.check(epoch)
-        if time.perf_counter() - shown > rf.PROGRESS_SECONDS and i < steps:
+        if time.perf_counter() - shown > cli.PROGRESS_SECONDS and i < steps:
             shown, spent = time.perf_counter(), time.perf_counter() - t0
             log(f'  epoch {epoch} step {i}/{steps}  loss {sums[0].item() / max(n, 1):.3f}  '
-                f'{n / spent:.0f} img/s  ETA {rf.clock(spent * (steps - i) / max(i, 1))}',
+                f'{n / spent:.0f} img/s  ETA {cli.clock(spent * (steps - i) / max(i, 1))}',
                 flush=True)
         compiling = step.mode and step.compiled.seconds is None
         loss, ce, gl, correct, info_stats = step(xb, yb, ramp[min(i, len(ramp) - 1)])
@@ -535,9 +536,8 @@ def print_row(epoch, lr, m, test_acc, test_macs, images_per_s):
 # ----------------------------------------------------------------------------- fit
 
 def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, milestones,
-        gate_loss, autocast, mode=None, warmup=False, run_dir=None, gen=None, scaler=None,
-        net=None, log=print, writes=True, phase=None, after_epoch=None, test_column='test%',
-        distill=None):
+        gate_loss, autocast, mode=None, warmup=False, folder=None, gen=None, scaler=None,
+        net=None, log=print, phase=None, after_epoch=None, test_column='test%', distill=None):
     """Train `model` for `epochs` (4.1): SGD over gc.param_groups (optimizer(): the lr and the
     gate recipe from args), the weights' lr / 10 at each milestone, loss = CE [+ gate_loss(
     info, progress) for a gated net] through TrainStep (compiled with `mode`).
@@ -545,24 +545,24 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
         evaluate(epoch) -> the epoch's test items, dict(test_acc=..., test_macs=..., ...), or
                            None (no test this epoch)
         after_epoch(epoch) -> more items for the epoch's row (ImageNet: unreadable images)
-    With run_dir (and writes: rank 0 under torchrun): args.json, then per epoch a checkpoint
-    and a metrics line (run_folder), and a resume from run_dir/last.pt when it is there.
-    `net` is what the forward calls (a DDP wrapper); `distill`: distillation(). -> the last
-    epoch's row."""
+    folder (run_folder.RunFolder, or None: nothing kept) resumes the run when it holds one,
+    then keeps args.json, each epoch's checkpoint and metrics line; rows are printed where
+    it writes (rank 0 under torchrun). `net` is what the forward calls (a DDP wrapper);
+    `distill`: distillation(). -> the last epoch's row."""
     opt, sched = optimizer(model, args, weight_decay=weight_decay, milestones=milestones,
                            warmup=warmup, epochs=epochs)
     start, best, last = 0, -1.0, None
-    if run_dir is not None and (run_dir / 'last.pt').exists():
-        start, best, last = rf.resume(run_dir, model, opt, sched, gen=gen, scaler=scaler)
-        log(f'{phase + ": " if phase else ""}resumed from {run_dir / "last.pt"} after epoch '
-            f'{start}')
-    if run_dir is not None and writes:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rf.save_atomic(rf.to_json(vars(args), indent=1), run_dir / 'args.json')
+    resumed = folder.resume(model, opt, sched, gen=gen, scaler=scaler) if folder else None
+    if resumed:
+        start, best, last = resumed
+        log(f'{phase + ": " if phase else ""}resumed from {folder}/last.pt after epoch {start}')
+    writes = folder is None or folder.writes
+    if folder:
+        folder.begin(args)
     step = TrainStep(model, opt, gate_loss, autocast, mode=mode, scaler=scaler, net=net,
                      distill=distill)
     log(ROW.format(*HEADER[:5], test_column, *HEADER[6:]))
-    saved = f'last checkpoint: epoch {start} in {run_dir}' if start else 'nothing saved yet'
+    saved = f'last checkpoint: epoch {start} in {folder}' if start else 'nothing saved yet'
     epoch = start
     try:
         for epoch in range(start, epochs):
@@ -578,22 +578,15 @@ def fit(model, args, *, epochs, batches, steps, evaluate, weight_decay, mileston
                 print_row(epoch + 1, lr, m, test['test_acc'], test['test_macs'],
                           last['images_per_s'])
             improved = test['test_acc'] is not None and test['test_acc'] > best
-            ranks = None
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                ranks = [None] * torch.distributed.get_world_size()      # every process's
-                torch.distributed.all_gather_object(ranks, machine.rng_state())  # for resume
-            if run_dir is not None and writes:
-                ckpt = rf.checkpoint(model, opt, sched, epoch=epoch + 1,
-                                     best=max(best, test['test_acc']) if improved else best,
-                                     args=args, metrics=last, gen=gen, scaler=scaler,
-                                     ranks=ranks)
-                saved = f'last checkpoint: epoch {epoch + 1} in {run_dir}'
-                rf.record_epoch(run_dir, ckpt, last, improved=improved)
             best = max(best, test['test_acc']) if improved else best
+            if folder:
+                saved = f'last checkpoint: epoch {epoch + 1} in {folder}'
+                folder.save_epoch(model, opt, sched, epoch=epoch + 1, best=best, args=args,
+                                  metrics=last, improved=improved, gen=gen, scaler=scaler)
     except KeyboardInterrupt:
-        raise rf.Interrupted(f'in epoch {epoch + 1}', saved) from None
+        raise cli.Interrupted(f'in epoch {epoch + 1}', saved) from None
     except RuntimeError as e:                               # CUDA's or the CPU's OOM
-        if not rf.out_of_memory(e):
+        if not cli.out_of_memory(e):
             raise
         graphs = ', or --compile off (CUDA graphs keep memory pools of their own)' \
             if step.mode else ''
@@ -608,7 +601,7 @@ def fit_images(model, data, args, *, batch_size, gen, autocast, test_each_epoch=
     epochs = kw['epochs']
     phase = kw.get('phase') or 'train'
     print(f"{phase}: {epochs} epochs, batch {batch_size}, lr {args.lr} / 10 at "
-          f"{kw['milestones']}" + (f", run dir {kw['run_dir']}" if kw.get('run_dir') else ''))
+          f"{kw['milestones']}" + (f", run dir {kw['folder']}" if kw.get('folder') else ''))
 
     def test(epoch):
         if not test_each_epoch:
