@@ -231,7 +231,7 @@ def dense_start(args, data, out, autocast):
                   milestones=tl.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
                   gen=data.generator(0), gate_loss=None, autocast=autocast,
                   mode=machine.compile_mode(args.compile, args.device),
-                  folder=rf.RunFolder(run_dir), phase='dense')              # tested every epoch: converged?
+                  folder=rf.RunFolder(run_dir), phase='dense')   # tested every epoch: converged?
     acc = tl.evaluate(dense, data, autocast)[0]
     rf.save_atomic(rf.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
     return dense
@@ -444,16 +444,12 @@ def finish(net, arm, t, seed, ctx, extra, suffix=''):
     return row
 
 
-def evaluation_suffix(args):
-    return f'-tau{args.tau:g}-recal{args.recal_batches}'
-
-
 def reevaluated(arm, t, seed, ctx):
     """--evaluate: a finished arm rebuilt from its last checkpoint (weights before BN
     recalibration; a pruned arm's widths read from them), recalibrated and tested at this
     --tau / --recal-batches, the gates re-pruned at this tau; nothing retrained. -> its row."""
     args, data = ctx['args'], ctx['data']
-    run_dir, suffix = arm_dir(ctx['out'], arm, t, seed), evaluation_suffix(args)
+    run_dir, suffix = arm_dir(ctx['out'], arm, t, seed), rf.evaluation_tag(args)
     if (run_dir / f'final{suffix}.json').exists():
         return json.loads((run_dir / f'final{suffix}.json').read_text())
     depth, classes = DEPTHS[args.arch], len(data.classes)
@@ -630,7 +626,7 @@ def main(argv=None):
                   train_images=len(data.x_train), test_images=len(data.x_test),
                   rows=[{k: v for k, v in r.items() if k not in ('keeps', 'settings')}
                         for r in rows], summary=table)
-    name = f'compare{evaluation_suffix(args) if args.evaluate else ""}'
+    name = f'compare{rf.evaluation_tag(args)}'        # -tau0.4-recal100 under --evaluate
     rf.save_atomic(rf.to_json(result, indent=1), out / f'{name}.json')
     try:
         import figures

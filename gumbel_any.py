@@ -240,8 +240,9 @@ def _consumers(gm, graph, layers):
             if user in seen:
                 continue
             seen.add(user)
-            if _layer_called(user, by_name):
-                reached.add(_layer_called(user, by_name))
+            called = _layer_called(user, by_name)
+            if called:
+                reached.add(called)
             elif _channelwise(gm, user):
                 stack.extend(user.users)
             else:
@@ -260,9 +261,11 @@ def _channelwise(gm, node):
         return isinstance(m, (_Mask, nn.Flatten) + cg.ELEMENTWISE_MODULES + cg.POOL_MODULES) \
             or cg.is_norm(m) or cg.per_channel(m)
     key = node.target if node.op == 'call_function' else str(node.target)
-    return node.op in ('call_function', 'call_method') and (
-        key in cg.UNARY | cg.BINARY | cg.POOL | cg.RESHAPE | cg.MOVE | cg.SPLIT or
-        key in (torch.cat, operator.getitem, F.pad))
+    return node.op in ('call_function', 'call_method') and key in _CHANNELWISE_CALLS
+
+
+_CHANNELWISE_CALLS = (cg.UNARY | cg.BINARY | cg.POOL | cg.RESHAPE | cg.MOVE | cg.SPLIT
+                      | {torch.cat, operator.getitem, F.pad})
 
 
 def decision_macs(layers, positions, columns):

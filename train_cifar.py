@@ -118,7 +118,7 @@ def parse_args(argv):
     return args
 
 
-EXIT_T = 0.88     # what the paper's Table 5 split costs DenseNet-BC-100 (docs/reproducing.md, Early exits)
+EXIT_T = 0.88     # the paper's Table 5 split's cost on DenseNet-BC-100 (docs/reproducing.md)
 
 
 def exit_costs(depth, hw=(32, 32)):
@@ -178,8 +178,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         weight_decay=args.dense_weight_decay if first else args.weight_decay,
         milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
         gen=data.generator(args.seed + (0 if first else 1)),      # lr 0.01 at 0
-        gate_loss=tl.gate_loss(args), autocast=autocast,
-        mode=machine.compile_mode(args.compile, args.device), folder=rf.RunFolder(run_dir), phase=phase)
+        gate_loss=tl.gate_loss(args), autocast=autocast, phase=phase,
+        mode=machine.compile_mode(args.compile, args.device), folder=rf.RunFolder(run_dir))
     return model, last
 
 
@@ -379,14 +379,11 @@ def fine_tune(args, run_dir, baseline, base_acc, data, autocast):
     return row
 
 
-def exit_names(n):
-    """Table 5's rows: 'block 1', 'block 2', ..., 'final block'."""
-    return [f'block {k + 1}' for k in range(n - 1)] + ['final block']
-
-
 def print_exit_report(report):
-    """Table 5 from gumbel_skip.exit_report, one line per exit, named as the paper does."""
-    for e, name in zip(report['exits'], exit_names(len(report['exits']))):
+    """Table 5 from gumbel_skip.exit_report, one line per exit, named as the paper does
+    ('block 1', 'block 2', ..., 'final block')."""
+    n = len(report['exits'])
+    for e, name in zip(report['exits'], [f'block {k + 1}' for k in range(n - 1)] + ['final block']):
         print(f"{name}: {100 * e['share']:5.2f}% of images leave, accuracy "
               f"{100 * e['acc_all']:5.2f} on all, {100 * e['acc_taken']:5.2f} on those taken")
     print(f"MACs spent {report['counted_macs'] / report['full_macs']:.1%} of running every "
