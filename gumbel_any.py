@@ -25,7 +25,6 @@ on when they differ; it warns when less than half of the MACs can be gated, nami
 that fixed the channels.
 """
 import copy
-import importlib
 import operator
 import warnings
 
@@ -33,7 +32,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.node import _get_qualified_name
 
 try:                                                    # beside gumbel_channels, or in a package
     from . import channel_groups as cg
@@ -45,6 +43,8 @@ except ImportError:
     import gumbel_export as ge
 
 __all__ = ['gate_any', 'GatedNet', 'any_macs', 'decision_macs']
+
+_OnEmpty = ge._OnEmpty      # where pruned.pt files written before issue 42 moved it look
 
 
 class _Mask(nn.Module):
@@ -85,8 +85,6 @@ class _Layer(nn.Module):
     def extra_repr(self):
         return f'{self.name!r}, {self.kind}, in={len(self.ins)}, out={len(self.outs)}, ' \
                f'groups={self.groups}'
-
-
 
 
 class GatedNet(nn.Module):
@@ -186,7 +184,15 @@ class GatedNet(nn.Module):
         param = next(self.net.parameters(), None)               # the net's dtype: float64 too
         x = torch.zeros(1, *self.input_shape, device=keep.device,
                         dtype=param.dtype if param is not None else None)
-        return _prune(fx.GraphModule(self.net, self.graph()), self.layers, self.norms, keep, x)
+        gm = copy.deepcopy(fx.GraphModule(self.net, self.graph())).eval()
+        for node in list(gm.graph.nodes):                # masks and zfull go: keep decides
+            if node.op == 'call_module' and node.target.startswith('gate_mask'):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        gm.graph.erase_node(next(n for n in gm.graph.nodes
+                                 if n.op == 'placeholder' and n.target == 'zfull'))
+        alive = _alive(self.layers, keep[None].double())
+        return ge.prune_graph(gm, self.layers, self.norms, keep, alive, x)
 
 
 def any_macs(layers, positions, zfull):
@@ -231,7 +237,7 @@ def _consumers(gm, graph, layers):
     counted and kept, as it runs in the gated net)."""
     by_name, found = {layer.name: layer for layer in layers}, {}
     for node in graph.nodes:
-        name = _layer_called(node, by_name)
+        name = ge.layer_called(node, by_name)
         if name is None:
             continue
         reached, stack, seen, other = set(), list(node.users), set(), False
@@ -240,7 +246,7 @@ def _consumers(gm, graph, layers):
             if user in seen:
                 continue
             seen.add(user)
-            called = _layer_called(user, by_name)
+            called = ge.layer_called(user, by_name)
             if called:
                 reached.add(called)
             elif _channelwise(gm, user):
@@ -338,7 +344,6 @@ def gate_any(model, example_input, gating='static', init_p=gc.INIT_P, ignore=(),
     return gated
 
 
-
 def _copy_missing(root, gm, graph):
     """Give gm every module and attribute `graph` uses that it lacks, taken from root."""
     for node in graph.nodes:
@@ -362,7 +367,7 @@ def _insert_masks(gm, graph, layers, prefix):
     x = next(n for n in graph.nodes if n.op == 'placeholder')
     with graph.inserting_after(x):
         zfull = graph.placeholder('zfull')
-    sites = [(n, _layer_called(n, by_name)) for n in graph.nodes]
+    sites = [(n, ge.layer_called(n, by_name)) for n in graph.nodes]
     for k, (node, layer) in enumerate((n, by_name[name]) for n, name in sites if name):
         gm.add_submodule(f'{prefix}{k}', _Mask(layer.ins, layer.kind == 'linear'))
         with graph.inserting_before(node):
@@ -370,20 +375,6 @@ def _insert_masks(gm, graph, layers, prefix):
         node.args = (masked, *node.args[1:])
     graph.lint()
     gm.recompile()
-
-
-
-def _layer_called(node, layers):
-    """The name of the layer (in `layers`) a node calls: a module, or the weight of an
-    F.conv*d / F.linear call; None."""
-    if node.op == 'call_module':
-        return node.target if node.target in layers else None
-    if node.op == 'call_function' and (node.target in cg.CONV_FNS or node.target in
-                                       cg.TRANSPOSED_FNS or node.target is F.linear):
-        weight = cg.bound_args(node).get('weight')
-        if isinstance(weight, fx.Node) and weight.op == 'get_attr' and weight.target in layers:
-            return weight.target
-    return None
 
 
 def _check_count(gated, model, x, ignore, uncovered, analysis):
@@ -462,126 +453,7 @@ def _check_count(gated, model, x, ignore, uncovered, analysis):
                       + ', '.join(f'{w} ({100 * m / total:.0f}%)' for w, m in top), stacklevel=3)
 
 
-
 def _ancestors(path):
     """'a.b.c' -> ['a.b.c', 'a.b', 'a', '']."""
     parts = path.split('.') if path else []
     return ['.'.join(parts[:k]) for k in range(len(parts), -1, -1)]
-
-
-# ----------------------------------------------------------------------------- pruning
-
-def _module_of_call(gm, node):
-    """The nn module computing an F.conv*d / F.linear call on module parameters."""
-    call = cg.bound_args(node)
-    w = gm.get_parameter(call['weight'].target)
-    bias = call.get('bias')
-    bias = None if bias is None else gm.get_parameter(bias.target)
-    if node.target is F.linear:
-        new = nn.Linear(w.shape[1], w.shape[0], bias is not None)
-    else:
-        dim = {**cg.CONV_FNS, **cg.TRANSPOSED_FNS}[node.target]
-        names = cg.CONV_ARGS if node.target in cg.CONV_FNS else cg.TRANSPOSED_ARGS
-        kw = {k: call[k] for k in names if k in call}
-        groups = kw.get('groups', 1)
-        if node.target in cg.CONV_FNS:
-            new = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1](
-                w.shape[1] * groups, w.shape[0], w.shape[2:], bias=bias is not None, **kw)
-        else:
-            new = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dim - 1](
-                w.shape[0], w.shape[1] * groups, w.shape[2:], bias=bias is not None, **kw)
-    return ge.replaced(new.to(w), weight=w.detach(), bias=None if bias is None else bias.detach())
-
-
-def _prune(gm, layers, norms, keep, x):
-    """A copy of the traced net without its masks and zfull input, each conv, linear and BN
-    sliced to the channels `keep` (per column of zfull) keeps (an F.conv*d / F.linear call
-    becomes the module it computes, sliced); ops that cannot take a tensor left with no
-    channel (a pool after a conv whose outputs are all off) are made to."""
-    gm = copy.deepcopy(gm).eval()
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.op == 'call_module' and node.target.startswith('gate_mask'):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-    graph.erase_node(next(n for n in graph.nodes if n.op == 'placeholder' and n.target == 'zfull'))
-    by_name = {layer.name: layer for layer in layers}
-    calls = [n for n in graph.nodes if n.op == 'call_function' and _layer_called(n, by_name)]
-    for k, node in enumerate(calls):
-        name = f'pruned_call{k}'
-        gm.add_submodule(name, _module_of_call(gm, node))
-        by_name[name] = by_name[_layer_called(node, by_name)]
-        with graph.inserting_before(node):
-            node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
-        graph.erase_node(node)
-    # a layer whose output nothing reads (WaveNet's last residual conv) still runs, as in the
-    # gated net, whose FLOPs(Z) counts it: the pruned net computes what was counted
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
-        n.op == 'call_module' and n.target in by_name))
-    alive = _alive(layers, keep[None].double())
-    for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
-        layer = by_name[target]                          # once, however often it is called
-        sliced = ge.sliced(gm.get_submodule(target), keep[layer.ins], keep[layer.outs],
-                           layer.groups)
-        if not isinstance(sliced, ge.Constant) and not float(alive[layer.name]):
-            sliced = ge.Constant(sliced, None, int(keep[layer.outs].sum()))  # feeds constants
-        gm.set_submodule(target, sliced)
-    for norm in norms:
-        gm.set_submodule(norm.name, ge.sliced_norm(gm.get_submodule(norm.name),
-                                                   keep[norm.ins]))
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    _EmptySafe(gm.eval()).run(x)
-    graph.lint()
-    gm.recompile()
-    return gm.eval()
-
-
-def _on_empty(fn, x, *args, **kwargs):
-    """fn(x, ...) for an x with no channel (dim 1 of size 0): fn on one zero channel, whose
-    result's channels are then dropped again."""
-    if x.shape[1] == 0:
-        return fn(x.new_zeros(x.shape[0], 1, *x.shape[2:]), *args, **kwargs)[:, :0]
-    return fn(x, *args, **kwargs)
-
-
-def _on_empty_call(name, x, *args, **kwargs):
-    """_on_empty of the function named `name` ('torch.nn.functional.max_pool2d')."""
-    module, _, attr = name.rpartition('.')
-    return _on_empty(getattr(importlib.import_module(module), attr), x, *args, **kwargs)
-
-
-class _OnEmpty(nn.Module):
-    """A module that takes a tensor with no channel through _on_empty."""
-
-    def __init__(self, module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x, *args, **kwargs):
-        return _on_empty(self.module, x, *args, **kwargs)
-
-
-class _EmptySafe(fx.Interpreter):
-    """Runs the pruned graph once; a node that fails on a channel-less input is rewritten to
-    go through _on_empty. (A conv or linear layer with nothing on is already a
-    gumbel_export.Constant, as in the ResNet exporter; this is for the other ops an
-    arbitrary graph may put after one, which torch refuses at zero channels.)"""
-
-    def run_node(self, n):
-        try:
-            return super().run_node(n)
-        except RuntimeError:
-            args = self.fetch_args_kwargs_from_env(n)[0]
-            if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1
-                    and args[0].shape[1] == 0):
-                raise
-        if n.op == 'call_module':
-            self.module.set_submodule(n.target, _OnEmpty(self.module.get_submodule(n.target)))
-        elif n.op == 'call_function':                    # by name: the code stays printable
-            n.target, n.args = _on_empty_call, (_get_qualified_name(n.target), *n.args)
-        else:
-            raise ValueError(f'the pruned net cannot run: .{n.target}() gets a tensor with no '
-                             'channel left; pass its input\'s layer in gate_any(ignore=...) '
-                             'so that those channels stay on')
-        return super().run_node(n)

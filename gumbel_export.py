@@ -2,6 +2,7 @@
 smaller networks and their files.
 
     prune(model)           static gates -> a plain ResNet with physically smaller convs and BNs
+    prune_graph(...)       the same for any traced CNN (gumbel_any.GatedNet.pruned calls it)
     deploy(net, x)         a pruned (or dense) net in its fastest inference form
     write_exports(m, x, d) pruned.pt, pruned.pt2 and pruned.onnx of a gated net
     counted_macs(model, x) conv and linear MACs as torch.utils.flop_counter counts them
@@ -11,9 +12,11 @@ MACs that its GateInfo.macs counts (both are tested). Dynamic gates and early ex
 work at run time instead: gumbel_skip.py.
 """
 import copy
+import importlib
 import importlib.util
 import io
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,13 +24,18 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.fx.node import _get_qualified_name
+
 try:                                                    # beside gumbel_channels, or in a package
+    from . import channel_groups as cg
     from . import gumbel_channels as gc
 except ImportError:
+    import channel_groups as cg
     import gumbel_channels as gc
 
 __all__ = ['counted_macs', 'vector_lanes', 'lane_macs', 'ShortcutBlock', 'kind', 'Constant',
-           'replaced', 'sliced', 'sliced_norm', 'round_gates', 'prune',
+           'replaced', 'sliced', 'sliced_norm', 'round_gates', 'prune', 'layer_called',
+           'prune_graph',
            'fold_bn', 'onnx_graph', 'export_files', 'deploy', 'write_exports']
 
 
@@ -89,11 +97,6 @@ def logit(p):
 
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
-
-
-def pick(t, i, dim=0):
-    """t restricted to indices i along dim (None keeps all)."""
-    return t if i is None else t.index_select(dim, i)
 
 
 class ShortcutBlock(nn.Module):
@@ -285,6 +288,133 @@ def prune(model):
     return gc.ResNet(model.conv1, model.bn1, model.maxpool, layers, model.fc).eval()
 
 
+# ----------------------------------------------------------------------- pruning a traced net
+
+def layer_called(node, layers):
+    """The name of the layer (in `layers`) a node calls: a module, or the weight of an
+    F.conv*d / F.linear call; None."""
+    if node.op == 'call_module':
+        return node.target if node.target in layers else None
+    if node.op == 'call_function' and (node.target in cg.CONV_FNS or node.target in
+                                       cg.TRANSPOSED_FNS or node.target is F.linear):
+        weight = cg.bound_args(node).get('weight')
+        if isinstance(weight, torch.fx.Node) and weight.op == 'get_attr' \
+                and weight.target in layers:
+            return weight.target
+    return None
+
+
+def _module_of_call(gm, node):
+    """The nn module computing an F.conv*d / F.linear call on module parameters."""
+    call = cg.bound_args(node)
+    w = gm.get_parameter(call['weight'].target)
+    bias = call.get('bias')
+    bias = None if bias is None else gm.get_parameter(bias.target)
+    if node.target is F.linear:
+        new = nn.Linear(w.shape[1], w.shape[0], bias is not None)
+    else:
+        dim = {**cg.CONV_FNS, **cg.TRANSPOSED_FNS}[node.target]
+        names = cg.CONV_ARGS if node.target in cg.CONV_FNS else cg.TRANSPOSED_ARGS
+        kw = {k: call[k] for k in names if k in call}
+        groups = kw.get('groups', 1)
+        if node.target in cg.CONV_FNS:
+            new = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dim - 1](
+                w.shape[1] * groups, w.shape[0], w.shape[2:], bias=bias is not None, **kw)
+        else:
+            new = [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dim - 1](
+                w.shape[0], w.shape[1] * groups, w.shape[2:], bias=bias is not None, **kw)
+    return replaced(new.to(w), weight=w.detach(), bias=None if bias is None else bias.detach())
+
+
+def prune_graph(gm, layers, norms, keep, alive, example_input):
+    """Physical pruning of a traced net (3.1, 3.3; gumbel_any.GatedNet.pruned's, its masks
+    taken out): each conv, linear and BN that the records `layers` and `norms` name (.name:
+    the module, or the weight an F.conv*d / F.linear call reads; .ins / .outs: the column of
+    `keep` deciding each input and output channel; .groups) sliced to the channels `keep`
+    keeps, an F.conv*d / F.linear call made the module it computes; a layer whose `alive`
+    entry is 0 (its output only feeds layers with nothing on) a Constant. Ops that cannot
+    take a tensor left with no channel (a pool after a conv whose outputs are all off) are
+    made to. gm is changed and returned, in evaluation mode."""
+    graph = gm.graph
+    by_name = {layer.name: layer for layer in layers}
+    calls = [n for n in graph.nodes if n.op == 'call_function' and layer_called(n, by_name)]
+    for k, node in enumerate(calls):
+        name = f'pruned_call{k}'
+        gm.add_submodule(name, _module_of_call(gm, node))
+        by_name[name] = by_name[layer_called(node, by_name)]
+        with graph.inserting_before(node):
+            node.replace_all_uses_with(graph.call_module(name, (node.args[0],)))
+        graph.erase_node(node)
+    # a layer whose output nothing reads (WaveNet's last residual conv) still runs, as in the
+    # gated net, whose FLOPs(Z) counts it: the pruned net computes what was counted
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or (
+        n.op == 'call_module' and n.target in by_name))
+    for target in {n.target for n in graph.nodes if n.op == 'call_module'} & set(by_name):
+        layer = by_name[target]                          # once, however often it is called
+        new = sliced(gm.get_submodule(target), keep[layer.ins], keep[layer.outs], layer.groups)
+        if not isinstance(new, Constant) and not float(alive[layer.name]):
+            new = Constant(new, None, int(keep[layer.outs].sum()))        # feeds constants
+        gm.set_submodule(target, new)
+    for norm in norms:
+        gm.set_submodule(norm.name, sliced_norm(gm.get_submodule(norm.name), keep[norm.ins]))
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    _EmptySafe(gm.eval()).run(example_input)
+    graph.lint()
+    gm.recompile()
+    return gm.eval()
+
+
+class _OnEmpty(nn.Module):
+    """A module, or a function (kept by its qualified name: the pruned net's code stays
+    printable and picklable), that takes a tensor with no channel (dim 1 of size 0): it runs
+    on one zero channel, whose result's channels are then dropped again. A module of its own
+    so that torch.load's retrace of a pruned net does not trace into the shape test."""
+
+    def __init__(self, fn):
+        super().__init__()
+        if isinstance(fn, nn.Module):
+            self.module = fn
+        else:
+            self.function = _get_qualified_name(fn)
+
+    def forward(self, x, *args, **kwargs):
+        fn = self.module if 'module' in self._modules else self._function()
+        if x.shape[1] == 0:
+            return fn(x.new_zeros(x.shape[0], 1, *x.shape[2:]), *args, **kwargs)[:, :0]
+        return fn(x, *args, **kwargs)
+
+    def _function(self):
+        module, _, attr = self.function.rpartition('.')
+        return getattr(importlib.import_module(module), attr)
+
+
+class _EmptySafe(torch.fx.Interpreter):
+    """Runs the pruned graph once; a node that fails on a channel-less input is rewritten to
+    go through _OnEmpty. (A conv or linear layer with nothing on is already a
+    gumbel_export.Constant, as in the ResNet exporter; this is for the other ops an
+    arbitrary graph may put after one, which torch refuses at zero channels.)"""
+
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except RuntimeError:
+            args = self.fetch_args_kwargs_from_env(n)[0]
+            if not (args and isinstance(args[0], torch.Tensor) and args[0].dim() > 1
+                    and args[0].shape[1] == 0):
+                raise
+        if n.op == 'call_module':
+            self.module.set_submodule(n.target, _OnEmpty(self.module.get_submodule(n.target)))
+        elif n.op == 'call_function':                       # a module call from now on
+            self.module.add_submodule(f'on_empty_{n.name}', _OnEmpty(n.target))
+            n.op, n.target = 'call_module', f'on_empty_{n.name}'
+        else:
+            raise ValueError(f'the pruned net cannot run: .{n.target}() gets a tensor with no '
+                             'channel left; pass its input\'s layer in gate_any(ignore=...) '
+                             'so that those channels stay on')
+        return super().run_node(n)
+
+
 # ----------------------------------------------------------------------------- fastest form
 
 @torch.no_grad()
@@ -319,7 +449,6 @@ def fold_bn(net):
         try:
             net = torch.fx.GraphModule(net, _ConstantLeaves().trace(net), type(net).__name__)
         except Exception as e:                              # data-dependent control flow
-            import warnings
             warnings.warn(f'fold_bn: torch.fx cannot trace {type(net).__name__} '
                           f'({type(e).__name__}); its BNs are left unfolded', stacklevel=2)
             return net
@@ -361,17 +490,6 @@ def _fold_graph(gm):
 def _is_bn2d(m):
     """A BatchNorm2d, or torchvision's FrozenBatchNorm2d (fixed statistics, folded alike)."""
     return isinstance(m, nn.BatchNorm2d) or type(m).__name__ == 'FrozenBatchNorm2d'
-
-
-def _conv_bn(m):
-    """Whether m is a (conv, BN) Sequential, as torchvision's projection shortcuts are."""
-    return isinstance(m, nn.Sequential) and len(m) == 2 and isinstance(m[0], nn.Conv2d) \
-        and isinstance(m[1], nn.BatchNorm2d)
-
-
-def shortcut_folded(downsample):
-    """A (conv, BN) shortcut as one biased conv; any other shortcut (or None) as it is."""
-    return folded_conv(*downsample) if _conv_bn(downsample) else downsample
 
 
 def onnx_graph(net, example_input):
@@ -444,20 +562,13 @@ def deploy(net, example_input, backend='inductor'):
     # would share one and, past dynamo's recompile limit, silently run eager. max_autotune:
     # on CPU it made the pruned nets 1-10% faster (docs/deployment.md, "Speed").
     try:
-        traced = torch.fx.GraphModule(folded, _LeafConstants().trace(folded))
+        traced = torch.fx.GraphModule(folded, _ConstantLeaves().trace(folded))
     except Exception:                                   # Python control flow on values
         traced = folded
     options = {'freezing': True, 'max_autotune': example_input.device.type == 'cpu'}
     deployed = _Deployed(folded, torch.compile(traced, options=options))
     deployed(example_input)                                 # compile now, not on first use
     return deployed
-
-
-class _LeafConstants(torch.fx.Tracer):
-    """fx's tracer, a Constant kept whole (its output size is Python arithmetic on shapes)."""
-
-    def is_leaf_module(self, m, qualified_name):
-        return isinstance(m, Constant) or super().is_leaf_module(m, qualified_name)
 
 
 def vector_lanes():
@@ -522,7 +633,6 @@ def write_exports(model, x, folder, metadata=None):
     """export_files written into `folder` (made if absent): pruned.pt, pruned.pt2 and, with
     onnx installed, pruned.onnx; the legacy ONNX exporter's warnings silenced. -> (the pruned
     net, {name: path})."""
-    import warnings
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

@@ -28,6 +28,20 @@ __all__ = ['SkipNet', 'early_exit', 'exit_report']
 
 # ----------------------------------------------------------------------------- skipping (1.1)
 
+def _pick(t, i, dim=0):
+    """t restricted to indices i along dim (None keeps all)."""
+    return t if i is None else t.index_select(dim, i)
+
+
+def _shortcut_folded(downsample):
+    """A (conv, BN) Sequential shortcut (torchvision's projection) as one biased conv; any
+    other shortcut (or None) as it is."""
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2 and isinstance(
+            downsample[0], nn.Conv2d) and isinstance(downsample[1], nn.BatchNorm2d):
+        return ge.folded_conv(*downsample)
+    return downsample
+
+
 class _LeanGate(nn.Module):
     """A gate's threshold decision for one input, with as little work as it allows.
     Static: the on channels, fixed. Dynamic: BN folded into the first linear map, and one
@@ -66,7 +80,7 @@ class _SkipBlock(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.bottleneck = isinstance(block, gc.Bottleneck)
-        self.downsample = ge.shortcut_folded(block.downsample)
+        self.downsample = _shortcut_folded(block.downsample)
         for name in ('gate', 'gate1', 'gate2'):
             g = getattr(block, name, None)
             setattr(self, name, None if g is None else _LeanGate(g))
@@ -79,7 +93,7 @@ class _SkipBlock(nn.Module):
         """Conv k (BN folded in) from the input channels i_in to the outputs i_out (indices;
         None: all)."""
         conv = self.convs[k]
-        w, b = ge.pick(ge.pick(conv.weight, i_out), i_in, 1), ge.pick(conv.bias, i_out)
+        w, b = _pick(_pick(conv.weight, i_out), i_in, 1), _pick(conv.bias, i_out)
         if w.shape[0] == 0 or w.shape[1] == 0:
             return self.empty[k](x, b)
         return F.conv2d(x, w, b, conv.stride, conv.padding)

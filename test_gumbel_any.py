@@ -631,6 +631,41 @@ def test_what_only_feeds_a_constant_is_neither_computed_nor_counted():
     assert isinstance(pruned.get_submodule('b'), ge.Constant)
 
 
+def test_ops_that_refuse_a_tensor_with_no_channel_run_and_the_pruned_net_loads_again():
+    """A pool (a module, and a function) after a conv whose outputs are all off gets a tensor
+    with no channel, which torch refuses: the pruned net runs it on one zero channel (both
+    now modules, gumbel_export._OnEmpty), equal to the gated net, at the MACs FLOPs(Z)
+    counts; and torch.load of its pruned.pt, which retraces the code, gives it back (the
+    function's rewrite had a shape test in the traced code: torch.load raised TraceError)."""
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1), nn.Conv2d(3, 4, 1)
+            self.pool = nn.AdaptiveMaxPool2d(4)
+
+        def forward(self, x):
+            y = F.adaptive_max_pool2d(self.pool(torch.relu(self.a(x))), 2)
+            return self.b(y).mean((2, 3)) + self.c(x).mean((2, 3))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 10)
+    gated = ga.gate_any(Pools(), x)
+    with torch.no_grad():
+        for sources, g in zip(gated.sources, gated.gates):
+            g.logits[:, 1] = -8.0 if sources == ['a'] else 8.0             # a's outputs off
+    gated.eval()
+    logits, info = gated(x)
+    pruned = ge.prune(gated)
+    assert [type(m.module).__name__ if hasattr(m, 'module') else m.function
+            for m in pruned.modules() if isinstance(m, ge._OnEmpty)] == [
+        'AdaptiveMaxPool2d', 'torch.nn.functional.adaptive_max_pool2d']
+    assert ge.counted_macs(pruned, x[:1]) == info.macs[0].item() == 10 * 10 * 3 * 4   # c alone
+    assert (pruned(x) - logits).abs().max() <= 1e-6 * logits.abs().max()
+    buf = io.BytesIO()
+    torch.save(pruned, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), pruned(x))
+
+
 def test_a_dead_layer_is_counted_and_kept_and_a_full_slice_is_the_whole_dimension():
     """Issue 42.4 and 42.6: a conv whose output nothing reads runs in the gated net and is
     counted by FLOPs(Z), so the pruned net runs it too (it was removed: 351,232 counted vs
