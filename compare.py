@@ -231,7 +231,8 @@ def dense_start(args, data, out, autocast):
                   milestones=tl.milestones_at(args.dense_epochs, (1, 2), (3, 4)),
                   gen=data.generator(0), gate_loss=None, autocast=autocast,
                   mode=machine.compile_mode(args.compile, args.device),
-                  folder=rf.RunFolder(run_dir), phase='dense')   # tested every epoch: converged?
+                  folder=rf.RunFolder(run_dir, 'compare.py'),
+                  phase='dense')                           # tested every epoch: converged?
     acc = tl.evaluate(dense, data, autocast)[0]
     rf.save_atomic(rf.to_json(dict(acc=acc, settings=settings)), run_dir / 'final.json')
     return dense
@@ -248,8 +249,8 @@ def fine_tune(net, data, args, seed, run_dir, autocast, gate_loss=None, phase='a
                   weight_decay=args.weight_decay,
                   milestones=[m - first for m in args.milestones if first < m < end],
                   gen=gen or data.generator(seed + 1), gate_loss=gate_loss,
-                  autocast=autocast, folder=rf.RunFolder(run_dir), phase=phase,
-                  mode=machine.compile_mode(args.compile, args.device),
+                  autocast=autocast, folder=rf.RunFolder(run_dir, 'compare.py'),
+                  phase=phase, mode=machine.compile_mode(args.compile, args.device),
                   test_each_epoch=not args.final_test_only, distill=distill)
     return recalibrated(net, data, args, seed, autocast)
 
@@ -375,7 +376,7 @@ def arm_scratch(job):
                   weight_decay=args.dense_weight_decay,
                   milestones=tl.milestones_at(total, (1, 2), (3, 4)),
                   gen=data.generator(job.seed + 1), gate_loss=None, autocast=autocast,
-                  folder=rf.RunFolder(job.run_dir), phase='scratch',
+                  folder=rf.RunFolder(job.run_dir, 'compare.py'), phase='scratch',
                   mode=machine.compile_mode(args.compile, args.device),
                   test_each_epoch=not args.final_test_only, distill=job.distill)
     return recalibrated(net, data, args, job.seed, autocast), {}

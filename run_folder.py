@@ -217,13 +217,14 @@ def record_epoch(run_dir, ckpt, metrics, improved):
 
 
 class RunFolder:
-    """The folder fit() trains in, handed to it whole: args.json when training starts, per
-    epoch a checkpoint and then its metrics line, a resume from its last.pt. writes=False (a
-    torchrun process but rank 0) reads and never writes; under torchrun every process's RNG
-    states go into rank 0's checkpoint, so each resumes its own."""
+    """The folder fit() trains in, handed to it whole: args.json when training starts (with
+    the script that made the run, `script`), per epoch a checkpoint and then its metrics
+    line, a resume from its last.pt. writes=False (a torchrun process but rank 0) reads and
+    never writes; under torchrun every process's RNG states go into rank 0's checkpoint, so
+    each resumes its own."""
 
-    def __init__(self, path, writes=True):
-        self.path, self.writes = Path(path), writes
+    def __init__(self, path, script, writes=True):
+        self.path, self.script, self.writes = Path(path), script, writes
 
     def __str__(self):
         return str(self.path)
@@ -237,7 +238,8 @@ class RunFolder:
     def begin(self, args):
         if self.writes:
             self.path.mkdir(parents=True, exist_ok=True)
-            save_atomic(to_json(vars(args), indent=1), self.path / 'args.json')
+            save_atomic(to_json({**vars(args), 'script': self.script}, indent=1),
+                        self.path / 'args.json')
 
     def save_epoch(self, model, opt, sched, *, epoch, best, args, metrics, improved, gen=None,
                    scaler=None):
@@ -330,9 +332,14 @@ def settings_of_run(args, argv, run_dir, evaluation, script):
         raise UsageError(f'--evaluate: {run_dir} holds no run (no args.json); name a finished '
                          'run: --evaluate runs/NAME')
     saved = json.loads((run_dir / 'args.json').read_text())
-    other = 'train_imagenet.py' if 'crop_size' in saved else 'train_cifar.py'
-    if other != script:
-        raise UsageError(f'{run_dir} is a {other} run: evaluate it with python {other} '
+    made = saved.get('script') or ('train_imagenet.py' if 'crop_size' in saved  # args.json
+                                   else 'train_cifar.py')         # written before 'script'
+    if made == 'compare.py':
+        raise UsageError(f'{run_dir} is an arm of a compare.py sweep: evaluate the sweep again '
+                         'with python compare.py --evaluate, its flags and a --tau / '
+                         '--recal-batches')
+    if made != script:
+        raise UsageError(f'{run_dir} is a {made} run: evaluate it with python {made} '
                          f'--evaluate {run_dir}')
     if saved.get('gating') == 'none':
         raise UsageError(f'{run_dir} is a dense baseline: it has no gates to evaluate again '
@@ -343,7 +350,7 @@ def settings_of_run(args, argv, run_dir, evaluation, script):
     given = {a.split('=')[0][2:].replace('-', '_') for a in argv if a.startswith('--')}
     merged = {**vars(args), **{k: v for k, v in saved.items() if k not in OWN
                                and not (k in evaluation and k in given)
-                               and k not in ('evaluate', 'resume')}}
+                               and k not in ('evaluate', 'resume', 'script')}}
     merged.update(out=str(run_dir.parent), evaluate=str(run_dir))
     return argparse.Namespace(**merged), saved
 

@@ -65,6 +65,8 @@ def test_every_arm_matches_the_gates_macs_and_budget(sweep):
         assert len(set(steps.values())) == 1, steps
         scratch = metrics(out / 't0.5' / f's{seed}' / 'scratch')
         assert len(scratch) == 1 + 3                                 # dense + fine-tuning
+        made = json.loads((out / 't0.5' / f's{seed}' / 'gates' / 'args.json').read_text())
+        assert made['script'] == 'compare.py'               # what train_cifar --evaluate says
     assert result['dense_macs'] > 0 and len(result['rows']) == 2 * (len(compare.ARMS) - 1)
 
 

@@ -973,16 +973,21 @@ def test_a_model_that_cannot_run_on_32px_is_refused_before_any_folder(cifar, tmp
 
 def test_evaluate_names_what_it_cannot_evaluate_and_needs_no_dense_folder(
         cifar, dense_ckpt, tmp_path, one_line_error, capsys):
-    """A dense baseline's folder, a train_imagenet.py folder: one line each saying why and
-    what to use. A finished gated run evaluates without its dense folder (final.json holds
-    the dense accuracy), with this machine's own device and threads."""
+    """A dense baseline's folder, a train_imagenet.py folder, a compare.py arm: one line each
+    saying why and what to use; the script that made a run is the one its args.json names
+    (an args.json written before that key: told by train_imagenet's crop_size). A finished
+    gated run evaluates without its dense folder (final.json holds the dense accuracy), with
+    this machine's own device and threads."""
     error = one_line_error(train_cifar.cli(['--evaluate', str(dense_ckpt.parent)]))
     assert 'dense baseline' in error and 'baseline_acc' in error
     fake = tmp_path / 'imagenet-resnet18-static-channel-flops-t0.5-s0'
     fake.mkdir()
-    (fake / 'args.json').write_text(json.dumps({'arch': 'resnet18', 'crop_size': 224}))
-    assert 'python train_imagenet.py --evaluate' in one_line_error(
-        train_cifar.cli(['--evaluate', str(fake)]))
+    for saved, said in (({'arch': 'resnet18', 'crop_size': 224}, 'python train_imagenet.py'),
+                        ({'arch': 'resnet18', 'script': 'train_imagenet.py'},
+                         'python train_imagenet.py'),
+                        ({'arch': 'resnet20', 'script': 'compare.py'}, 'an arm of a compare.py')):
+        (fake / 'args.json').write_text(json.dumps(saved))
+        assert said in one_line_error(train_cifar.cli(['--evaluate', str(fake)]))
     out = tmp_path / 'runs'
     assert run(cifar, out, '--init', str(dense_ckpt), '--threads', '2') == 0
     run_dir = out / 'resnet8-static-channel-flops-t0.5-s0'
@@ -991,6 +996,7 @@ def test_evaluate_names_what_it_cannot_evaluate_and_needs_no_dense_folder(
                             '--data-dir', str(cifar)]) == 0
     assert 'CPU threads: 1' in capsys.readouterr().out
     assert (run_dir / 'final-tau0.45-recal2.json').exists()
+    assert json.loads((run_dir / 'args.json').read_text())['script'] == 'train_cifar.py'
 
 
 def test_the_digits_writer_writes_what_both_scripts_read(tmp_path, monkeypatch):

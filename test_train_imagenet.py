@@ -59,6 +59,7 @@ def test_one_process_writes_the_final_row_and_an_exact_pruned_net(imagenet, tmp_
     assert row['pruned_macs_percent'] == pytest.approx(row['macs_percent'], abs=1e-9)
     assert len(metrics(tmp_path / RUN)) == 1
     assert torch.load(tmp_path / RUN / 'last.pt', weights_only=True)['epoch'] == 1
+    assert json.loads((tmp_path / RUN / 'args.json').read_text())['script'] == 'train_imagenet.py'
 
 
 @pytest.mark.parametrize('workers', ['0', '2'])

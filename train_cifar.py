@@ -179,7 +179,8 @@ def run_phase(phase, model, data, args, run_dir, autocast):
         milestones=milestones, warmup=first and DEPTHS.get(args.arch, 0) >= 110,  # ResNet-110
         gen=data.generator(args.seed + (0 if first else 1)),      # lr 0.01 at 0
         gate_loss=tl.gate_loss(args), autocast=autocast, phase=phase,
-        mode=machine.compile_mode(args.compile, args.device), folder=rf.RunFolder(run_dir))
+        mode=machine.compile_mode(args.compile, args.device),
+        folder=rf.RunFolder(run_dir, 'train_cifar.py'))
     return model, last
 
 

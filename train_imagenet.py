@@ -347,7 +347,7 @@ def train(model, args, run_dir, data, device, autocast, processes):
                   evaluate=test, after_epoch=skipped, weight_decay=args.weight_decay,
                   milestones=args.milestones, gate_loss=tl.gate_loss(args), autocast=autocast,
                   mode=machine.compile_mode(args.compile, device),
-                  folder=rf.RunFolder(run_dir, writes=rank == 0),
+                  folder=rf.RunFolder(run_dir, 'train_imagenet.py', writes=rank == 0),
                   scaler=machine.grad_scaler_for(device, args.amp), log=log,
                   net=DistributedDataParallel(model, device_ids=ids) if distributed else model,
                   test_column='top-1')

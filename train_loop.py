@@ -9,7 +9,7 @@ plain fine-tuning of a pruned net).
                       autocast=machine.autocast_for(dev), gate_loss=gate_loss(args))
 
 fit() itself takes any batches (train_imagenet.py's loaders), and keeps its run in the
-folder it is handed (folder=run_folder.RunFolder(path): checkpoints, resume). Two modules a
+folder it is handed (folder=run_folder.RunFolder(path, script): checkpoints, resume). Two modules a
 first reading may skip: machine.py (the device, precision, threads, the compile mode, RNG
 states) and run_folder.py (what a run folder keeps and the rules for reusing one).
 """
