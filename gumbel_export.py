@@ -23,7 +23,6 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch.fx.node import _get_qualified_name
 
 try:                                                    # beside gumbel_channels, or in a package
